@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Command line: `python run.py JOB.yaml [--set section.key=value ...]`.
+
+The only place with argparse and printing. A job with a `sweep` runs each grid point in its
+own subprocess (so each row's peak memory is that point's alone), all rows in one CSV.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from runner.job import JobError, load_job
+
+FIELDS = ("engine", "gpu_batch_size", "num_prompts", "prompt_len", "gen_len", "prefill_throughput",
+          "decode_throughput", "total_throughput", "peak_cpu_bytes")
+
+
+def _label(point: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in point.items())
+
+
+def _run_sweep(args: argparse.Namespace, job) -> int:
+    base_dir = job.output_dir
+    failures = 0
+    for point, _ in job.sweep_points():
+        label = _label(point)
+        safe = "_".join(f"{k.split('.')[-1]}-{v}" for k, v in point.items())
+        sets = [f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in point.items()] + [
+            f"output.dir={base_dir / 'points' / safe}", f"output.csv={job.throughput_csv}", "sweep={}"]
+        cmd = [sys.executable, os.path.abspath(__file__), args.job, *sum((["--set", s] for s in args.set), []),
+               *sum((["--set", s] for s in sets), []), "--sweep-point", label]
+        print(f"== sweep point {label}", flush=True)
+        failures += subprocess.run(cmd).returncode != 0
+    print(f"sweep done: {len(job.sweep_points()) - failures} ok, {failures} failed; rows in {job.throughput_csv}")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="alisa-runner: offline batch generation with sparse KV caching")
+    parser.add_argument("job", help="job YAML file (see README)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a job field, e.g. --set batch.gpu_batch_size=32")
+    parser.add_argument("--sweep-point", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        job = load_job(args.job, args.set)
+    except JobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if job.sweep:
+        return _run_sweep(args, job)
+    from runner.run_job import run_job  # heavy imports (torch) only when actually running
+    try:
+        row = run_job(job, sweep_point=args.sweep_point)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(" ".join(f"{k}={row[k]}" for k in FIELDS))
+    print(f"outputs: {job.output_dir / 'generations.jsonl'}; throughput row appended to {job.throughput_csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""alisa-runner: offline, throughput-first batch generation with sparsity-aware KV caching."""

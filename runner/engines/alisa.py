@@ -1,0 +1,21 @@
+"""Our engine: the units of `runner.layers` on one device with a preallocated KV cache."""
+from __future__ import annotations
+
+import torch
+
+from runner.generate import BatchOutput, TextDecoder, generate_batch
+from runner.lm import LM
+from runner.sampling import SamplingParams
+from runner.weights import LoadedModel
+
+
+class AlisaEngine:
+    name = "alisa"
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype):
+        self.lm = LM(loaded.config, loaded.weights, device, dtype)
+        self.tokenizer: TextDecoder = loaded.tokenizer
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 generator: torch.Generator | None) -> BatchOutput:
+        return generate_batch(self.lm, prompts, params, self.tokenizer, generator)

@@ -1,0 +1,482 @@
+"""Job spec: one YAML file describing a batch-generation run, parsed into frozen dataclasses.
+
+A job has a `name`, an `engine` and sections (`model`, `hardware`, `batch`, `generation`,
+`dataset`, `kv`, `output`, `sweep`). Every section is a frozen keyword-only dataclass whose
+`__post_init__` coerces each field to its annotated type and then checks its values, so a spec
+built in code is validated exactly like one read from YAML. Every error is a `JobError` whose
+one-line message starts with the dotted key, e.g. `batch.gpu_batch_size: must be an integer >= 1,
+got 0`.
+
+Relative paths in a job (`model.path`, `dataset.path`, `output.dir`, `output.csv`) are kept as
+written, so they resolve against the current working directory of the process, not against the
+YAML file's directory: run jobs from the repository root.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import itertools
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class JobError(ValueError):
+    """Invalid job; `key` is the dotted key at fault when there is one."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _bad(key: str, problem: str) -> JobError:
+    return JobError(f"{key}: {problem}", key=key)
+
+
+class Engine(str, enum.Enum):
+    ALISA = "alisa"
+    HF = "hf"
+
+
+class Device(str, enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class DType(str, enum.Enum):
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+    @classmethod
+    def _missing_(cls, value: object) -> DType | None:
+        return _DTYPE_ALIASES.get(value) if isinstance(value, str) else None
+
+
+_DTYPE_ALIASES = {"fp32": DType.FLOAT32, "fp16": DType.FLOAT16, "bf16": DType.BFLOAT16}
+
+
+class DatasetFormat(str, enum.Enum):
+    JSONL = "jsonl"
+    CSV = "csv"
+    TXT = "txt"
+    SYNTHETIC = "synthetic"
+
+
+_SUFFIX_FORMATS = {".jsonl": DatasetFormat.JSONL, ".csv": DatasetFormat.CSV, ".txt": DatasetFormat.TXT}
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+
+
+# ---------------------------------------------------------------- generic coercion
+
+class _Spec:
+    """Base of every section: type coercion + per-section checks, and conversion back to a dict."""
+
+    _section = ""  # dotted prefix of this section's keys ("" for the top level)
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            # object.__setattr__ because the dataclasses are frozen; this runs once, at construction.
+            object.__setattr__(self, f.name, _coerce(hints[f.name], getattr(self, f.name), self._key(f.name)))
+        self._validate()
+
+    @classmethod
+    def _key(cls, name: str) -> str:
+        return f"{cls._section}.{name}" if cls._section else name
+
+    def _validate(self) -> None:
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-able dict (enums as values, tuples as lists) that `job_from_dict` reads back."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Spec):
+        return value.to_dict()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _freeze(value: Any) -> Any:
+    # Sweep values may be lists (e.g. a `generation.stop` list); tuples keep the spec hashable.
+    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _build(cls: type, data: Any) -> Any:
+    """Construct section `cls` from a raw mapping, rejecting unknown and missing keys by name."""
+    if not isinstance(data, Mapping):
+        raise _bad(cls._section or "job", f"must be a mapping, got {type(data).__name__} {data!r}")
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
+    for k in data:
+        if k not in names:
+            raise _bad(cls._key(k), f"unknown key (known: {', '.join(names)})")
+    for f in fields:
+        if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise _bad(cls._key(f.name), "required")
+    return cls(**data)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`, converting only where YAML can't express the type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # only `X | None` is used in this module
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return _build(tp, {} if value is None else value)  # an empty YAML section means defaults
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except (ValueError, TypeError):
+            raise _bad(key, f"must be one of {', '.join(m.value for m in tp)}, got {value!r}") from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _bad(key, f"must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _bad(key, f"must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _bad(key, f"must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, os.PathLike):  # let code pass Path objects for path fields
+            value = os.fspath(value)
+        if isinstance(value, str) and value:  # no field of a job has a use for ""; "\n" is a fine stop
+            return value
+        raise _bad(key, f"must be a non-empty string, got {value!r}")
+    if tp is tuple or origin is tuple:
+        return _coerce_tuple(args, value, key)
+    raise TypeError(f"{key}: unsupported field type {tp!r}")  # a bug in this module, not in the job
+
+
+def _coerce_tuple(args: tuple, value: Any, key: str) -> tuple:
+    if isinstance(value, str) and args == (str, Ellipsis):
+        value = [value]  # `stop: "\n"` is shorthand for a one-element list
+    if not isinstance(value, (list, tuple)):
+        raise _bad(key, f"must be a list, got {value!r}")
+    if not args:
+        return _freeze(value)
+    if args[1:] == (Ellipsis,):
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise _bad(key, f"must have {len(args)} items, got {len(value)}")
+    return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+
+
+def _at_least(spec: _Spec, name: str, low: int) -> None:
+    value = getattr(spec, name)
+    if value is not None and value < low:
+        kind = "an integer" if isinstance(value, int) else "a number"
+        raise _bad(spec._key(name), f"must be {kind} >= {low}, got {value}")
+
+
+# ---------------------------------------------------------------- sections
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpec(_Spec):
+    _section = "model"
+    name: str | None = None  # preset name (e.g. smollm2-135m); checked by the model loader
+    path: str = "auto"  # "auto" | "dummy" | a checkpoint directory | a .gguf file
+    dtype: DType = DType.AUTO
+
+    def _validate(self) -> None:
+        if self.path in ("auto", "dummy") and self.name is None:
+            raise _bad("model.name", f"required when model.path is {self.path!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HardwareSpec(_Spec):
+    _section = "hardware"
+    device: Device = Device.AUTO
+    num_threads: int | None = None  # torch CPU threads; None keeps torch's default
+
+    def _validate(self) -> None:
+        _at_least(self, "num_threads", 1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchSpec(_Spec):
+    _section = "batch"
+    gpu_batch_size: int = 8
+    num_gpu_batches: int = 1
+
+    def _validate(self) -> None:
+        _at_least(self, "gpu_batch_size", 1)
+        _at_least(self, "num_gpu_batches", 1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationSpec(_Spec):
+    _section = "generation"
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: always generate exactly max_new_tokens
+
+    def _validate(self) -> None:
+        _at_least(self, "max_new_tokens", 1)
+        _at_least(self, "top_k", 0)
+        if self.temperature <= 0:
+            raise _bad("generation.temperature", f"must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise _bad("generation.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DatasetSpec(_Spec):
+    _section = "dataset"
+    path: str | None = None  # prompts file; for synthetic, the source text
+    format: DatasetFormat | None = None  # inferred from the path suffix when omitted; never None after init
+    field: str = "prompt"  # jsonl key / csv column holding the prompt
+    id_field: str = "id"  # records without it get their 1-based line (csv: data-row) number
+    limit: int | None = None  # keep only the first N prompts
+    template: str | None = None  # must contain {prompt}; not applied to synthetic prompts
+    prompt_len: int | None = None  # synthetic only: tokens per prompt
+    num_prompts: int | None = None  # synthetic only; default: one block (gpu_batch_size * num_gpu_batches)
+
+    def _validate(self) -> None:
+        if self.path is None:
+            raise _bad("dataset.path", "required (the prompts file, or the source text for synthetic)")
+        if self.format is None:
+            fmt = _SUFFIX_FORMATS.get(Path(self.path).suffix.lower())
+            if fmt is None:
+                raise _bad("dataset.format", f"cannot infer from {self.path!r}; set one of "
+                           + ", ".join(f.value for f in DatasetFormat))
+            object.__setattr__(self, "format", fmt)
+        _at_least(self, "limit", 1)
+        if self.template is not None and "{prompt}" not in self.template:
+            raise _bad("dataset.template", f"must contain {{prompt}}, got {self.template!r}")
+        synthetic = self.format is DatasetFormat.SYNTHETIC
+        if synthetic and self.prompt_len is None:
+            raise _bad("dataset.prompt_len", "required when dataset.format is synthetic")
+        for name in ("prompt_len", "num_prompts"):
+            if not synthetic and getattr(self, name) is not None:
+                raise _bad(f"dataset.{name}", "only allowed when dataset.format is synthetic")
+            _at_least(self, name, 1)
+        if synthetic and self.template is not None:
+            raise _bad("dataset.template", "not applied to synthetic prompts; remove it")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KVSpec(_Spec):
+    _section = "kv"
+    policy: str = "dense"  # name checked against the policy registry when the run starts
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OutputSpec(_Spec):
+    _section = "output"
+    dir: str | None = None  # default results/<job name>/ (see JobSpec.output_dir)
+    csv: str | None = None  # default <dir>/throughput.csv (see JobSpec.throughput_csv)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobSpec(_Spec):
+    name: str  # becomes a directory name, hence the restricted alphabet
+    engine: Engine = Engine.ALISA
+    model: ModelSpec
+    hardware: HardwareSpec = dataclasses.field(default_factory=HardwareSpec)
+    batch: BatchSpec = dataclasses.field(default_factory=BatchSpec)
+    generation: GenerationSpec = dataclasses.field(default_factory=GenerationSpec)
+    dataset: DatasetSpec
+    kv: KVSpec = dataclasses.field(default_factory=KVSpec)
+    output: OutputSpec = dataclasses.field(default_factory=OutputSpec)
+    sweep: tuple[tuple[str, tuple], ...] = ()  # (dotted key, values) pairs; YAML: a mapping
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sweep, Mapping):
+            object.__setattr__(self, "sweep", _sweep_pairs(self.sweep))
+        super().__post_init__()
+
+    def _validate(self) -> None:
+        if not _NAME_RE.fullmatch(self.name) or self.name in (".", ".."):
+            raise _bad("name", f"must use only letters, digits and . _ - (it names a directory), got {self.name!r}")
+        for key, values in self.sweep:
+            if not values:
+                raise _bad(f"sweep.{key}", "must be a non-empty list of values")
+            try:
+                if key == "sweep":
+                    raise _bad("sweep", "cannot be swept")
+                set_dotted({}, key, None)
+            except JobError as e:
+                raise JobError(f"sweep: {e}", key=f"sweep.{key}") from None
+        self.sweep_points()  # builds every point, so a bad combination fails at load time
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output.dir) if self.output.dir is not None else Path("results") / self.name
+
+    @property
+    def throughput_csv(self) -> Path:
+        return Path(self.output.csv) if self.output.csv is not None else self.output_dir / "throughput.csv"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["sweep"] = {key: _plain(values) for key, values in self.sweep}
+        return d
+
+    def sweep_points(self) -> list[tuple[dict[str, Any], JobSpec]]:
+        """Cartesian product of the sweep (first key outermost) as (point, job without sweep)."""
+        if not self.sweep:
+            return [({}, self)]
+        base = self.to_dict()
+        del base["sweep"]
+        keys = [key for key, _ in self.sweep]
+        points = []
+        for combo in itertools.product(*(values for _, values in self.sweep)):
+            point = dict(zip(keys, combo))
+            d = copy.deepcopy(base)
+            for key, value in point.items():
+                set_dotted(d, key, _plain(value))
+            try:
+                points.append((point, _build(JobSpec, d)))
+            except JobError as e:
+                raise JobError(f"sweep point {_plain(point)}: {e}", key=e.key) from None
+        return points
+
+
+def _sweep_pairs(sweep: Mapping) -> tuple[tuple[str, tuple], ...]:
+    pairs = []
+    for key, values in sweep.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise _bad(f"sweep.{key}", f"must be a non-empty list of values, got {values!r}")
+        pairs.append((key, _freeze(values)))
+    return tuple(pairs)
+
+
+# ---------------------------------------------------------------- dotted keys and overrides
+
+def set_dotted(d: dict, dotted_key: str, value: Any) -> None:
+    """Set `section.key` (or a top-level key such as `name`) in a raw job dict, checking both names."""
+    top = [f.name for f in dataclasses.fields(JobSpec)]
+    section, _, rest = str(dotted_key).partition(".")
+    if section not in top:
+        raise _bad(dotted_key, f"unknown key (known: {', '.join(top)})")
+    if not rest:
+        d[section] = value
+        return
+    cls = _hints(JobSpec)[section]
+    if not dataclasses.is_dataclass(cls):
+        raise _bad(dotted_key, f"{section!r} is not a section")
+    names = [f.name for f in dataclasses.fields(cls)]
+    if rest not in names:
+        raise _bad(dotted_key, f"unknown key (known: {', '.join(names)})")
+    sub = d.get(section)
+    if sub is None:
+        sub = d[section] = {}
+    if not isinstance(sub, dict):
+        raise _bad(section, f"must be a mapping, got {sub!r}")
+    sub[rest] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`section.key=value` -> (key, YAML-parsed value); text that isn't valid YAML stays a string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise JobError(f"override {item!r}: expected KEY=VALUE, e.g. batch.gpu_batch_size=8")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw  # e.g. a template such as `{prompt} Answer:` that YAML reads as a broken mapping
+    return key.strip(), value
+
+
+def apply_overrides(d: dict, overrides: Sequence[str] | Mapping[str, Any]) -> dict:
+    """Copy of raw job dict `d` with overrides applied: `KEY=VALUE` strings, or a {dotted key: value} map."""
+    out = copy.deepcopy(d)
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            set_dotted(out, key, value)
+        return out
+    for item in overrides:
+        key, value = parse_override(item)
+        try:
+            set_dotted(out, key, value)
+        except JobError as e:
+            raise JobError(f"override {item!r}: {e}", key=e.key) from None
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (plain YAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(source: str, e: yaml.YAMLError) -> JobError:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    where = f"{source}:{mark.line + 1}" if mark is not None else source
+    return JobError(f"{where}: invalid YAML ({' '.join(problem.split())})")
+
+
+def job_from_dict(d: dict, source: str = "<dict>") -> JobSpec:
+    """Validate a raw job dict; errors are prefixed with `source` (the file name) unless it is "<dict>"."""
+    try:
+        return _build(JobSpec, d)
+    except JobError as e:
+        if source == "<dict>":
+            raise
+        raise JobError(f"{source}: {e}", key=e.key) from None
+
+
+def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
+    """Read a YAML job, apply `--set` style overrides (`section.key=value`), validate."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobError(f"{source}: job file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(f"{source}: cannot read job file ({e})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise _yaml_error(source, e) from None
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise JobError(f"{source}: a job must be a mapping of sections, but the file is {kind}")
+    return job_from_dict(apply_overrides(data, overrides), source)

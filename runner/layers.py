@@ -1,0 +1,172 @@
+"""Schedulable units: embedding, attention, MLP and output head, each with explicit weights.
+
+A unit declares the weights it needs (`weight_shapes`, canonical names under `prefix`)
+and computes `forward(w, x, state)` from a plain dict of tensors, so an executor can
+load, offload and run the units one at a time. The whole model is the list from
+`build_units`; `weight_shapes(cfg)` is the canonical flat state dict layout every
+loader (HF directory, GGUF, dummy) produces.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from runner import model as M
+from runner.config import Family, ModelConfig
+from runner.kv_cache import KVCache
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+@dataclass
+class ForwardState:
+    """Per-call inputs shared by all units of one forward pass over a batch."""
+    positions: Tensor  # (b, s) absolute position of each new token
+    start: int  # cache slot of the first new token (all rows share it: prompts are left-padded)
+    cache: KVCache
+    prefill_mask: Tensor | None = None  # (b, 1, s, s) bool, None when no row is padded
+    decode_bias: Tensor | None = None  # (b, 1, 1, t) additive, -inf on padding keys
+    rope: tuple[Tensor, Tensor] | None = None  # cos, sin gathered at positions: (b, 1, s, d)
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.positions.shape[1] > 1 or self.start == 0
+
+
+class Unit:
+    prefix: str
+
+    def weight_shapes(self) -> Shapes:
+        raise NotImplementedError
+
+    def forward(self, w: dict[str, Tensor], x: Tensor, state: ForwardState) -> Tensor:
+        raise NotImplementedError
+
+
+class Embedding(Unit):
+    def __init__(self, cfg: ModelConfig):
+        self.cfg, self.prefix = cfg, "embed"
+
+    def weight_shapes(self) -> Shapes:
+        c = self.cfg
+        shapes: Shapes = {"tok_w": (c.vocab_size, c.embed_dim)}
+        if c.family is Family.OPT:
+            shapes["pos_w"] = (c.max_seq_len + c.pos_offset, c.hidden_size)
+            if c.word_embed_proj_dim:
+                shapes["proj_in_w"] = (c.hidden_size, c.embed_dim)
+        return shapes
+
+    def forward(self, w: dict[str, Tensor], ids: Tensor, state: ForwardState) -> Tensor:
+        x = w["tok_w"][ids]  # (b, s, e)
+        if self.cfg.family is Family.OPT:
+            if "proj_in_w" in w:
+                x = torch.matmul(x, w["proj_in_w"].t())
+            x = x + w["pos_w"][state.positions.clamp(min=0) + self.cfg.pos_offset]
+        return x
+
+
+class Attention(Unit):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        self.cfg, self.layer, self.prefix = cfg, layer, f"layers.{layer}.attn"
+
+    def weight_shapes(self) -> Shapes:
+        c = self.cfg
+        qkv_out = c.hidden_size + 2 * c.kv_dim
+        shapes: Shapes = {"ln_w": (c.hidden_size,), "qkv_w": (qkv_out, c.hidden_size),
+                          "o_w": (c.hidden_size, c.hidden_size)}
+        if c.family is Family.OPT:
+            shapes.update(ln_b=(c.hidden_size,), qkv_b=(qkv_out,), o_b=(c.hidden_size,))
+        return shapes
+
+    def forward(self, w: dict[str, Tensor], h: Tensor, state: ForwardState) -> Tensor:
+        c = self.cfg
+        pre_ln = c.family is Family.LLAMA or c.do_layer_norm_before
+        x = self._norm(w, h) if pre_ln else h
+        qkv = torch.nn.functional.linear(x, w["qkv_w"], w.get("qkv_b"))  # (b, s, h + 2*kv_dim)
+        q, k, v = qkv.split([c.hidden_size, c.kv_dim, c.kv_dim], dim=-1)
+        q, k, v = M.split_heads(q, c.num_heads), M.split_heads(k, c.num_kv_heads), M.split_heads(v, c.num_kv_heads)
+        if state.rope is not None:
+            cos, sin = state.rope
+            q, k = M.apply_rope(q, cos, sin), M.apply_rope(k, cos, sin)
+        end = state.start + h.shape[1]
+        state.cache.write(self.layer, k, v, state.start)
+        if state.start == 0:
+            out = M.attention_prefill(q, k, v, state.prefill_mask)
+        else:
+            keys, values = state.cache.read(self.layer, end)
+            out, _ = M.attention_decode(q, keys, values, state.decode_bias)
+        out = torch.nn.functional.linear(M.merge_heads(out), w["o_w"], w.get("o_b"))
+        h = h + out
+        return h if pre_ln else self._norm(w, h)
+
+    def _norm(self, w: dict[str, Tensor], x: Tensor) -> Tensor:
+        if self.cfg.family is Family.LLAMA:
+            return M.rms_norm(x, w["ln_w"], self.cfg.norm_eps)
+        return M.layer_norm(x, w["ln_w"], w["ln_b"], self.cfg.norm_eps)
+
+
+class MLP(Unit):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        self.cfg, self.layer, self.prefix = cfg, layer, f"layers.{layer}.mlp"
+
+    def weight_shapes(self) -> Shapes:
+        c = self.cfg
+        if c.family is Family.LLAMA:
+            return {"ln_w": (c.hidden_size,), "gate_up_w": (2 * c.intermediate_size, c.hidden_size),
+                    "down_w": (c.hidden_size, c.intermediate_size)}
+        return {"ln_w": (c.hidden_size,), "ln_b": (c.hidden_size,),
+                "fc1_w": (c.intermediate_size, c.hidden_size), "fc1_b": (c.intermediate_size,),
+                "fc2_w": (c.hidden_size, c.intermediate_size), "fc2_b": (c.hidden_size,)}
+
+    def forward(self, w: dict[str, Tensor], h: Tensor, state: ForwardState) -> Tensor:
+        c = self.cfg
+        if c.family is Family.LLAMA:
+            return h + M.swiglu_mlp(M.rms_norm(h, w["ln_w"], c.norm_eps), w["gate_up_w"], w["down_w"])
+        if c.do_layer_norm_before:
+            x = M.layer_norm(h, w["ln_w"], w["ln_b"], c.norm_eps)
+            return h + M.relu_mlp(x, w["fc1_w"], w["fc1_b"], w["fc2_w"], w["fc2_b"])
+        h = h + M.relu_mlp(h, w["fc1_w"], w["fc1_b"], w["fc2_w"], w["fc2_b"])
+        return M.layer_norm(h, w["ln_w"], w["ln_b"], c.norm_eps)
+
+
+class Head(Unit):
+    """Final norm (+ opt-350m's project_out) and the LM head, applied to the last position only."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg, self.prefix = cfg, "head"
+
+    def weight_shapes(self) -> Shapes:
+        c = self.cfg
+        shapes: Shapes = {"lm_w": (c.vocab_size, c.embed_dim)}
+        if c.family is Family.LLAMA:
+            shapes["ln_w"] = (c.hidden_size,)
+        elif c.do_layer_norm_before:
+            shapes.update(ln_w=(c.hidden_size,), ln_b=(c.hidden_size,))
+        if c.word_embed_proj_dim:
+            shapes["proj_out_w"] = (c.embed_dim, c.hidden_size)
+        return shapes
+
+    def forward(self, w: dict[str, Tensor], h: Tensor, state: ForwardState) -> Tensor:
+        x = h[:, -1]  # (b, h): prompts are left-padded, so the last column is every row's newest token
+        if "ln_w" in w:
+            if self.cfg.family is Family.LLAMA:
+                x = M.rms_norm(x, w["ln_w"], self.cfg.norm_eps)
+            else:
+                x = M.layer_norm(x, w["ln_w"], w["ln_b"], self.cfg.norm_eps)
+        if "proj_out_w" in w:
+            x = torch.matmul(x, w["proj_out_w"].t())
+        return torch.matmul(x, w["lm_w"].t())  # (b, v)
+
+
+def build_units(cfg: ModelConfig) -> list[Unit]:
+    units: list[Unit] = [Embedding(cfg)]
+    for i in range(cfg.num_layers):
+        units += [Attention(cfg, i), MLP(cfg, i)]
+    return units + [Head(cfg)]
+
+
+def weight_shapes(cfg: ModelConfig) -> Shapes:
+    """Canonical flat names ("layers.3.attn.qkv_w") and shapes of every weight of the model."""
+    return {f"{u.prefix}.{k}": s for u in build_units(cfg) for k, s in u.weight_shapes().items()}

@@ -1,0 +1,89 @@
+"""A causal LM on one device: the units of `layers.py` run in order over a padded batch.
+
+This is the plain (all-resident) execution path; the block-scheduled executor runs the
+same units with weights and KV moved between tiers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from runner import model as M
+from runner.config import Family, ModelConfig
+from runner.kv_cache import KVCache
+from runner.layers import ForwardState, Unit, build_units
+
+
+class LM:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, Tensor], device: torch.device, dtype: torch.dtype):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.units: list[Unit] = build_units(cfg)
+        self.unit_weights = [_weights_of(u, weights) for u in self.units]
+        self.rope = None
+        if cfg.family is Family.LLAMA:
+            self.rope = M.rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, dtype, device)
+
+    def run(self, ids: Tensor, state: ForwardState) -> Tensor:
+        """ids: (b, s) -> logits of the last column (b, v)."""
+        if self.rope is not None:
+            cos, sin = self.rope
+            state.rope = (cos[state.positions].unsqueeze(1), sin[state.positions].unsqueeze(1))  # (b, 1, s, d)
+        x = ids
+        for unit, w in zip(self.units, self.unit_weights):
+            x = unit.forward(w, x, state)
+        return x
+
+
+def _weights_of(unit: Unit, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    missing = [k for k in unit.weight_shapes() if f"{unit.prefix}.{k}" not in weights]
+    if missing:
+        raise KeyError(f"weights missing for {unit.prefix}: {missing}")
+    return {k: weights[f"{unit.prefix}.{k}"] for k in unit.weight_shapes()}
+
+
+class Batch:
+    """A left-padded batch of prompts with its KV cache, advanced one step at a time."""
+
+    def __init__(self, lm: LM, prompts: list[list[int]], max_new_tokens: int):
+        self.lm = lm
+        b, s = len(prompts), max(len(p) for p in prompts)
+        dev = lm.device
+        ids = torch.zeros((b, s), dtype=torch.long)
+        valid = torch.zeros((b, s), dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            ids[i, s - len(p):] = torch.tensor(p, dtype=torch.long)
+            valid[i, s - len(p):] = True
+        self.ids, self.prompt_width = ids.to(dev), s
+        capacity = s + max_new_tokens
+        self.key_valid = torch.ones((b, capacity), dtype=torch.bool, device=dev)
+        self.key_valid[:, :s] = valid.to(dev)
+        self.padded = not bool(valid.all())
+        self.positions = (valid.long().cumsum(-1) - 1).clamp(min=0).to(dev)  # (b, s)
+        self.cache = KVCache(lm.cfg, b, capacity, lm.dtype, dev)
+        self.length = 0  # columns already in the cache
+        # Additive bias over all key columns; -inf on padding, sliced per step.
+        self.bias = torch.zeros((b, 1, 1, capacity), dtype=lm.dtype, device=dev)
+        self.bias.masked_fill_(~self.key_valid[:, None, None, :], float("-inf"))
+
+    def prefill(self) -> Tensor:
+        s = self.prompt_width
+        mask = None
+        if self.padded:
+            causal = torch.ones((s, s), dtype=torch.bool, device=self.lm.device).tril()
+            eye = torch.eye(s, dtype=torch.bool, device=self.lm.device)
+            # Padding queries may attend to themselves so no softmax row is empty (NaN-free).
+            mask = ((causal & self.key_valid[:, None, None, :s]) | eye)  # (b, 1, s, s)
+        state = ForwardState(positions=self.positions, start=0, cache=self.cache, prefill_mask=mask)
+        logits = self.lm.run(self.ids, state)
+        self.length = s
+        return logits
+
+    def decode(self, tokens: Tensor) -> Tensor:
+        """tokens: (b,) sampled last step -> logits (b, v) for the next one."""
+        self.positions = self.positions[:, -1:] + 1  # (b, 1)
+        end = self.length + 1
+        state = ForwardState(positions=self.positions, start=self.length, cache=self.cache,
+                             decode_bias=self.bias[..., :end] if self.padded else None)
+        logits = self.lm.run(tokens[:, None], state)
+        self.length = end
+        return logits

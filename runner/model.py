@@ -1,0 +1,93 @@
+"""The model math: pure functions over explicit weight tensors, no device logic.
+
+Every function takes tensors already on the compute device. Shapes use
+b = batch, s = new tokens this call, t = keys attended, h = hidden, nh / kvh = query / kv
+heads, g = nh // kvh (GQA group), d = head dim, f = MLP width, v = vocab.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    # Same order of operations as HF LlamaRMSNorm so fp32 logits agree to ~1e-6.
+    var = x.pow(2).mean(-1, keepdim=True)
+    return w * (x * torch.rsqrt(var + eps))
+
+
+def layer_norm(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float, dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """cos/sin of shape (max_len, d) in HF's rotate-half layout (halves, not interleaved)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
+    pos = torch.arange(max_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)  # (max_len, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, d)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (b, heads, s, d); cos/sin: (b, 1, s, d) gathered at each token's position."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    b, s, _ = x.shape
+    return x.view(b, s, heads, -1).transpose(1, 2)  # (b, heads, s, d)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    b, heads, s, d = x.shape
+    return x.transpose(1, 2).reshape(b, s, heads * d)  # (b, s, h)
+
+
+def attention_prefill(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Causal attention over the prompt. q: (b, nh, s, d); k, v: (b, kvh, s, d).
+
+    mask: None for unpadded batches (fast causal path), else bool (b, 1, s, s), True = attend.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        # Expanding K/V is cheaper here than SDPA's enable_gqa, which drops to the
+        # O(s^2)-memory math kernel on CPU.
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def attention_decode(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One new query per sequence against t cached keys, with explicit probabilities.
+
+    q: (b, nh, 1, d); k, v: (b, kvh, t, d); bias: additive (b, 1, 1, t) or None.
+    Returns (out (b, nh, 1, d), probs (b, nh, t)). The probabilities are what the
+    sparse-KV policies score tokens by, so they are computed explicitly, not fused.
+    """
+    b, nh, _, d = q.shape
+    kvh, t = k.shape[1], k.shape[2]
+    qg = q.view(b, kvh, nh // kvh, d)  # (b, kvh, g, d): GQA without copying K/V
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * (1.0 / math.sqrt(d))  # (b, kvh, g, t)
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v)  # (b, kvh, g, d)
+    return out.view(b, nh, 1, d), probs.view(b, nh, t)
+
+
+def swiglu_mlp(x: Tensor, gate_up_w: Tensor, down_w: Tensor) -> Tensor:
+    gate, up = torch.matmul(x, gate_up_w.t()).chunk(2, dim=-1)  # (b, s, f) each
+    return torch.matmul(F.silu(gate) * up, down_w.t())
+
+
+def relu_mlp(x: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor) -> Tensor:
+    return F.linear(F.relu(F.linear(x, fc1_w, fc1_b)), fc2_w, fc2_b)

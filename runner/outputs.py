@@ -1,0 +1,152 @@
+"""Result files of a run: generations (JSON lines) and the throughput CSV (FlexGen's metrics).
+
+Throughput definitions follow FlexGen, generalised to prompts and completions of varying length:
+prefill handles every prompt token, decode produces every generated token after each sequence's
+first (the first comes out of the prefill forward pass).
+"""
+from __future__ import annotations
+
+import csv
+import enum
+import json
+import resource
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class FinishReason(str, enum.Enum):
+    EOS = "eos"
+    STOP = "stop"  # a generation.stop string matched
+    LENGTH = "length"  # hit max_new_tokens
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationRecord:
+    id: str
+    prompt: str
+    completion: str
+    completion_token_ids: list[int]
+    finish_reason: FinishReason  # a plain "eos" / "stop" / "length" is accepted and converted
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "finish_reason", FinishReason(self.finish_reason))
+        except ValueError:
+            raise ValueError(f"record {self.id!r}: finish_reason must be one of "
+                             f"{', '.join(r.value for r in FinishReason)}, got {self.finish_reason!r}") from None
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "id": self.id, "prompt": self.prompt, "completion": self.completion,
+            "completion_token_ids": [int(t) for t in self.completion_token_ids],
+            "finish_reason": self.finish_reason.value,
+        }, ensure_ascii=False)
+
+
+def write_generations(path: str | Path, records: Iterable[GenerationRecord], append: bool = False) -> int:
+    """Write one JSON object per record (flushed each line, so a crash keeps what was done); returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with path.open("a" if append else "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(record.to_json() + "\n")
+            f.flush()
+            count += 1
+    return count
+
+
+THROUGHPUT_COLUMNS: tuple[str, ...] = (
+    "job", "engine", "model", "dtype", "device", "kv_policy", "gpu_batch_size", "num_gpu_batches",
+    "num_prompts", "prompt_len", "gen_len", "prefill_latency_s", "prefill_throughput",
+    "decode_latency_s", "decode_throughput", "total_latency_s", "total_throughput",
+    "peak_gpu_bytes", "peak_cpu_bytes", "started_at", "git_commit",
+    # extras beyond FlexGen's columns
+    "kv_bytes_per_token", "num_threads", "sweep_point", "notes",
+)
+_COMPUTED = frozenset({"num_prompts", "prompt_len", "gen_len", "prefill_latency_s", "prefill_throughput",
+                       "decode_latency_s", "decode_throughput", "total_latency_s", "total_throughput"})
+
+
+def _rate(tokens: float, seconds: float) -> float:
+    return round(tokens / seconds, 2) if seconds > 0 else 0.0
+
+
+def throughput_row(*, prefill_latency_s: float, decode_latency_s: float, num_prompts: int,
+                   prompt_tokens: int, generated_tokens: int, **fields: Any) -> dict[str, Any]:
+    """One CSV row: the timing columns computed from token counts, plus the other `fields` as given.
+
+    prefill_throughput = prompt_tokens / prefill; decode_throughput = (generated - num_prompts) /
+    decode; total_throughput = generated / (prefill + decode). With fixed lengths these equal
+    FlexGen's n*prompt_len/prefill, n*(gen_len-1)/decode and n*gen_len/total.
+    """
+    unknown = set(fields) - set(THROUGHPUT_COLUMNS)
+    if unknown:
+        raise ValueError(f"throughput_row: unknown columns {sorted(unknown)}")
+    computed_given = set(fields) & _COMPUTED
+    if computed_given:
+        raise ValueError(f"throughput_row: {sorted(computed_given)} are computed, don't pass them")
+    if min(prefill_latency_s, decode_latency_s, num_prompts, prompt_tokens, generated_tokens) < 0:
+        raise ValueError("throughput_row: latencies and token counts must be >= 0")
+    total = prefill_latency_s + decode_latency_s
+    row = dict(fields)
+    row.update(
+        num_prompts=num_prompts,
+        prompt_len=round(prompt_tokens / num_prompts, 2) if num_prompts else 0.0,
+        gen_len=round(generated_tokens / num_prompts, 2) if num_prompts else 0.0,
+        # Latencies keep sub-millisecond precision; tiny CPU runs would otherwise show 0.0.
+        prefill_latency_s=round(prefill_latency_s, 6),
+        prefill_throughput=_rate(prompt_tokens, prefill_latency_s),
+        decode_latency_s=round(decode_latency_s, 6),
+        decode_throughput=_rate(max(generated_tokens - num_prompts, 0), decode_latency_s),
+        total_latency_s=round(total, 6),
+        total_throughput=_rate(generated_tokens, total),
+    )
+    return {c: row[c] for c in THROUGHPUT_COLUMNS if c in row}
+
+
+def append_csv_row(path: str | Path, row: dict[str, Any]) -> None:
+    """Append `row` to the throughput CSV, writing the header only when the file is new or empty."""
+    path = Path(path)
+    unknown = [k for k in row if k not in THROUGHPUT_COLUMNS]
+    if unknown:
+        raise ValueError(f"{path}: unknown throughput columns {unknown} (known: {', '.join(THROUGHPUT_COLUMNS)})")
+    is_new = not path.exists() or path.stat().st_size == 0
+    if not is_new:
+        with path.open(newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        if header != list(THROUGHPUT_COLUMNS):
+            # Appending under a different header would silently shift every column.
+            raise ValueError(f"{path}: existing header does not match THROUGHPUT_COLUMNS; "
+                             "move the file aside or write to another output.csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=THROUGHPUT_COLUMNS, restval="")
+        if is_new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def git_commit(repo: str | Path | None = None) -> str:
+    """Short HEAD hash of `repo` (default: the one holding this file), "-dirty" if tracked files
+    changed; "unknown" without git or commits."""
+    repo = Path(__file__).resolve().parent if repo is None else Path(repo)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,159 @@
+"""Run one job end to end: load, tokenize, generate batch by batch, write outputs, return the CSV row."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from policies import get_policy
+from runner.dataset import Prompt, load_prompts
+from runner.engines import Engine
+from runner.generate import BatchOutput
+from runner.job import Device, DType, Engine as EngineKind, JobSpec
+from runner.outputs import GenerationRecord, append_csv_row, git_commit, peak_rss_bytes, throughput_row, \
+    write_generations
+from runner.sampling import SamplingParams
+from runner.weights import LoadedModel, load_model
+
+_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
+
+
+class RunError(ValueError):
+    """A job that cannot run as specified; the message names the job field or prompt."""
+
+
+def resolve_device(device: Device) -> torch.device:
+    if device is Device.CUDA and not torch.cuda.is_available():
+        raise RunError("hardware.device: cuda requested but torch sees no CUDA device")
+    if device is Device.AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device.value)
+
+
+def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
+    if dtype is DType.AUTO:
+        # This CPU class has no fast bf16/fp16 matmul (see docs): fp32 there, fp16 on CUDA.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+@dataclass
+class Totals:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prompts: int = 0
+
+    def add(self, out: BatchOutput) -> None:
+        self.prefill_s += out.prefill_s
+        self.decode_s += out.decode_s
+        self.prompt_tokens += out.prompt_tokens
+        self.generated_tokens += out.generated_tokens
+        self.prompts += len(out.sequences)
+
+
+def _make_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> Engine:
+    if job.engine is EngineKind.HF:
+        from runner.engines.hf import HFEngine
+        pad = loaded.tokenizer.pad_token_id
+        return HFEngine(job.model.path if job.model.path != "auto" else loaded.source.split(":", 1)[1],
+                        device, dtype, loaded.tokenizer, pad if pad is not None else 0)
+    from runner.engines.alisa import AlisaEngine
+    return AlisaEngine(loaded, device, dtype)
+
+
+def tokenize_prompts(prompts: list[Prompt], loaded: LoadedModel, max_new_tokens: int) -> list[list[int]]:
+    limit = loaded.config.max_seq_len
+    out = []
+    for p in prompts:
+        ids = list(p.token_ids) if p.token_ids is not None else loaded.tokenizer.encode(p.text)
+        if not ids:
+            raise RunError(f"dataset line {p.line} (id {p.id!r}): prompt tokenizes to nothing")
+        if len(ids) + max_new_tokens > limit:
+            raise RunError(f"dataset line {p.line} (id {p.id!r}): {len(ids)} prompt tokens + "
+                           f"{max_new_tokens} new tokens exceed the model's {limit}-token context")
+        out.append(ids)
+    return out
+
+
+def sampling_params(job: JobSpec) -> SamplingParams:
+    g = job.generation
+    return SamplingParams(max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature,
+                          top_k=g.top_k, top_p=g.top_p, seed=g.seed, stop=tuple(g.stop), ignore_eos=g.ignore_eos)
+
+
+def _warm_up(engine: Engine, loaded: LoadedModel, params: SamplingParams) -> None:
+    # Like FlexGen's warm-up generate: first calls pay for allocator and kernel set-up.
+    ids = [loaded.tokenizer.encode("Warm-up: the quick brown fox jumps over the lazy dog.")]
+    engine.generate(ids, SamplingParams(max_new_tokens=2, ignore_eos=True), None)
+
+
+def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "") -> dict:
+    """Run `job`; writes generations.jsonl, job.yaml and one throughput.csv row, and returns the row."""
+    policy = get_policy(job.kv.policy)
+    if job.engine is EngineKind.HF and job.model.path == "dummy":
+        raise RunError("engine: hf needs real weights (a checkpoint directory, .gguf file or auto), not dummy")
+    device = resolve_device(job.hardware.device)
+    dtype = resolve_dtype(job.model.dtype, device)
+    if job.hardware.num_threads:
+        torch.set_num_threads(job.hardware.num_threads)
+    out_dir = job.output_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise RunError(f"output.dir: {out_dir} is not writable")
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    loaded = load_model(name=job.model.name, path=job.model.path, dtype=dtype, device=device,
+                        seed=job.generation.seed, with_weights=job.engine is EngineKind.ALISA)
+    params = sampling_params(job)
+    prompts = load_prompts(job.dataset, loaded.tokenizer,
+                           default_count=job.batch.gpu_batch_size * job.batch.num_gpu_batches)
+    ids = tokenize_prompts(prompts, loaded, params.max_new_tokens)
+    engine = _make_engine(job, loaded, device, dtype)
+    _warm_up(engine, loaded, params)
+    (out_dir / "job.yaml").write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
+    gen_path = out_dir / "generations.jsonl"
+    gen_path.write_text("")
+    totals = _generate_all(engine, prompts, ids, job, params, gen_path, progress)
+    if device.type == "cuda":
+        peak_gpu = torch.cuda.max_memory_allocated(device)
+    else:
+        peak_gpu = 0  # no accelerator: everything lives in host memory, reported as peak_cpu_bytes
+    row = throughput_row(
+        prefill_latency_s=totals.prefill_s, decode_latency_s=totals.decode_s, num_prompts=totals.prompts,
+        prompt_tokens=totals.prompt_tokens, generated_tokens=totals.generated_tokens,
+        job=job.name, engine=job.engine.value, model=loaded.config.name, dtype=str(dtype).removeprefix("torch."),
+        device=device.type, kv_policy=policy.name, gpu_batch_size=job.batch.gpu_batch_size,
+        num_gpu_batches=job.batch.num_gpu_batches, peak_gpu_bytes=peak_gpu, peak_cpu_bytes=peak_rss_bytes(),
+        started_at=started, git_commit=git_commit(),
+        kv_bytes_per_token=loaded.config.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size()),
+        num_threads=torch.get_num_threads(), sweep_point=sweep_point)
+    append_csv_row(job.throughput_csv, row)
+    return row
+
+
+def _generate_all(engine: Engine, prompts: list[Prompt], ids: list[list[int]], job: JobSpec,
+                  params: SamplingParams, gen_path: Path, progress: bool) -> Totals:
+    totals = Totals()
+    gbs = job.batch.gpu_batch_size
+    generator = torch.Generator().manual_seed(params.seed)
+    bar = tqdm(total=len(prompts), unit="prompt", disable=not progress, dynamic_ncols=True)
+    # A block is num_gpu_batches GPU batches (FlexGen's effective batch); on one device
+    # with everything resident the GPU batches simply run one after another.
+    for start in range(0, len(prompts), gbs):
+        out = engine.generate(ids[start:start + gbs], params, generator)
+        totals.add(out)
+        records = [GenerationRecord(id=p.id, prompt=p.text, completion=s.text, completion_token_ids=s.token_ids,
+                                    finish_reason=s.finish_reason)
+                   for p, s in zip(prompts[start:start + gbs], out.sequences)]
+        write_generations(gen_path, records, append=True)
+        bar.update(len(records))
+        elapsed = totals.prefill_s + totals.decode_s
+        bar.set_postfix(tok_s=f"{totals.generated_tokens / elapsed:.1f}" if elapsed else "-")
+    bar.close()
+    return totals

@@ -1,0 +1,258 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runner.job import (
+    BatchSpec, DatasetFormat, DatasetSpec, Device, DType, Engine, GenerationSpec, JobError, JobSpec,
+    apply_overrides, job_from_dict, load_job, parse_override, set_dotted,
+)
+
+FULL_JOB = """\
+name: smoke-test_1.0
+engine: hf
+model:
+  name: smollm2-135m
+  path: auto
+  dtype: bf16
+hardware:
+  device: cpu
+  num_threads: 2
+batch:
+  gpu_batch_size: 4
+  num_gpu_batches: 2
+generation:
+  max_new_tokens: 32
+  do_sample: true
+  temperature: 0.7
+  top_p: 0.9
+  top_k: 50
+  seed: 1234
+  stop: ["\\n\\n", "###"]
+  ignore_eos: false
+dataset:
+  path: jobs/data/prompts.jsonl
+  field: prompt
+  id_field: id
+  limit: 8
+  template: "<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n"
+kv:
+  policy: dense
+output:
+  dir: results/smoke
+  csv: results/all.csv
+"""
+
+
+def minimal(**sections) -> dict:
+    d = {"name": "t", "model": {"name": "opt-125m"}, "dataset": {"path": "p.jsonl"}}
+    d.update(sections)
+    return d
+
+
+def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_full_job_parses_and_round_trips(tmp_path):
+    job = load_job(write(tmp_path, FULL_JOB))
+    assert job.name == "smoke-test_1.0"
+    assert job.engine is Engine.HF
+    assert job.model.dtype is DType.BFLOAT16
+    assert job.hardware.device is Device.CPU and job.hardware.num_threads == 2
+    assert job.batch == BatchSpec(gpu_batch_size=4, num_gpu_batches=2)
+    assert job.generation.stop == ("\n\n", "###")
+    assert job.generation.temperature == 0.7
+    assert job.dataset.format is DatasetFormat.JSONL  # inferred from the suffix
+    assert job.dataset.template.startswith("<|im_start|>user\n{prompt}")
+    assert job.output_dir == Path("results/smoke")
+    assert job.throughput_csv == Path("results/all.csv")
+
+    d = job.to_dict()
+    assert d["model"]["dtype"] == "bfloat16" and d["engine"] == "hf" and d["generation"]["stop"] == ["\n\n", "###"]
+    # The saved job.yaml must read back to the same spec.
+    assert job_from_dict(yaml.safe_load(yaml.safe_dump(d))) == job
+
+
+def test_defaults_and_derived_output_paths():
+    job = job_from_dict(minimal())
+    assert job.engine is Engine.ALISA
+    assert job.model.path == "auto" and job.model.dtype is DType.AUTO
+    assert job.batch.gpu_batch_size == 8 and job.batch.num_gpu_batches == 1
+    assert job.generation == GenerationSpec()
+    assert job.generation.max_new_tokens == 64 and job.generation.ignore_eos is False
+    assert job.kv.policy == "dense"
+    assert job.output_dir == Path("results/t")
+    assert job.throughput_csv == Path("results/t/throughput.csv")
+    assert job.sweep_points() == [({}, job)]
+
+
+def test_empty_section_means_defaults():
+    assert job_from_dict(minimal(batch=None)).batch == BatchSpec()
+
+
+def test_unknown_key_names_dotted_path_and_known_keys():
+    with pytest.raises(JobError) as e:
+        job_from_dict(minimal(generation={"temprature": 0.5}))
+    assert str(e.value).startswith("generation.temprature: unknown key (known: max_new_tokens, do_sample")
+    assert e.value.key == "generation.temprature"
+    with pytest.raises(JobError, match=r"^colour: unknown key \(known: name, engine, model"):
+        job_from_dict(minimal(colour="red"))
+
+
+@pytest.mark.parametrize("sections, key, detail", [
+    ({"batch": {"gpu_batch_size": 0}}, "batch.gpu_batch_size", "must be an integer >= 1, got 0"),
+    ({"generation": {"top_p": 1.5}}, "generation.top_p", "must be in (0, 1], got 1.5"),
+    ({"generation": {"temperature": 0}}, "generation.temperature", "must be > 0"),
+    ({"model": {"name": "opt-125m", "dtype": "fp64"}}, "model.dtype", "got 'fp64'"),
+    ({"generation": {"do_sample": 1}}, "generation.do_sample", "must be true or false, got 1"),
+    ({"generation": {"max_new_tokens": 2.5}}, "generation.max_new_tokens", "must be an integer"),
+    ({"generation": {"stop": ["ok", ""]}}, "generation.stop[1]", "non-empty string"),
+    ({"hardware": {"device": "tpu"}}, "hardware.device", "must be one of auto, cpu, cuda"),
+    ({"model": {"path": "dummy"}}, "model.name", "required when model.path is 'dummy'"),
+    ({"dataset": {"path": "p.parquet"}}, "dataset.format", "cannot infer"),
+    ({"dataset": {"path": "p.jsonl", "template": "no placeholder"}}, "dataset.template", "{prompt}"),
+    ({"dataset": {"path": "a.txt", "format": "synthetic", "num_prompts": 8}}, "dataset.prompt_len", "required"),
+    ({"dataset": {"path": "p.jsonl", "prompt_len": 8}}, "dataset.prompt_len", "only allowed"),
+    ({"dataset": {}}, "dataset.path", "required"),
+    ({"name": "my job"}, "name", "letters, digits"),
+    ({"batch": [1, 2]}, "batch", "must be a mapping"),
+])
+def test_bad_values_name_the_key(sections, key, detail):
+    with pytest.raises(JobError) as e:
+        job_from_dict(minimal(**sections))
+    assert str(e.value).startswith(f"{key}: ")
+    assert detail in str(e.value)
+    assert e.value.key == key
+
+
+def test_missing_required_section():
+    with pytest.raises(JobError, match=r"^dataset: required$"):
+        job_from_dict({"name": "t", "model": {"name": "opt-125m"}})
+
+
+def test_int_accepted_for_float_and_dtype_aliases():
+    job = job_from_dict(minimal(generation={"temperature": 1, "top_p": 1}, model={"name": "x", "dtype": "fp16"}))
+    assert job.generation.temperature == 1.0 and isinstance(job.generation.temperature, float)
+    assert job.model.dtype is DType.FLOAT16
+
+
+def test_direct_construction_is_validated_too():
+    with pytest.raises(JobError, match=r"^batch.num_gpu_batches: must be an integer >= 1, got 0"):
+        BatchSpec(num_gpu_batches=0)
+    spec = DatasetSpec(path=Path("x.csv"), limit=3)
+    assert spec.path == "x.csv" and spec.format is DatasetFormat.CSV
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "name: t\nmodel:\n  name: opt-125m\n  dtype: [fp16\ndataset:\n  path: p.jsonl\n")
+    with pytest.raises(JobError) as e:
+        load_job(path)
+    message = str(e.value)
+    assert message.startswith(f"{path}:5: invalid YAML")
+    assert "\n" not in message
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path):
+    path = write(tmp_path, "name: t\nmodel: {name: opt-125m}\ndataset: {path: p.jsonl}\nname: u\n")
+    with pytest.raises(JobError, match=r":4: invalid YAML \(duplicate key 'name'\)"):
+        load_job(path)
+
+
+def test_missing_and_empty_job_files(tmp_path):
+    with pytest.raises(JobError, match="job file not found"):
+        load_job(tmp_path / "nope.yaml")
+    with pytest.raises(JobError, match="file is empty"):
+        load_job(write(tmp_path, ""))
+
+
+def test_validation_errors_from_a_file_are_prefixed_with_it(tmp_path):
+    path = write(tmp_path, "name: t\nmodel: {name: opt-125m}\ndataset: {path: p.jsonl}\nbatch: {gpu_batch_size: 0}\n")
+    with pytest.raises(JobError, match=rf"^{path}: batch.gpu_batch_size: must be an integer >= 1, got 0$"):
+        load_job(path)
+
+
+def test_overrides_parse_yaml_types(tmp_path):
+    path = write(tmp_path, FULL_JOB)
+    job = load_job(path, ["batch.gpu_batch_size=16", "generation.do_sample=false", "generation.stop=[a, b]",
+                          "name=other", "engine=alisa", "dataset.limit=", "generation.temperature=0.25",
+                          "dataset.template={prompt} Answer:"])
+    assert job.batch.gpu_batch_size == 16
+    assert job.generation.do_sample is False
+    assert job.generation.stop == ("a", "b")
+    assert job.name == "other" and job.engine is Engine.ALISA
+    assert job.dataset.limit is None
+    assert job.generation.temperature == 0.25
+    assert job.dataset.template == "{prompt} Answer:"  # not valid YAML, kept as text
+
+
+def test_override_creates_missing_section():
+    d = apply_overrides(minimal(), {"hardware.num_threads": 3})
+    assert job_from_dict(d).hardware.num_threads == 3
+    assert "hardware" not in minimal()  # the input dict is not modified
+
+
+@pytest.mark.parametrize("item, match", [
+    ("batch.gpu_batch_sz=4", r"override 'batch.gpu_batch_sz=4': batch.gpu_batch_sz: unknown key \(known: gpu_batch_size"),
+    ("gpu.batch=4", r"gpu.batch: unknown key \(known: name, engine"),
+    ("batch.gpu_batch_size", r"expected KEY=VALUE"),
+    ("name.first=x", r"name.first: 'name' is not a section"),
+])
+def test_bad_override_keys(tmp_path, item, match):
+    with pytest.raises(JobError, match=match):
+        load_job(write(tmp_path, FULL_JOB), [item])
+
+
+def test_override_value_is_validated(tmp_path):
+    with pytest.raises(JobError, match=r"batch.gpu_batch_size: must be an integer, got 'eight'"):
+        load_job(write(tmp_path, FULL_JOB), ["batch.gpu_batch_size=eight"])
+
+
+def test_parse_override_and_set_dotted():
+    assert parse_override("generation.seed= 7") == ("generation.seed", 7)
+    d: dict = {"batch": None}
+    set_dotted(d, "batch.gpu_batch_size", 2)
+    assert d == {"batch": {"gpu_batch_size": 2}}
+    with pytest.raises(JobError, match=r"^kv.polcy: unknown key \(known: policy\)$"):
+        set_dotted(d, "kv.polcy", "dense")
+
+
+def test_sweep_points_cartesian_order():
+    job = job_from_dict(minimal(sweep={"engine": ["hf", "alisa"], "batch.gpu_batch_size": [1, 8, 32]}))
+    points = job.sweep_points()
+    assert [p for p, _ in points] == [
+        {"engine": e, "batch.gpu_batch_size": b} for e in ("hf", "alisa") for b in (1, 8, 32)]
+    for point, spec in points:
+        assert spec.engine.value == point["engine"]
+        assert spec.batch.gpu_batch_size == point["batch.gpu_batch_size"]
+        assert spec.sweep == () and spec.name == "t"
+    assert job_from_dict(job.to_dict()) == job
+
+
+def test_sweep_of_list_values_stays_hashable():
+    job = job_from_dict(minimal(sweep={"generation.stop": [["\n"], ["###", "END"]]}))
+    assert hash(job)
+    assert [s.generation.stop for _, s in job.sweep_points()] == [("\n",), ("###", "END")]
+
+
+@pytest.mark.parametrize("sweep, match", [
+    ({"batch.gpu_batch_siz": [1]}, r"^sweep: batch.gpu_batch_siz: unknown key"),
+    ({"batch.gpu_batch_size": []}, r"^sweep.batch.gpu_batch_size: must be a non-empty list"),
+    ({"batch.gpu_batch_size": 4}, r"^sweep.batch.gpu_batch_size: must be a non-empty list"),
+    ({"batch.gpu_batch_size": [4, 0]}, r"sweep point \{'batch.gpu_batch_size': 0\}: batch.gpu_batch_size: must be"),
+])
+def test_bad_sweeps(sweep, match):
+    with pytest.raises(JobError, match=match):
+        job_from_dict(minimal(sweep=sweep))
+
+
+def test_synthetic_dataset_spec():
+    job = job_from_dict(minimal(dataset={"path": "book.txt", "format": "synthetic", "prompt_len": 128,
+                                         "num_prompts": 4}))
+    assert job.dataset.format is DatasetFormat.SYNTHETIC
+    assert (job.dataset.prompt_len, job.dataset.num_prompts) == (128, 4)
+    assert isinstance(job, JobSpec)

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pandas as pd
+import pytest
+
+from runner.outputs import (
+    THROUGHPUT_COLUMNS, FinishReason, GenerationRecord, append_csv_row, git_commit, peak_rss_bytes,
+    throughput_row, write_generations,
+)
+
+
+def record(i: int, reason: str = "length") -> GenerationRecord:
+    return GenerationRecord(id=f"p{i}", prompt=f"Prompt {i} — café", completion=" done\n",
+                            completion_token_ids=[i, 2], finish_reason=reason)
+
+
+def test_write_generations_exact_keys_and_append(tmp_path):
+    path = tmp_path / "out" / "generations.jsonl"
+    assert write_generations(path, [record(1), record(2, "eos")]) == 2
+    assert write_generations(path, iter([record(3, FinishReason.STOP)]), append=True) == 1
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert "café" in lines[0]  # ensure_ascii=False
+    rows = [json.loads(line) for line in lines]
+    assert list(rows[0]) == ["id", "prompt", "completion", "completion_token_ids", "finish_reason"]
+    assert rows[0] == {"id": "p1", "prompt": "Prompt 1 — café", "completion": " done\n",
+                       "completion_token_ids": [1, 2], "finish_reason": "length"}
+    assert [r["finish_reason"] for r in rows] == ["length", "eos", "stop"]
+    write_generations(path, [record(4)])  # append=False truncates
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 1
+
+
+def test_bad_finish_reason():
+    with pytest.raises(ValueError, match=r"record 'p1': finish_reason must be one of eos, stop, length"):
+        record(1, "timeout")
+
+
+def test_throughput_math_by_hand():
+    # 4 prompts of 10 tokens, 5 generated tokens each; prefill 0.5 s, decode 2 s.
+    row = throughput_row(prefill_latency_s=0.5, decode_latency_s=2.0, num_prompts=4, prompt_tokens=40,
+                         generated_tokens=20, job="j", gpu_batch_size=4)
+    assert row["prompt_len"] == 10.0 and row["gen_len"] == 5.0
+    assert row["prefill_throughput"] == 80.0  # 40 / 0.5
+    assert row["decode_throughput"] == 8.0  # 4 * (5 - 1) / 2
+    assert row["total_latency_s"] == 2.5
+    assert row["total_throughput"] == 8.0  # 20 / 2.5
+    assert row["job"] == "j" and row["gpu_batch_size"] == 4
+    assert list(row) == [c for c in THROUGHPUT_COLUMNS if c in row]
+
+
+def test_throughput_variable_lengths_round_and_zero_latency():
+    row = throughput_row(prefill_latency_s=0.3, decode_latency_s=0.0, num_prompts=3, prompt_tokens=10,
+                         generated_tokens=3)
+    assert row["prompt_len"] == 3.33 and row["gen_len"] == 1.0
+    assert row["prefill_throughput"] == 33.33
+    assert row["decode_throughput"] == 0.0  # guarded division
+    assert throughput_row(prefill_latency_s=0, decode_latency_s=0, num_prompts=0, prompt_tokens=0,
+                          generated_tokens=0)["total_throughput"] == 0.0
+
+
+def test_throughput_row_rejects_unknown_and_computed_fields():
+    args = dict(prefill_latency_s=1, decode_latency_s=1, num_prompts=1, prompt_tokens=1, generated_tokens=1)
+    with pytest.raises(ValueError, match="unknown columns"):
+        throughput_row(**args, speed=3)
+    with pytest.raises(ValueError, match="computed"):
+        throughput_row(**args, total_throughput=3)
+
+
+def test_csv_append_twice_header_once(tmp_path):
+    path = tmp_path / "results" / "throughput.csv"
+    first = throughput_row(prefill_latency_s=0.5, decode_latency_s=2.0, num_prompts=4, prompt_tokens=40,
+                           generated_tokens=20, job="a", engine="alisa", notes="has, comma")
+    append_csv_row(path, first)
+    append_csv_row(path, {"job": "b", "gpu_batch_size": 8})
+    text = path.read_text(encoding="utf-8")
+    assert text.count("job,engine,model") == 1
+    df = pd.read_csv(path)
+    assert list(df.columns) == list(THROUGHPUT_COLUMNS)
+    assert len(df) == 2
+    assert df["job"].tolist() == ["a", "b"]
+    assert df.loc[0, "total_throughput"] == 8.0 and df.loc[0, "notes"] == "has, comma"
+    assert pd.isna(df.loc[1, "total_throughput"])  # missing keys are empty cells
+
+
+def test_csv_header_written_for_empty_existing_file(tmp_path):
+    path = tmp_path / "t.csv"
+    path.touch()
+    append_csv_row(path, {"job": "x"})
+    assert path.read_text().splitlines()[0] == ",".join(THROUGHPUT_COLUMNS)
+
+
+def test_csv_header_mismatch_is_refused_without_touching_the_file(tmp_path):
+    path = tmp_path / "old.csv"
+    path.write_text("job,model,throughput\nx,y,1\n")
+    with pytest.raises(ValueError, match=r"old.csv: existing header does not match"):
+        append_csv_row(path, {"job": "x"})
+    assert path.read_text() == "job,model,throughput\nx,y,1\n"
+
+
+def test_csv_unknown_key(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown throughput columns \['tokens_per_s'\]"):
+        append_csv_row(tmp_path / "t.csv", {"job": "x", "tokens_per_s": 3})
+    assert not (tmp_path / "t.csv").exists()
+
+
+def test_git_commit_clean_dirty_and_unknown(tmp_path):
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=tmp_path,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    assert git_commit(tmp_path) == "unknown"  # no commits yet
+    (tmp_path / "f.txt").write_text("a")
+    git("add", "f.txt")
+    git("commit", "-q", "-m", "first")
+    head = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "untracked.txt").write_text("ignored for dirtiness")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "f.txt").write_text("b")
+    assert git_commit(tmp_path) == f"{head}-dirty"
+    assert re.fullmatch(r"unknown|[0-9a-f]{4,40}(-dirty)?", git_commit())
+
+
+def test_peak_rss():
+    rss = peak_rss_bytes()
+    assert rss > 10 * 2**20  # a Python process with pandas loaded is well over 10 MiB
