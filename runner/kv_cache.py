@@ -33,6 +33,13 @@ class KVCache:
         """Views of slots 0..end: (b, kvh, end, d)."""
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def rows(self, rows: slice) -> "KVCache":
+        """A view of some batch rows sharing this cache's storage (writes land here)."""
+        view = KVCache.__new__(KVCache)
+        view.max_len = self.max_len
+        view.k, view.v = [t[rows] for t in self.k], [t[rows] for t in self.v]
+        return view
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

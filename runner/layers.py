@@ -85,11 +85,12 @@ class Attention(Unit):
         pre_ln = c.family is Family.LLAMA or c.do_layer_norm_before
         x = self._norm(w, h) if pre_ln else h
         qkv = torch.nn.functional.linear(x, w["qkv_w"], w.get("qkv_b"))  # (b, s, h + 2*kv_dim)
-        q, k, v = qkv.split([c.hidden_size, c.kv_dim, c.kv_dim], dim=-1)
-        q, k, v = M.split_heads(q, c.num_heads), M.split_heads(k, c.num_kv_heads), M.split_heads(v, c.num_kv_heads)
+        qk, v = qkv.split([c.hidden_size + c.kv_dim, c.kv_dim], dim=-1)
+        qk = M.split_heads(qk, c.num_heads + c.num_kv_heads)  # (b, nh + kvh, s, d)
         if state.rope is not None:
-            cos, sin = state.rope
-            q, k = M.apply_rope(q, cos, sin), M.apply_rope(k, cos, sin)
+            qk = M.apply_rope(qk, *state.rope)  # q and k rotated together: half the small ops
+        q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
+        v = M.split_heads(v, c.num_kv_heads)
         end = state.start + h.shape[1]
         state.cache.write(self.layer, k, v, state.start)
         if state.start == 0:
@@ -157,7 +158,7 @@ class Head(Unit):
                 x = M.layer_norm(x, w["ln_w"], w["ln_b"], self.cfg.norm_eps)
         if "proj_out_w" in w:
             x = torch.matmul(x, w["proj_out_w"].t())
-        return torch.matmul(x, w["lm_w"].t())  # (b, v)
+        return M.lm_head(x, w["lm_w"])  # (b, v)
 
 
 def build_units(cfg: ModelConfig) -> list[Unit]:

@@ -14,9 +14,8 @@ from torch import Tensor
 
 
 def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    # Same order of operations as HF LlamaRMSNorm so fp32 logits agree to ~1e-6.
-    var = x.pow(2).mean(-1, keepdim=True)
-    return w * (x * torch.rsqrt(var + eps))
+    # One fused kernel instead of five elementwise ops: decode at batch 1 is op-overhead bound.
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
 def layer_norm(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
@@ -91,3 +90,18 @@ def swiglu_mlp(x: Tensor, gate_up_w: Tensor, down_w: Tensor) -> Tensor:
 
 def relu_mlp(x: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor) -> Tensor:
     return F.linear(F.relu(F.linear(x, fc1_w, fc1_b)), fc2_w, fc2_b)
+
+
+LM_HEAD_CHUNK = 1024  # vocab rows per matmul: measured ~1.5x faster than one (b, 49152) GEMM at b = 8..64
+
+
+def lm_head(x: Tensor, w: Tensor) -> Tensor:
+    """x: (b, e), w: (v, e) -> logits (b, v).
+
+    MKL blocks a GEMM with a huge N (the vocabulary) and small M poorly on this CPU; slicing
+    the vocabulary keeps each weight slice cache-sized. One GEMV is fastest for b = 1.
+    """
+    if x.shape[0] == 1 or w.shape[0] <= LM_HEAD_CHUNK:
+        return torch.matmul(x, w.t())
+    return torch.cat([torch.matmul(x, w[i:i + LM_HEAD_CHUNK].t()) for i in range(0, w.shape[0], LM_HEAD_CHUNK)],
+                     dim=-1)

@@ -69,3 +69,18 @@ def test_hf_checkpoint_fixture_is_not_trivial(hf_checkpoints):
         a = hf(input_ids=torch.tensor([[5, 6, 7]])).logits[0, -1]
         b = hf(input_ids=torch.tensor([[8, 9, 10]])).logits[0, -1]
     assert (a - b).abs().max() > 1e-3
+
+
+def test_prefill_in_row_groups_equals_one_group(hf_checkpoints, monkeypatch):
+    import runner.lm as lm_mod
+    lm = _ours(hf_checkpoints["llama_gqa_tied"])
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, lm.cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 8, 3, 8, 6)]
+    with torch.inference_mode():
+        whole = Batch(lm, prompts, 2)
+        ref = [whole.prefill(), whole.decode(torch.tensor([4, 5, 6, 7, 8]))]
+        monkeypatch.setattr(lm_mod, "PREFILL_GROUP_TOKENS", 16)  # 2 rows per group: 3 groups
+        grouped = Batch(lm, prompts, 2)
+        out = [grouped.prefill(), grouped.decode(torch.tensor([4, 5, 6, 7, 8]))]
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

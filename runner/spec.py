@@ -1,0 +1,150 @@
+"""Generic machinery for frozen, keyword-only dataclass specs read from YAML mappings.
+
+It knows nothing about jobs or their sections: `_Spec` coerces each field of a subclass to its
+annotated type and runs the subclass's checks, `_build` turns a raw mapping into a spec while
+rejecting unknown and missing keys, and every error is a `JobError` whose message starts with the
+dotted key at fault. It lives apart from `runner.job` so that module holds only the job's own
+sections, sweep, overrides and loading.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import types
+import typing
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+
+
+class JobError(ValueError):
+    """Invalid job; `key` is the dotted key at fault when there is one."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _bad(key: str, problem: str) -> JobError:
+    return JobError(f"{key}: {problem}", key=key)
+
+
+class _Spec:
+    """Base of every section: type coercion + per-section checks, and conversion back to a dict."""
+
+    _section = ""  # dotted prefix of this section's keys ("" for the top level)
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            # object.__setattr__ because the dataclasses are frozen; this runs once, at construction.
+            object.__setattr__(self, f.name, _coerce(hints[f.name], getattr(self, f.name), self._key(f.name)))
+        self._validate()
+
+    @classmethod
+    def _key(cls, name: str) -> str:
+        return f"{cls._section}.{name}" if cls._section else name
+
+    def _validate(self) -> None:
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-able dict (enums as values, tuples as lists) that `job_from_dict` reads back."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Spec):
+        return value.to_dict()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _freeze(value: Any) -> Any:
+    # Sweep values may be lists (e.g. a `generation.stop` list); tuples keep the spec hashable.
+    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _build(cls: type, data: Any) -> Any:
+    """Construct section `cls` from a raw mapping, rejecting unknown and missing keys by name."""
+    if not isinstance(data, Mapping):
+        raise _bad(cls._section or "job", f"must be a mapping, got {type(data).__name__} {data!r}")
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
+    for k in data:
+        if k not in names:
+            raise _bad(cls._key(k), f"unknown key (known: {', '.join(names)})")
+    for f in fields:
+        if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise _bad(cls._key(f.name), "required")
+    return cls(**data)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`, converting only where YAML can't express the type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # only `X | None` is used by the job sections
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return _build(tp, {} if value is None else value)  # an empty YAML section means defaults
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except (ValueError, TypeError):
+            raise _bad(key, f"must be one of {', '.join(m.value for m in tp)}, got {value!r}") from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _bad(key, f"must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _bad(key, f"must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _bad(key, f"must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, os.PathLike):  # let code pass Path objects for path fields
+            value = os.fspath(value)
+        if isinstance(value, str) and value:  # no field of a job has a use for ""; "\n" is a fine stop
+            return value
+        raise _bad(key, f"must be a non-empty string, got {value!r}")
+    if tp is tuple or origin is tuple:
+        return _coerce_tuple(args, value, key)
+    raise TypeError(f"{key}: unsupported field type {tp!r}")  # a bug in this module, not in the job
+
+
+def _coerce_tuple(args: tuple, value: Any, key: str) -> tuple:
+    if isinstance(value, str) and args == (str, Ellipsis):
+        value = [value]  # `stop: "\n"` is shorthand for a one-element list
+    if not isinstance(value, (list, tuple)):
+        raise _bad(key, f"must be a list, got {value!r}")
+    if not args:
+        return _freeze(value)
+    if args[1:] == (Ellipsis,):
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise _bad(key, f"must have {len(args)} items, got {len(value)}")
+    return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+
+
+def _at_least(spec: _Spec, name: str, low: int) -> None:
+    value = getattr(spec, name)
+    if value is not None and value < low:
+        kind = "an integer" if isinstance(value, int) else "a number"
+        raise _bad(spec._key(name), f"must be {kind} >= {low}, got {value}")
