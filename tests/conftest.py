@@ -19,7 +19,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-AUSTEN = Path("/work/shared/data/austen/persuasion.txt")
+# The evaluation data lies in ../shared beside the checkout (as on developer machines and in CI).
+SHARED_DATA = Path(os.environ.get("ALISA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+AUSTEN = SHARED_DATA / "austen" / "persuasion.txt"
 
 # name -> (family, config kwargs, how to save). Sizes are tiny so a forward pass takes milliseconds.
 HF_CHECKPOINT_SPECS: dict[str, tuple[str, dict, str]] = {

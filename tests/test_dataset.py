@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import AUSTEN
 from runner.dataset import DatasetError, Prompt, load_prompts, reflow_paragraphs
 from runner.job import DatasetSpec
 
-AUSTEN = Path("/work/shared/data/austen/persuasion.txt")
 REPO = Path(__file__).resolve().parent.parent
 
 

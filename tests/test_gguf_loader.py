@@ -9,19 +9,7 @@ from runner.config import Activation, Family
 from runner.gguf_loader import _unpermute_rope, read_gguf
 from runner.layers import weight_shapes
 
-
-def hf_llama_reference(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Canonical weights written out by hand from a transformers LLaMA state dict."""
-    ref = {"embed.tok_w": sd["model.embed_tokens.weight"], "head.ln_w": sd["model.norm.weight"]}
-    for i in range(num_layers):
-        p = f"model.layers.{i}."
-        ref[f"layers.{i}.attn.ln_w"] = sd[p + "input_layernorm.weight"]
-        ref[f"layers.{i}.attn.qkv_w"] = torch.cat([sd[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
-        ref[f"layers.{i}.attn.o_w"] = sd[p + "self_attn.o_proj.weight"]
-        ref[f"layers.{i}.mlp.ln_w"] = sd[p + "post_attention_layernorm.weight"]
-        ref[f"layers.{i}.mlp.gate_up_w"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
-        ref[f"layers.{i}.mlp.down_w"] = sd[p + "mlp.down_proj.weight"]
-    return ref
+from hf_reference import hf_llama_reference
 
 
 def test_smollm2_config(smollm2_loaded):

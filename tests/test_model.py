@@ -84,3 +84,20 @@ def test_prefill_in_row_groups_equals_one_group(hf_checkpoints, monkeypatch):
         out = [grouped.prefill(), grouped.decode(torch.tensor([4, 5, 6, 7, 8]))]
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_close_to_fp32(hf_checkpoints, dtype):
+    # CUDA users get fp16 by default; on this CPU the half kernels are slow but must be right.
+    # Tolerance: bf16 keeps 8 mantissa bits (~0.4% per rounding) over 2 layers of a tiny model.
+    path = hf_checkpoints["llama_gqa_tied"]
+    loaded = load_model(name=None, path=str(path), dtype=dtype, device="cpu")
+    half = LM(loaded.config, loaded.weights, torch.device("cpu"), dtype)
+    full = _ours(path)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    with torch.inference_mode():
+        a, b = Batch(half, prompts, 2), Batch(full, prompts, 2)
+        for x, y in [(a.prefill(), b.prefill()), (a.decode(torch.tensor([3, 4])), b.decode(torch.tensor([3, 4])))]:
+            assert x.dtype == dtype
+            scale = y.abs().max().item()
+            torch.testing.assert_close(x.float(), y, rtol=0, atol=0.05 * scale)

@@ -1,0 +1,74 @@
+"""`run.py` end to end, as a user runs it: a real subprocess, real files, both engines."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from runner.outputs import THROUGHPUT_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _job(tmp_path: Path, engine: str) -> list[str]:
+    return ["jobs/smollm2-135m.yaml", "--set", f"engine={engine}", "--set", "dataset.limit=3",
+            "--set", "generation.max_new_tokens=12", "--set", "batch.gpu_batch_size=2",
+            "--set", f"output.dir={tmp_path / engine}", "--set", f"output.csv={tmp_path / 'throughput.csv'}"]
+
+
+def test_main_job_both_engines_same_greedy_outputs(tmp_path, smollm2_gguf_path):
+    for engine in ("alisa", "hf"):
+        proc = _run(*_job(tmp_path, engine))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = pd.read_csv(tmp_path / "throughput.csv")
+    assert list(rows.columns) == list(THROUGHPUT_COLUMNS)
+    assert list(rows.engine) == ["alisa", "hf"]
+    assert (rows.num_prompts == 3).all() and (rows.total_throughput > 0).all()
+    assert (rows.peak_cpu_bytes > 100e6).all()
+    ours, hf = ([json.loads(line) for line in (tmp_path / e / "generations.jsonl").read_text().splitlines()]
+                for e in ("alisa", "hf"))
+    assert [r["id"] for r in ours] == ["p01", "p02", "p03"]
+    for a, b in zip(ours, hf):
+        assert a["completion_token_ids"] == b["completion_token_ids"]
+        assert a["completion"] == b["completion"] and a["completion"].strip()
+        assert a["finish_reason"] == b["finish_reason"]
+    assert (tmp_path / "alisa" / "job.yaml").is_file()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("generation.temprature=1", "generation.temprature"),
+    ("batch.gpu_batch_size=0", "batch.gpu_batch_size"),
+    ("model.path=/nonexistent/opt", "model.path"),
+    ("kv.policy=nope", "kv.policy"),
+])
+def test_bad_input_is_one_line_error_naming_the_key(tmp_path, override, key):
+    proc = _run("jobs/smollm2-135m.yaml", "--set", f"output.dir={tmp_path}", "--set", override)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0], proc.stderr
+
+
+def test_prompt_longer_than_context_names_the_line(tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"id": "a", "prompt": "hi"}) + "\n" + json.dumps({"id": "b", "prompt": "word " * 9000}) + "\n")
+    proc = _run("jobs/smollm2-135m.yaml", "--set", f"dataset.path={data}", "--set", f"output.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "line 2" in proc.stderr and "context" in proc.stderr
+
+
+def test_sweep_writes_one_row_per_point(tmp_path):
+    proc = _run("jobs/smollm2-135m.yaml", "--set", "model.path=dummy", "--set", "model.name=opt-125m",
+                "--set", "dataset.limit=2", "--set", "generation.max_new_tokens=3", "--set", "generation.ignore_eos=true",
+                "--set", f"output.dir={tmp_path}", "--set", "sweep={batch.gpu_batch_size: [1, 2]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = pd.read_csv(tmp_path / "throughput.csv")
+    assert list(rows.gpu_batch_size) == [1, 2] and (rows.gen_len == 3).all()
+    assert list(rows.sweep_point) == ["batch.gpu_batch_size=1", "batch.gpu_batch_size=2"]
