@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from runner import kernels
 from runner import model as M
 from runner.config import Family, ModelConfig
 from runner.kv_cache import KVCache
@@ -84,7 +85,7 @@ class Attention(Unit):
         c = self.cfg
         pre_ln = c.family is Family.LLAMA or c.do_layer_norm_before
         x = self._norm(w, h) if pre_ln else h
-        qkv = torch.nn.functional.linear(x, w["qkv_w"], w.get("qkv_b"))  # (b, s, h + 2*kv_dim)
+        qkv = kernels.wide_linear(x, w["qkv_w"], w.get("qkv_b"))  # (b, s, h + 2*kv_dim)
         qk, v = qkv.split([c.hidden_size + c.kv_dim, c.kv_dim], dim=-1)
         qk = M.split_heads(qk, c.num_heads + c.num_kv_heads)  # (b, nh + kvh, s, d)
         if state.rope is not None:

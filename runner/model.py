@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from runner import kernels
+
 
 def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
     # One fused kernel instead of five elementwise ops: decode at batch 1 is op-overhead bound.
@@ -84,7 +86,7 @@ def attention_decode(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> tu
 
 
 def swiglu_mlp(x: Tensor, gate_up_w: Tensor, down_w: Tensor) -> Tensor:
-    gate, up = torch.matmul(x, gate_up_w.t()).chunk(2, dim=-1)  # (b, s, f) each
+    gate, up = kernels.wide_linear(x, gate_up_w).chunk(2, dim=-1)  # (b, s, f) each
     return torch.matmul(F.silu(gate) * up, down_w.t())
 
 
@@ -92,16 +94,7 @@ def relu_mlp(x: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tens
     return F.linear(F.relu(F.linear(x, fc1_w, fc1_b)), fc2_w, fc2_b)
 
 
-LM_HEAD_CHUNK = 1024  # vocab rows per matmul: measured ~1.5x faster than one (b, 49152) GEMM at b = 8..64
-
 
 def lm_head(x: Tensor, w: Tensor) -> Tensor:
-    """x: (b, e), w: (v, e) -> logits (b, v).
-
-    MKL blocks a GEMM with a huge N (the vocabulary) and small M poorly on this CPU; slicing
-    the vocabulary keeps each weight slice cache-sized. One GEMV is fastest for b = 1.
-    """
-    if x.shape[0] == 1 or w.shape[0] <= LM_HEAD_CHUNK:
-        return torch.matmul(x, w.t())
-    return torch.cat([torch.matmul(x, w[i:i + LM_HEAD_CHUNK].t()) for i in range(0, w.shape[0], LM_HEAD_CHUNK)],
-                     dim=-1)
+    """x: (b, e), w: (v, e) -> logits (b, v)."""
+    return kernels.wide_linear(x, w)
