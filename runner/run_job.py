@@ -88,7 +88,7 @@ def sampling_params(job: JobSpec) -> SamplingParams:
                           top_k=g.top_k, top_p=g.top_p, seed=g.seed, stop=tuple(g.stop), ignore_eos=g.ignore_eos)
 
 
-def _warm_up(engine: Engine, loaded: LoadedModel, params: SamplingParams) -> None:
+def _warm_up(engine: Engine, loaded: LoadedModel) -> None:
     # Like FlexGen's warm-up generate: first calls pay for allocator and kernel set-up.
     ids = [loaded.tokenizer.encode("Warm-up: the quick brown fox jumps over the lazy dog.")]
     engine.generate(ids, SamplingParams(max_new_tokens=2, ignore_eos=True), None)
@@ -115,7 +115,7 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "") -> di
                            default_count=job.batch.gpu_batch_size * job.batch.num_gpu_batches)
     ids = tokenize_prompts(prompts, loaded, params.max_new_tokens)
     engine = _make_engine(job, loaded, device, dtype)
-    _warm_up(engine, loaded, params)
+    _warm_up(engine, loaded)
     (out_dir / "job.yaml").write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
     gen_path = out_dir / "generations.jsonl"
     gen_path.write_text("")
