@@ -47,6 +47,7 @@ class StopTracker:
         self.outputs = [SequenceOutput() for _ in range(n)]
         self.done = [False] * n
         self.steps = [0] * n
+        self._stop_span = max((len(s) for s in params.stop), default=0) + 4
 
     def add(self, tokens: list[int]) -> bool:
         """Record one step's tokens; returns True when every sequence has finished."""
@@ -66,6 +67,11 @@ class StopTracker:
         return all(self.done)
 
     def _hit_stop(self, out: SequenceOutput) -> bool:
+        # A stop string that just appeared lies within its length in tokens (+ slack for byte
+        # pieces) of the end, so only that tail is decoded per step, not the whole completion.
+        tail = self.tok.decode(out.token_ids[-(self._stop_span):])
+        if not any(s in tail for s in self.params.stop):
+            return False
         text = self.tok.decode(out.token_ids)
         cuts = [text.find(s) for s in self.params.stop if s in text]
         if not cuts:

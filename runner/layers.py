@@ -31,10 +31,6 @@ class ForwardState:
     decode_bias: Tensor | None = None  # (b, 1, 1, t) additive, -inf on padding keys
     rope: tuple[Tensor, Tensor] | None = None  # cos, sin gathered at positions: (b, 1, s, d)
 
-    @property
-    def is_prefill(self) -> bool:
-        return self.positions.shape[1] > 1 or self.start == 0
-
 
 class Unit:
     prefix: str

@@ -41,6 +41,21 @@ def _weights_of(unit: Unit, weights: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: weights[f"{unit.prefix}.{k}"] for k in unit.weight_shapes()}
 
 
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-align prompts in one (b, s) id tensor; returns (ids, valid) with valid False on padding.
+
+    Left padding puts every row's newest token in the last column, so decode steps share one
+    cache slot and the head reads one column.
+    """
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[i, width - len(p):] = True
+    return ids, valid
+
+
 # Prompt tokens per prefill group. Running a big batch's prompts in groups keeps each
 # layer's activations (tokens x 3072 floats in the MLP) near cache size: at batch 64 x 512
 # the whole-batch prefill ran ~25% slower per token than batch 1 on the 2-core CPU.
@@ -52,13 +67,9 @@ class Batch:
 
     def __init__(self, lm: LM, prompts: list[list[int]], max_new_tokens: int):
         self.lm = lm
-        b, s = len(prompts), max(len(p) for p in prompts)
         dev = lm.device
-        ids = torch.zeros((b, s), dtype=torch.long)
-        valid = torch.zeros((b, s), dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            ids[i, s - len(p):] = torch.tensor(p, dtype=torch.long)
-            valid[i, s - len(p):] = True
+        ids, valid = left_pad(prompts, pad_id=0)
+        b, s = ids.shape
         self.ids, self.prompt_width = ids.to(dev), s
         capacity = s + max_new_tokens
         self.key_valid = torch.ones((b, capacity), dtype=torch.bool, device=dev)

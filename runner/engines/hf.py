@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from runner.generate import BatchOutput, StopTracker, TextDecoder
+from runner.lm import left_pad
 from runner.sampling import SamplingParams
 
 
@@ -36,12 +37,7 @@ class HFEngine:
                  generator: torch.Generator | None) -> BatchOutput:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        ids, valid = left_pad(prompts, self.pad)
         tracker = StopTracker(len(prompts), params, self.tokenizer)
         marks: list[float] = []
 
@@ -49,9 +45,8 @@ class HFEngine:
             def __call__(self, input_ids: torch.Tensor, scores, **kw) -> torch.Tensor:
                 if not marks:
                     marks.append(time.perf_counter())
-                done = tracker.add(input_ids[:, -1].tolist())
-                return torch.tensor(tracker.done, device=input_ids.device) if not done else \
-                    torch.ones(len(tracker.done), dtype=torch.bool, device=input_ids.device)
+                tracker.add(input_ids[:, -1].tolist())
+                return torch.tensor(tracker.done, device=input_ids.device)
 
         if params.do_sample:
             torch.manual_seed(params.seed)
@@ -59,7 +54,7 @@ class HFEngine:
                          top_p=params.top_p) if params.do_sample else dict(do_sample=False)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+            self.model.generate(input_ids=ids.to(self.device), attention_mask=valid.long().to(self.device),
                                 max_new_tokens=params.max_new_tokens, pad_token_id=self.pad,
                                 eos_token_id=None, stopping_criteria=StoppingCriteriaList([Track()]),
                                 use_cache=True, **sample_kw)
