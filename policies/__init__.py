@@ -1,5 +1,5 @@
 """KV-cache policies, registered by name (`kv.policy` in a job)."""
-from policies.base import KVPolicy, get_policy, policy_names, register
-from policies import dense  # noqa: F401  (registers itself)
+from policies.base import KVPolicy, ScoreMode, Scoring, get_policy, policy_names, register
+from policies import dense, h2o, local, streaming, strided, swa  # noqa: F401  (each registers itself)
 
-__all__ = ["KVPolicy", "get_policy", "policy_names", "register"]
+__all__ = ["KVPolicy", "ScoreMode", "Scoring", "get_policy", "policy_names", "register"]

@@ -1,26 +1,100 @@
-"""The one interface every KV policy implements, and the name registry."""
+"""The one interface every KV policy implements, and the name registry.
+
+A policy is a small frozen dataclass that decides, at each decode step, which cached
+tokens the new query attends to. It sees candidate slots in age order (oldest first;
+the newest token is the last slot) and, if it scores tokens, one score per slot. It
+returns slot indices, or None for "all of them". Where the KV lives, how scores are
+accumulated and whether unselected KV is freed are the runner's business
+(`runner.kv_store`), so each policy stays a few lines of selection logic.
+"""
 from __future__ import annotations
 
+import enum
+import math
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, ClassVar, TypeVar
 
+import torch
 from torch import Tensor
 
 _REGISTRY: dict[str, type["KVPolicy"]] = {}
 P = TypeVar("P", bound=type["KVPolicy"])
 
 
+class ScoreMode(enum.Enum):
+    """How attention probabilities become a per-token score (for policies that score)."""
+    ALL = "all"  # H2O: sum over every query so far
+    WINDOW = "window"  # ALISA SWA: sum over the queries of the last `window` steps
+    DECAY = "decay"  # ours: exponentially decayed running sum, time constant `window` steps
+
+
+@dataclass(frozen=True)
+class Scoring:
+    mode: ScoreMode
+    per_head: bool  # one score per kv head (H2O) or one per sequence, reduced over heads (SWA)
+    permanent: bool  # a token once dropped never comes back (H2O), even with KV retained
+
+
 @dataclass(frozen=True, kw_only=True)
 class KVPolicy:
-    """Chooses which cached tokens each decode step attends to.
+    """Base: a budget (ratio or fixed) and `select`. Subclasses add their own knobs.
 
-    `select` gets the number of cached tokens and returns the slot indices to attend
-    (b, n_sel) per layer, or None for "all of them" (dense attention, no gather).
+    Budget: `sparsity` s keeps a caching ratio r = 1 - s of the current length (the ALISA
+    paper's setting: the budget grows with the sequence), or `budget_tokens` keeps a fixed
+    number (H2O's real-drop setting). With neither, the policy keeps everything.
     """
-    name = "base"
+    sparsity: float | None = None
+    budget_tokens: int | None = None
+    name: ClassVar[str] = "base"
+    scoring: ClassVar[Scoring | None] = None
 
-    def select(self, layer: int, length: int) -> Tensor | None:
+    def __post_init__(self) -> None:
+        if self.sparsity is not None and self.budget_tokens is not None:
+            raise ValueError("kv.sparsity and kv.budget_tokens: give one budget, not both")
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"kv.sparsity: must be in [0, 1), got {self.sparsity}")
+        if self.budget_tokens is not None and self.budget_tokens < 2:
+            raise ValueError(f"kv.budget_tokens: must be at least 2, got {self.budget_tokens}")
+
+    def split(self, length: int) -> tuple[int, int]:
+        """(recent, other) token counts at this length; the budget is their sum.
+
+        Ratio budgets follow ALISA Alg. 1: k = round(n * r / 2) recent + k others.
+        """
+        if self.sparsity is not None:
+            k = max(1, round(length * (1.0 - self.sparsity) / 2))
+            return k, k
+        if self.budget_tokens is not None:
+            return math.ceil(self.budget_tokens / 2), self.budget_tokens // 2
+        return length, 0
+
+    def budget(self, length: int) -> int:
+        return min(length, sum(self.split(length)))
+
+    def score_window(self, length: int) -> int:
+        """Steps of attention a score sums over (WINDOW) or its decay time constant (DECAY)."""
+        return self.split(length)[1] or 1
+
+    def select(self, n: int, length: int, scores: Tensor | None, device: torch.device) -> Tensor | None:
+        """Slots to attend among n candidates (age order) when `length` tokens have been seen.
+
+        Returns (m,) slot indices shared by all rows, (b, g, m) per row / kv head, or None
+        for all n. Indices are ascending, so kept KV stays in age order.
+        """
         raise NotImplementedError
+
+
+def recent_plus_top(n: int, recent: int, other: int, scores: Tensor) -> Tensor | None:
+    """The `recent` newest slots plus the `other` best-scored older ones: (b, g, recent + other).
+
+    Shared by H2O and SWA, which differ only in how `scores` (b, g, n) are accumulated.
+    Older picks never overlap the recent window: top-k runs over the older slots only.
+    """
+    if recent + other >= n:
+        return None
+    top = scores[..., :n - recent].topk(other, dim=-1, sorted=False).indices  # (b, g, other)
+    tail = torch.arange(n - recent, n, device=scores.device).expand(*scores.shape[:2], recent)
+    return torch.cat((top.sort(dim=-1).values, tail), dim=-1)
 
 
 def register(name: str) -> Callable[[P], P]:
@@ -36,6 +110,13 @@ def policy_names() -> list[str]:
 
 
 def get_policy(name: str, **params) -> KVPolicy:
+    """Build a registered policy; a parameter it does not take is an error naming `kv.<param>`."""
     if name not in _REGISTRY:
         raise ValueError(f"kv.policy: unknown policy {name!r}; known: {', '.join(policy_names())}")
-    return _REGISTRY[name](**params)
+    cls = _REGISTRY[name]
+    known = set(cls.__dataclass_fields__)
+    for key in params:
+        if key not in known:
+            raise ValueError(f"kv.{key}: not a parameter of policy {name!r} "
+                             f"(it takes: {', '.join(sorted(known))})")
+    return cls(**params)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from policies.base import KVPolicy, register
@@ -11,5 +12,10 @@ from policies.base import KVPolicy, register
 @register("dense")
 @dataclass(frozen=True, kw_only=True)
 class Dense(KVPolicy):
-    def select(self, layer: int, length: int) -> Tensor | None:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sparsity or self.budget_tokens is not None:
+            raise ValueError("kv.policy: dense keeps every token; remove kv.sparsity / kv.budget_tokens")
+
+    def select(self, n: int, length: int, scores: Tensor | None, device: torch.device) -> Tensor | None:
         return None

@@ -11,6 +11,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from runner.kv_store import KVSettings
 from runner.lm import LM, Batch
 from runner.outputs import FinishReason
 from runner.sampling import SamplingParams, next_tokens
@@ -36,6 +37,8 @@ class BatchOutput:
     decode_s: float
     prompt_tokens: int
     generated_tokens: int  # tokens actually produced (counting each EOS), as FlexGen counts steps
+    kv_bytes: int = 0  # KV storage allocated for this batch (0 when the engine does not say)
+    kv_bytes_per_token: int = 0  # stored bytes of one token's K and V over all layers
 
 
 class StopTracker:
@@ -93,12 +96,12 @@ def _sync(device: torch.device) -> None:
 
 
 def generate_batch(lm: LM, prompts: list[list[int]], params: SamplingParams, tokenizer: TextDecoder,
-                   generator: torch.Generator | None = None) -> BatchOutput:
+                   generator: torch.Generator | None = None, kv: KVSettings | None = None) -> BatchOutput:
     """Generate for one batch of tokenized prompts (any lengths; left-padded together)."""
     tracker = StopTracker(len(prompts), params, tokenizer)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        batch = Batch(lm, prompts, params.max_new_tokens)
+        batch = Batch(lm, prompts, params.max_new_tokens, kv)
         tokens = next_tokens(batch.prefill(), params, generator)
         all_done = tracker.add(tokens.tolist())  # .tolist() syncs the device
         t1 = time.perf_counter()
@@ -108,4 +111,5 @@ def generate_batch(lm: LM, prompts: list[list[int]], params: SamplingParams, tok
         _sync(lm.device)
         t2 = time.perf_counter()
     return BatchOutput(sequences=tracker.outputs, prefill_s=t1 - t0, decode_s=t2 - t1,
-                       prompt_tokens=sum(len(p) for p in prompts), generated_tokens=sum(tracker.steps))
+                       prompt_tokens=sum(len(p) for p in prompts), generated_tokens=sum(tracker.steps),
+                       kv_bytes=batch.kv.nbytes, kv_bytes_per_token=batch.kv.cache.bytes_per_token())

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from runner.kv_spec import KVSpec
 from runner.spec import JobError, _at_least, _bad, _build, _freeze, _hints, _plain, _Spec
 
 
@@ -152,12 +153,6 @@ class DatasetSpec(_Spec):
             _at_least(self, name, 1)
         if synthetic and self.template is not None:
             raise _bad("dataset.template", "not applied to synthetic prompts; remove it")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class KVSpec(_Spec):
-    _section = "kv"
-    policy: str = "dense"  # name checked against the policy registry when the run starts
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -8,6 +8,7 @@ loader (HF directory, GGUF, dummy) produces.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 from runner import kernels
 from runner import model as M
 from runner.config import Family, ModelConfig
-from runner.kv_cache import KVCache
+from runner.kv_store import KVStore
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -25,10 +26,10 @@ Shapes = dict[str, tuple[int, ...]]
 class ForwardState:
     """Per-call inputs shared by all units of one forward pass over a batch."""
     positions: Tensor  # (b, s) absolute position of each new token
-    start: int  # cache slot of the first new token (all rows share it: prompts are left-padded)
-    cache: KVCache
+    start: int  # position of the first new token (all rows share it: prompts are left-padded)
+    kv: KVStore
+    rows: slice = dataclasses.field(default_factory=lambda: slice(None))  # batch rows this prefill call runs (prefill goes in row groups)
     prefill_mask: Tensor | None = None  # (b, 1, s, s) bool, None when no row is padded
-    decode_bias: Tensor | None = None  # (b, 1, 1, t) additive, -inf on padding keys
     rope: tuple[Tensor, Tensor] | None = None  # cos, sin gathered at positions: (b, 1, s, d)
 
 
@@ -88,13 +89,10 @@ class Attention(Unit):
             qk = M.apply_rope(qk, *state.rope)  # q and k rotated together: half the small ops
         q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
         v = M.split_heads(v, c.num_kv_heads)
-        end = state.start + h.shape[1]
-        state.cache.write(self.layer, k, v, state.start)
         if state.start == 0:
-            out = M.attention_prefill(q, k, v, state.prefill_mask)
+            out = state.kv.prefill(self.layer, state.rows, q, k, v, state.prefill_mask)
         else:
-            keys, values = state.cache.read(self.layer, end)
-            out, _ = M.attention_decode(q, keys, values, state.decode_bias)
+            out = state.kv.decode(self.layer, q, k, v)
         out = torch.nn.functional.linear(M.merge_heads(out), w["o_w"], w.get("o_b"))
         h = h + out
         return h if pre_ln else self._norm(w, h)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from runner import model as M
 from runner.config import Family, ModelConfig
-from runner.kv_cache import KVCache
+from runner.kv_store import KVSettings, KVStore
 from runner.layers import ForwardState, Unit, build_units
 
 
@@ -63,51 +63,47 @@ PREFILL_GROUP_TOKENS = 2048
 
 
 class Batch:
-    """A left-padded batch of prompts with its KV cache, advanced one step at a time."""
+    """A left-padded batch of prompts with its KV store, advanced one step at a time."""
 
-    def __init__(self, lm: LM, prompts: list[list[int]], max_new_tokens: int):
+    def __init__(self, lm: LM, prompts: list[list[int]], max_new_tokens: int, kv: KVSettings | None = None):
         self.lm = lm
         dev = lm.device
         ids, valid = left_pad(prompts, pad_id=0)
         b, s = ids.shape
         self.ids, self.prompt_width = ids.to(dev), s
-        capacity = s + max_new_tokens
-        self.key_valid = torch.ones((b, capacity), dtype=torch.bool, device=dev)
-        self.key_valid[:, :s] = valid.to(dev)
-        self.padded = not bool(valid.all())
+        key_valid = torch.ones((b, s + max_new_tokens), dtype=torch.bool, device=dev)
+        key_valid[:, :s] = valid.to(dev)
+        self.prompt_valid = key_valid[:, :s]
         self.positions = (valid.long().cumsum(-1) - 1).clamp(min=0).to(dev)  # (b, s)
-        self.cache = KVCache(lm.cfg, b, capacity, lm.dtype, dev)
-        self.length = 0  # columns already in the cache
-        # Additive bias over all key columns; -inf on padding, sliced per step.
-        self.bias = torch.zeros((b, 1, 1, capacity), dtype=lm.dtype, device=dev)
-        self.bias.masked_fill_(~self.key_valid[:, None, None, :], float("-inf"))
+        self.kv = KVStore(lm.cfg, kv or KVSettings(), key_valid, lm.dtype, dev)
+
+    @property
+    def length(self) -> int:
+        return self.kv.length
 
     def prefill(self) -> Tensor:
         """Run the prompts, a few rows at a time, and return the last column's logits (b, v)."""
         rows_per_group = max(1, PREFILL_GROUP_TOKENS // self.prompt_width)
         logits = [self._prefill_rows(slice(r, r + rows_per_group))
                   for r in range(0, self.ids.shape[0], rows_per_group)]
-        self.length = self.prompt_width
+        self.kv.length = self.prompt_width
         return torch.cat(logits) if len(logits) > 1 else logits[0]
 
     def _prefill_rows(self, rows: slice) -> Tensor:
-        s, valid = self.prompt_width, self.key_valid[rows, :self.prompt_width]
+        s, valid = self.prompt_width, self.prompt_valid[rows]
         mask = None
         if not bool(valid.all()):
             causal = torch.ones((s, s), dtype=torch.bool, device=self.lm.device).tril()
             eye = torch.eye(s, dtype=torch.bool, device=self.lm.device)
             # Padding queries may attend to themselves so no softmax row is empty (NaN-free).
             mask = (causal & valid[:, None, None, :]) | eye  # (rows, 1, s, s)
-        state = ForwardState(positions=self.positions[rows], start=0, cache=self.cache.rows(rows),
-                             prefill_mask=mask)
+        state = ForwardState(positions=self.positions[rows], start=0, kv=self.kv, rows=rows, prefill_mask=mask)
         return self.lm.run(self.ids[rows], state)
 
     def decode(self, tokens: Tensor) -> Tensor:
         """tokens: (b,) sampled last step -> logits (b, v) for the next one."""
         self.positions = self.positions[:, -1:] + 1  # (b, 1)
-        end = self.length + 1
-        state = ForwardState(positions=self.positions, start=self.length, cache=self.cache,
-                             decode_bias=self.bias[..., :end] if self.padded else None)
+        state = ForwardState(positions=self.positions, start=self.kv.length, kv=self.kv)
         logits = self.lm.run(tokens[:, None], state)
-        self.length = end
+        self.kv.length += 1
         return logits

@@ -85,6 +85,21 @@ def attention_decode(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> tu
     return out.view(b, nh, 1, d), probs.view(b, nh, t)
 
 
+def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+    """Explicit softmax(QK^T / sqrt(d)) for scoring a prompt's keys.
+
+    q: (b, nh, sq, d) the scored queries; k: (b, kvh, t, d); mask: bool (b, 1, sq, t),
+    True = attend, or None. Returns (b, kvh, g, sq, t), grouped by kv head (GQA).
+    """
+    b, nh, sq, d = q.shape
+    kvh = k.shape[1]
+    qg = q.view(b, kvh, nh // kvh, sq, d)  # (b, kvh, g, sq, d)
+    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * (1.0 / math.sqrt(d))  # (b, kvh, g, sq, t)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
 def swiglu_mlp(x: Tensor, gate_up_w: Tensor, down_w: Tensor) -> Tensor:
     gate, up = kernels.wide_linear(x, gate_up_w).chunk(2, dim=-1)  # (b, s, f) each
     return torch.matmul(F.silu(gate) * up, down_w.t())
@@ -92,7 +107,6 @@ def swiglu_mlp(x: Tensor, gate_up_w: Tensor, down_w: Tensor) -> Tensor:
 
 def relu_mlp(x: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor) -> Tensor:
     return F.linear(F.relu(F.linear(x, fc1_w, fc1_b)), fc2_w, fc2_b)
-
 
 
 def lm_head(x: Tensor, w: Tensor) -> Tensor:

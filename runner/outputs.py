@@ -65,7 +65,8 @@ THROUGHPUT_COLUMNS: tuple[str, ...] = (
     "decode_latency_s", "decode_throughput", "total_latency_s", "total_throughput",
     "peak_gpu_bytes", "peak_cpu_bytes", "started_at", "git_commit",
     # extras beyond FlexGen's columns
-    "kv_bytes_per_token", "num_threads", "sweep_point", "notes",
+    "kv_bytes_per_token", "num_threads", "sweep_point",
+    "kv_mode", "kv_sparsity", "kv_budget_tokens", "kv_bits", "kv_peak_bytes", "notes",
 )
 _COMPUTED = frozenset({"num_prompts", "prompt_len", "gen_len", "prefill_latency_s", "prefill_throughput",
                        "decode_latency_s", "decode_throughput", "total_latency_s", "total_throughput"})
@@ -119,15 +120,33 @@ def append_csv_row(path: str | Path, row: dict[str, Any]) -> None:
         with path.open(newline="", encoding="utf-8") as f:
             header = next(csv.reader(f), [])
         if header != list(THROUGHPUT_COLUMNS):
-            # Appending under a different header would silently shift every column.
-            raise ValueError(f"{path}: existing header does not match THROUGHPUT_COLUMNS; "
-                             "move the file aside or write to another output.csv")
+            _upgrade_header(path, header)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=THROUGHPUT_COLUMNS, restval="")
         if is_new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def _upgrade_header(path: Path, header: list[str]) -> None:
+    """Rewrite a CSV written by an older version under the current header, keeping every row.
+
+    Only when the old columns are a subset of today's (columns were added); anything else
+    would silently shift or drop data, so it is an error.
+    """
+    if not set(header) <= set(THROUGHPUT_COLUMNS):
+        raise ValueError(f"{path}: existing header has columns this version does not know "
+                         f"({sorted(set(header) - set(THROUGHPUT_COLUMNS))}); move the file aside "
+                         "or write to another output.csv")
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=THROUGHPUT_COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)  # atomic: a crash leaves either the old file or the new one
 
 
 def git_commit(repo: str | Path | None = None) -> str:

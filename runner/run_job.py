@@ -10,7 +10,6 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from policies import get_policy
 from runner.dataset import Prompt, load_prompts
 from runner.engines import Engine
 from runner.generate import BatchOutput
@@ -49,6 +48,8 @@ class Totals:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prompts: int = 0
+    kv_peak_bytes: int = 0
+    kv_bytes_per_token: int = 0
 
     def add(self, out: BatchOutput) -> None:
         self.prefill_s += out.prefill_s
@@ -56,6 +57,8 @@ class Totals:
         self.prompt_tokens += out.prompt_tokens
         self.generated_tokens += out.generated_tokens
         self.prompts += len(out.sequences)
+        self.kv_peak_bytes = max(self.kv_peak_bytes, out.kv_bytes)
+        self.kv_bytes_per_token = out.kv_bytes_per_token or self.kv_bytes_per_token
 
 
 def _make_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> Engine:
@@ -65,7 +68,7 @@ def _make_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype:
         return HFEngine(job.model.path if job.model.path != "auto" else loaded.source.split(":", 1)[1],
                         device, dtype, loaded.tokenizer, pad if pad is not None else 0)
     from runner.engines.alisa import AlisaEngine
-    return AlisaEngine(loaded, device, dtype)
+    return AlisaEngine(loaded, device, dtype, job.kv.settings())
 
 
 def tokenize_prompts(prompts: list[Prompt], loaded: LoadedModel, max_new_tokens: int) -> list[list[int]]:
@@ -96,9 +99,10 @@ def _warm_up(engine: Engine, loaded: LoadedModel) -> None:
 
 def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "") -> dict:
     """Run `job`; writes generations.jsonl, job.yaml and one throughput.csv row, and returns the row."""
-    policy = get_policy(job.kv.policy)
     if job.engine is EngineKind.HF and job.model.path == "dummy":
         raise RunError("engine: hf needs real weights (a checkpoint directory, .gguf file or auto), not dummy")
+    if job.engine is EngineKind.HF and job.kv != type(job.kv)():
+        raise RunError("kv: the hf engine runs transformers' dense cache; remove the kv section or use engine: alisa")
     device = resolve_device(job.hardware.device)
     dtype = resolve_dtype(job.model.dtype, device)
     if job.hardware.num_threads:
@@ -128,11 +132,14 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "") -> di
         prefill_latency_s=totals.prefill_s, decode_latency_s=totals.decode_s, num_prompts=totals.prompts,
         prompt_tokens=totals.prompt_tokens, generated_tokens=totals.generated_tokens,
         job=job.name, engine=job.engine.value, model=loaded.config.name, dtype=str(dtype).removeprefix("torch."),
-        device=device.type, kv_policy=policy.name, gpu_batch_size=job.batch.gpu_batch_size,
+        device=device.type, kv_policy=job.kv.policy, gpu_batch_size=job.batch.gpu_batch_size,
         num_gpu_batches=job.batch.num_gpu_batches, peak_gpu_bytes=peak_gpu, peak_cpu_bytes=peak_rss_bytes(),
         started_at=started, git_commit=git_commit(),
-        kv_bytes_per_token=loaded.config.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size()),
-        num_threads=torch.get_num_threads(), sweep_point=sweep_point)
+        kv_bytes_per_token=totals.kv_bytes_per_token or
+        loaded.config.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size()),
+        num_threads=torch.get_num_threads(), sweep_point=sweep_point, kv_mode=job.kv.mode.value,
+        kv_sparsity=job.kv.sparsity, kv_budget_tokens=job.kv.budget_tokens, kv_bits=job.kv.bits,
+        kv_peak_bytes=totals.kv_peak_bytes)
     append_csv_row(job.throughput_csv, row)
     return row
 

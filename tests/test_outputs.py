@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -95,9 +96,21 @@ def test_csv_header_written_for_empty_existing_file(tmp_path):
 def test_csv_header_mismatch_is_refused_without_touching_the_file(tmp_path):
     path = tmp_path / "old.csv"
     path.write_text("job,model,throughput\nx,y,1\n")
-    with pytest.raises(ValueError, match=r"old.csv: existing header does not match"):
+    with pytest.raises(ValueError, match=r"old.csv: existing header has columns this version does not know "
+                                         r"\(\['throughput'\]\)"):
         append_csv_row(path, {"job": "x"})
     assert path.read_text() == "job,model,throughput\nx,y,1\n"
+
+
+def test_csv_written_by_an_older_version_is_upgraded_keeping_its_rows(tmp_path):
+    # An older version had fewer columns; its rows must survive under the new header.
+    path = tmp_path / "old.csv"
+    path.write_text("job,model,decode_throughput\nold,m1,12.5\n")
+    append_csv_row(path, {"job": "new", "model": "m2", "kv_bits": 8})
+    rows = list(csv.DictReader(path.open()))
+    assert list(rows[0]) == list(THROUGHPUT_COLUMNS)
+    assert (rows[0]["job"], rows[0]["model"], rows[0]["decode_throughput"], rows[0]["kv_bits"]) == ("old", "m1", "12.5", "")
+    assert (rows[1]["job"], rows[1]["kv_bits"]) == ("new", "8")
 
 
 def test_csv_unknown_key(tmp_path):

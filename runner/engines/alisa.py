@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from runner.kv_store import KVSettings
 from runner.generate import BatchOutput, TextDecoder, generate_batch
 from runner.lm import LM
 from runner.sampling import SamplingParams
@@ -12,10 +13,12 @@ from runner.weights import LoadedModel
 class AlisaEngine:
     name = "alisa"
 
-    def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype):
+    def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
+                 kv: KVSettings | None = None):
         self.lm = LM(loaded.config, loaded.weights, device, dtype)
+        self.kv = kv
         self.tokenizer: TextDecoder = loaded.tokenizer
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  generator: torch.Generator | None) -> BatchOutput:
-        return generate_batch(self.lm, prompts, params, self.tokenizer, generator)
+        return generate_batch(self.lm, prompts, params, self.tokenizer, generator, self.kv)

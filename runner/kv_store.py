@@ -1,0 +1,186 @@
+"""A batch's KV: storage (dense or quantized), the policy that selects what each step
+attends to, the token scores it selects by, and the retain/evict storage mode.
+
+- retain: every token's KV is kept; each decode step gathers the selected slots into
+  dense tensors and attends over them (ALISA's accuracy setting; what offloading builds on).
+- evict: slots the policy does not select are freed for good; storage holds at most
+  budget + 1 tokens per sequence (H2O's real drop). Slots then no longer equal positions,
+  so each layer keeps `slot_pos`, the position each slot holds.
+
+The prompt is always attended densely (the paper's SWA is a decode-time algorithm);
+scoring policies get their first scores from the prompt's own attention rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from policies import KVPolicy
+from policies.dense import Dense
+from runner import model as M
+from runner.config import ModelConfig
+from runner.kv_cache import KVCache
+from runner.kv_spec import KVMode as Mode, QuantAxis
+from runner.kv_scores import ScoreState
+
+# Prompt queries scored per chunk: keeps the explicit (b, nh, chunk, s) probabilities ~64 MB.
+_PROBS_BYTES = 64 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVSettings:
+    policy: KVPolicy = field(default_factory=Dense)
+    mode: Mode = Mode.RETAIN
+    bits: int = 16  # 16 = the compute dtype, unquantized
+    group_size: int = 64
+    quant_axis: QuantAxis = QuantAxis.HIDDEN
+
+
+def _make_cache(cfg: ModelConfig, kv: KVSettings, batch: int, capacity: int, dtype: torch.dtype,
+                device: torch.device):
+    if kv.bits == 16:
+        return KVCache(cfg, batch, capacity, dtype, device)
+    from runner.kv_quant import QuantizedKVCache
+    return QuantizedKVCache(cfg, batch, capacity, dtype, device, bits=kv.bits, group_size=kv.group_size,
+                            axis=kv.quant_axis.value)
+
+
+def _take(x: Tensor, index: Tensor) -> Tensor:
+    """x (b, g', n, ...) or (b, g', n) at slot index (m,) or (b, g, m) along dim 2 / the last dim."""
+    if index.dim() == 1:
+        return x[..., index] if x.dim() == 3 else x[:, :, index]
+    if x.dim() == 3:
+        return x.expand(index.shape[0], index.shape[1], -1).gather(-1, index)
+    b, h, _, d = x.shape
+    return x.gather(2, index.expand(b, h, -1).unsqueeze(-1).expand(b, h, -1, d))  # (b, h, m, d)
+
+
+class KVStore:
+    def __init__(self, cfg: ModelConfig, kv: KVSettings, valid: Tensor, dtype: torch.dtype, device: torch.device):
+        """valid: (b, L) bool over all positions (prompt + new tokens), False on left padding."""
+        self.cfg, self.kv, self.policy = cfg, kv, kv.policy
+        b, max_len = valid.shape
+        self.length = 0  # positions written so far (all rows share them)
+        self.padded = not bool(valid.all())
+        self.bias = torch.zeros((b, 1, max_len), dtype=dtype, device=device)  # additive, -inf on padding
+        self.bias.masked_fill_(~valid[:, None, :], float("-inf"))
+        scoring = self.policy.scoring
+        self.groups = cfg.num_kv_heads if scoring is not None and scoring.per_head else 1
+        self.evict = kv.mode is Mode.EVICT
+        capacity = min(max_len, self.policy.budget(max_len) + 1) if self.evict else max_len
+        self.cache = _make_cache(cfg, kv, b, capacity, dtype, device)
+        self.scores = None
+        if scoring is not None:
+            track = scoring.permanent and not self.evict
+            self.scores = [ScoreState(scoring, b, self.groups, max_len, dtype, device, track)
+                           for _ in range(cfg.num_layers)]
+        if self.evict:
+            self.slot_pos = [torch.zeros((b, self.groups, capacity), dtype=torch.long, device=device)
+                             for _ in range(cfg.num_layers)]
+            self.n_slots = [0] * cfg.num_layers
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes
+
+    # ---- prefill -------------------------------------------------------------------------
+    def prefill(self, layer: int, rows: slice, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Dense causal attention over the prompt rows; stores their KV (and first scores)."""
+        out = M.attention_prefill(q, k, v, mask)
+        s = k.shape[2]
+        if self.scores is not None:
+            self.scores[layer].set_prompt(rows, self._prompt_scores(layer, q, k, mask))
+        if self.evict:
+            k, v = self._evict_prompt(layer, rows, k, v)
+        self.cache.rows(rows).write(layer, k, v, 0)
+        return out
+
+    def _prompt_scores(self, layer: int, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+        """Weighted sum of the prompt's attention rows, (rows, g, s), as the policy scores them."""
+        b, nh, s, _ = q.shape
+        first, weights = self.scores[layer].prompt_weights(s, self.policy.score_window(s))
+        total = torch.zeros((b, k.shape[1], s), dtype=q.dtype, device=q.device)
+        chunk = max(1, _PROBS_BYTES // (b * nh * s * q.element_size()))
+        keys = torch.arange(s, device=q.device)
+        for i in range(first, s, chunk):
+            j = min(s, i + chunk)
+            m = mask[:, :, i:j] if mask is not None else (keys <= keys[i:j, None])[None, None]
+            probs = M.attention_probs(q[:, :, i:j], k, m)  # (b, kvh, g, j - i, s)
+            total += torch.einsum("bhgqs,q->bhs", probs, weights[i - first:j - first])
+        return total if self.groups > 1 else total.sum(1, keepdim=True)  # (b, g, s)
+
+    def _evict_prompt(self, layer: int, rows: slice, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        s = k.shape[2]
+        scores = self.scores[layer].current(s, self.policy.score_window(s))[rows] if self.scores else None
+        index = self.policy.select(s, s, scores, k.device)
+        pos = self.slot_pos[layer][rows]
+        if index is None:
+            pos[..., :s] = torch.arange(s, device=k.device)
+            self.n_slots[layer] = s
+            return k, v
+        pos[..., :index.shape[-1]] = index
+        self.n_slots[layer] = index.shape[-1]
+        return _take(k, index), _take(v, index)
+
+    # ---- decode --------------------------------------------------------------------------
+    def decode(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """One new token per row: store its KV, select, attend, update scores. -> (b, nh, 1, d)"""
+        if self.evict:
+            return self._decode_evict(layer, q, k, v)
+        n = self.length + 1
+        self.cache.write(layer, k, v, n - 1)
+        state = self.scores[layer] if self.scores else None
+        window = self.policy.score_window(n)
+        scores = state.current(n, window) if state else None
+        index = self.policy.select(n, n, scores, q.device)
+        if index is None:
+            keys, values = self.cache.read(layer, n)
+            bias = self.bias[..., :n] if self.padded else None
+        else:
+            keys, values = self.cache.gather(layer, index)
+            bias = self._selected_bias(_take(self.bias[..., :n], index) if self.padded else None,
+                                       _take(scores, index) if state and state.alive is not None else None)
+        out, probs = M.attention_decode(q, keys, values, None if bias is None else bias.unsqueeze(2))
+        if state:
+            state.observe(index, self._reduce(probs), window)
+            if index is not None:
+                state.keep_only(n, index)
+        return out
+
+    def _decode_evict(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        slot, length = self.n_slots[layer], self.length + 1
+        self.cache.write(layer, k, v, slot)
+        pos = self.slot_pos[layer]
+        pos[..., slot] = length - 1
+        n = slot + 1
+        state = self.scores[layer] if self.scores else None
+        window = self.policy.score_window(length)
+        scores = state.current(length, window).gather(-1, pos[..., :n]) if state else None
+        index = self.policy.select(n, length, scores, q.device)
+        if index is not None:
+            self.cache.compact(layer, index)
+            n = index.shape[-1]
+            pos[..., :n] = _take(pos[..., :slot + 1], index)
+        self.n_slots[layer] = n
+        keys, values = self.cache.read(layer, n)
+        bias = self.bias.expand(-1, self.groups, -1).gather(-1, pos[..., :n]) if self.padded else None
+        out, probs = M.attention_decode(q, keys, values, None if bias is None else bias.unsqueeze(2))
+        if state:
+            state.observe(pos[..., :n], self._reduce(probs), window)
+        return out
+
+    def _selected_bias(self, padding: Tensor | None, scores: Tensor | None) -> Tensor | None:
+        """(b, g, m) additive bias over selected slots: -inf on padding and on dead tokens."""
+        dead = None if scores is None else torch.zeros_like(scores).masked_fill_(scores.isneginf(), float("-inf"))
+        if padding is None:
+            return dead
+        return padding if dead is None else padding + dead
+
+    def _reduce(self, probs: Tensor) -> Tensor:
+        """(b, nh, t) attention -> (b, g, t) scores: per kv head (sum over its group) or per sequence."""
+        b, nh, t = probs.shape
+        if self.groups > 1:
+            return probs.view(b, self.groups, nh // self.groups, t).sum(2)
+        return probs.sum(1, keepdim=True)
