@@ -74,6 +74,13 @@ class KVCache:
         view.k, view.v = [t[rows] for t in self.k], [t[rows] for t in self.v]
         return view
 
+    def select_rows(self, index: Tensor) -> "KVCache":
+        """A new cache holding rows `index` (b',) of this one, copied (rows may repeat: forking)."""
+        out = KVCache.__new__(KVCache)
+        out.max_len = self.max_len
+        out.k, out.v = [t[index] for t in self.k], [t[index] for t in self.v]
+        return out
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -208,6 +208,15 @@ class QuantizedKVCache:
         view.v = [[t[rows] for t in store] for store in self.v]
         return view
 
+    def select_rows(self, index: Tensor) -> "QuantizedKVCache":
+        """A new cache holding rows `index` (b',) of this one, copied (rows may repeat: forking)."""
+        out = QuantizedKVCache.__new__(QuantizedKVCache)
+        out.__dict__.update(self.__dict__)
+        out._written = list(self._written)
+        out.k = [[t[index] for t in store] for store in self.k]
+        out.v = [[t[index] for t in store] for store in self.v]
+        return out
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for store in self.k + self.v for t in store)

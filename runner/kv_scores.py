@@ -95,6 +95,16 @@ class ScoreState:
             kept.scatter_(-1, index, True)
         self.alive[..., :n] &= kept
 
+    def select_rows(self, index: Tensor) -> "ScoreState":
+        """A copy holding batch rows `index` (b',) of this state."""
+        out = ScoreState.__new__(ScoreState)
+        out.mode, out.steps = self.mode, self.steps
+        out.acc = self.acc[index]
+        out.prompt = None if self.prompt is None else self.prompt[index]
+        out.alive = None if self.alive is None else self.alive[index]
+        out.rows = deque((p if p is None or p.dim() == 1 else p[index], w[index]) for p, w in self.rows)
+        return out
+
     def _add(self, positions: Tensor | None, weights: Tensor) -> None:
         if positions is None:
             self.acc[..., :weights.shape[-1]] += weights

@@ -85,6 +85,21 @@ class KVStore:
     def nbytes(self) -> int:
         return self.cache.nbytes
 
+    def select_rows(self, index: Tensor) -> "KVStore":
+        """A new store holding batch rows `index` (b',) of this one, copied; rows may repeat,
+        e.g. to score several continuations of one prefilled context."""
+        out = KVStore.__new__(KVStore)
+        out.__dict__.update(self.__dict__)
+        out.bias = self.bias[index]
+        out.padded = bool(torch.isinf(out.bias).any())
+        out.cache = self.cache.select_rows(index)
+        if self.scores is not None:
+            out.scores = [s.select_rows(index) for s in self.scores]
+        if self.evict:
+            out.slot_pos = [p[index] for p in self.slot_pos]
+            out.n_slots = list(self.n_slots)
+        return out
+
     # ---- prefill -------------------------------------------------------------------------
     def prefill(self, layer: int, rows: slice, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Dense causal attention over the prompt rows; stores their KV (and first scores)."""

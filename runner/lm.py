@@ -100,6 +100,15 @@ class Batch:
         state = ForwardState(positions=self.positions[rows], start=0, kv=self.kv, rows=rows, prefill_mask=mask)
         return self.lm.run(self.ids[rows], state)
 
+    def select_rows(self, index: Tensor) -> "Batch":
+        """A new batch of rows `index` (b',) of this one after prefill, sharing nothing mutable;
+        rows may repeat (fork a prefilled context to score several continuations)."""
+        out = Batch.__new__(Batch)
+        out.lm, out.prompt_width = self.lm, self.prompt_width
+        out.ids, out.prompt_valid, out.positions = self.ids[index], self.prompt_valid[index], self.positions[index]
+        out.kv = self.kv.select_rows(index)
+        return out
+
     def decode(self, tokens: Tensor) -> Tensor:
         """tokens: (b,) sampled last step -> logits (b, v) for the next one."""
         self.positions = self.positions[:, -1:] + 1  # (b, 1)
