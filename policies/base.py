@@ -35,6 +35,24 @@ class Scoring:
     permanent: bool  # a token once dropped never comes back (H2O), even with KV retained
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The slots one decode step attends: `picks` among the older slots plus the `recent`
+    newest ones. Kept apart because the recent run is contiguous: attention reads it in
+    place, and only the picks are gathered (copying all of them cost more than attending)."""
+    picks: Tensor | None  # (k,) shared by all rows, or (b, g, k); ascending, all < n - recent
+    recent: int
+
+    def index(self, n: int, device: torch.device) -> Tensor:
+        """All selected slots, ascending: (m,) or (b, g, m)."""
+        tail = torch.arange(n - self.recent, n, device=device)
+        if self.picks is None:
+            return tail
+        if self.picks.dim() == 1:
+            return torch.cat((self.picks, tail))
+        return torch.cat((self.picks, tail.expand(*self.picks.shape[:2], -1)), dim=-1)
+
+
 @dataclass(frozen=True, kw_only=True)
 class KVPolicy:
     """Base: a budget (ratio or fixed) and `select`. Subclasses add their own knobs.
@@ -75,17 +93,14 @@ class KVPolicy:
         """Steps of attention a score sums over (WINDOW) or its decay time constant (DECAY)."""
         return self.split(length)[1] or 1
 
-    def select(self, n: int, length: int, scores: Tensor | None, device: torch.device) -> Tensor | None:
-        """Slots to attend among n candidates (age order) when `length` tokens have been seen.
-
-        Returns (m,) slot indices shared by all rows, (b, g, m) per row / kv head, or None
-        for all n. Indices are ascending, so kept KV stays in age order.
-        """
+    def select(self, n: int, length: int, scores: Tensor | None, device: torch.device) -> Selection | None:
+        """Slots to attend among n candidates (age order) when `length` tokens have been seen,
+        or None for all n. Picks are ascending, so kept KV stays in age order."""
         raise NotImplementedError
 
 
-def recent_plus_top(n: int, recent: int, other: int, scores: Tensor) -> Tensor | None:
-    """The `recent` newest slots plus the `other` best-scored older ones: (b, g, recent + other).
+def recent_plus_top(n: int, recent: int, other: int, scores: Tensor) -> Selection | None:
+    """The `recent` newest slots plus the `other` best-scored older ones (picks (b, g, other)).
 
     Shared by H2O and SWA, which differ only in how `scores` (b, g, n) are accumulated.
     Older picks never overlap the recent window: top-k runs over the older slots only.
@@ -93,8 +108,7 @@ def recent_plus_top(n: int, recent: int, other: int, scores: Tensor) -> Tensor |
     if recent + other >= n:
         return None
     top = scores[..., :n - recent].topk(other, dim=-1, sorted=False).indices  # (b, g, other)
-    tail = torch.arange(n - recent, n, device=scores.device).expand(*scores.shape[:2], recent)
-    return torch.cat((top.sort(dim=-1).values, tail), dim=-1)
+    return Selection(top.sort(dim=-1).values, recent)
 
 
 def register(name: str) -> Callable[[P], P]:

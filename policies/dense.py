@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from policies.base import KVPolicy, register
+from policies.base import KVPolicy, Selection, register
 
 
 @register("dense")
@@ -17,5 +17,5 @@ class Dense(KVPolicy):
         if self.sparsity or self.budget_tokens is not None:
             raise ValueError("kv.policy: dense keeps every token; remove kv.sparsity / kv.budget_tokens")
 
-    def select(self, n: int, length: int, scores: Tensor | None, device: torch.device) -> Tensor | None:
+    def select(self, n: int, length: int, scores: Tensor | None, device: torch.device) -> Selection | None:
         return None

@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from policies.base import KVPolicy, ScoreMode, Scoring, recent_plus_top, register
+from policies.base import KVPolicy, Selection, ScoreMode, Scoring, recent_plus_top, register
 
 
 @register("h2o")
@@ -20,6 +20,6 @@ from policies.base import KVPolicy, ScoreMode, Scoring, recent_plus_top, registe
 class H2O(KVPolicy):
     scoring: ClassVar[Scoring] = Scoring(mode=ScoreMode.ALL, per_head=True, permanent=True)
 
-    def select(self, n: int, length: int, scores: Tensor | None, device: torch.device) -> Tensor | None:
+    def select(self, n: int, length: int, scores: Tensor | None, device: torch.device) -> Selection | None:
         assert scores is not None
         return recent_plus_top(n, *self.split(length), scores)

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from policies.base import KVPolicy, register
+from policies.base import KVPolicy, Selection, register
 
 
 @register("local")
 @dataclass(frozen=True, kw_only=True)
 class Local(KVPolicy):
-    def select(self, n: int, length: int, scores: Tensor | None, device: torch.device) -> Tensor | None:
+    def select(self, n: int, length: int, scores: Tensor | None, device: torch.device) -> Selection | None:
         m = self.budget(length)
-        return None if m >= n else torch.arange(n - m, n, device=device)
+        return None if m >= n else Selection(None, m)

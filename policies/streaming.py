@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from policies.base import KVPolicy, register
+from policies.base import KVPolicy, Selection, register
 
 
 @register("streaming")
@@ -19,9 +19,9 @@ class Streaming(KVPolicy):
         if self.sinks < 1:
             raise ValueError(f"kv.sinks: must be at least 1, got {self.sinks}")
 
-    def select(self, n: int, length: int, scores: Tensor | None, device: torch.device) -> Tensor | None:
+    def select(self, n: int, length: int, scores: Tensor | None, device: torch.device) -> Selection | None:
         m = self.budget(length)
         if m >= n:
             return None
         sinks = min(self.sinks, m - 1)  # the newest token is always attended
-        return torch.cat((torch.arange(sinks, device=device), torch.arange(n - (m - sinks), n, device=device)))
+        return Selection(torch.arange(sinks, device=device), m - sinks)

@@ -13,17 +13,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from policies.base import KVPolicy, register
+from policies.base import KVPolicy, Selection, register
 
 
 @register("strided")
 @dataclass(frozen=True, kw_only=True)
 class Strided(KVPolicy):
-    def select(self, n: int, length: int, scores: Tensor | None, device: torch.device) -> Tensor | None:
+    def select(self, n: int, length: int, scores: Tensor | None, device: torch.device) -> Selection | None:
         recent, other = self.split(length)
         if recent + other >= n:
             return None
         older = n - recent
         stride = math.ceil(older / other)
         picks = torch.arange(older - 1, -1, -stride, device=device).flip(0)  # ascending, <= other of them
-        return torch.cat((picks, torch.arange(older, n, device=device)))
+        return Selection(picks, recent)

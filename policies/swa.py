@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from policies.base import KVPolicy, ScoreMode, Scoring, recent_plus_top, register
+from policies.base import KVPolicy, Selection, ScoreMode, Scoring, recent_plus_top, register
 
 
 @register("swa")
@@ -38,6 +38,6 @@ class SWA(KVPolicy):
     def score_window(self, length: int) -> int:
         return self.window or super().score_window(length)
 
-    def select(self, n: int, length: int, scores: Tensor | None, device: torch.device) -> Tensor | None:
+    def select(self, n: int, length: int, scores: Tensor | None, device: torch.device) -> Selection | None:
         assert scores is not None
         return recent_plus_top(n, *self.split(length), scores)

@@ -173,13 +173,14 @@ class QuantizedKVCache:
             self._write_channel(store, x.to(self.dtype), start, written)
         self._written[layer] = end  # slots after `end` are dropped: the cache only appends
 
-    def read(self, layer: int, end: int) -> tuple[Tensor, Tensor]:
-        """Dequantized slots 0..end: (b, kvh, end, d) in the compute dtype."""
+    def read(self, layer: int, end: int, start: int = 0) -> tuple[Tensor, Tensor]:
+        """Dequantized slots start..end: (b, kvh, end - start, d) in the compute dtype."""
         if self.axis == "hidden":
-            return self._read_hidden(self.k[layer], end), self._read_hidden(self.v[layer], end)
+            return self._read_hidden(self.k[layer], end, start), self._read_hidden(self.v[layer], end, start)
         self._check_read(layer, end)
         written = self._written[layer]
-        return self._read_channel(self.k[layer], end, written), self._read_channel(self.v[layer], end, written)
+        k, v = self._read_channel(self.k[layer], end, written), self._read_channel(self.v[layer], end, written)
+        return k[:, :, start:], v[:, :, start:]
 
     def gather(self, layer: int, index: Tensor) -> tuple[Tensor, Tensor]:
         """Dequantized copies of the selected slots: (b, kvh, m, d). See `flat_rows` for index."""
@@ -227,9 +228,9 @@ class QuantizedKVCache:
 
     # -- axis "hidden" -----------------------------------------------------------------
 
-    def _read_hidden(self, store: Store, end: int) -> Tensor:
-        data, scale, mn = (t[:, :, :end] for t in store)
-        shape = torch.Size((*data.shape[:3], scale.shape[3] * self.group_size))  # (b, kvh, end, d)
+    def _read_hidden(self, store: Store, end: int, start: int = 0) -> Tensor:
+        data, scale, mn = (t[:, :, start:end] for t in store)
+        shape = torch.Size((*data.shape[:3], scale.shape[3] * self.group_size))  # (b, kvh, end - start, d)
         return dequantize(QTensor(data, scale, mn, self.bits, self.group_size, 3, shape), self.dtype)
 
     def _gather_hidden(self, store: Store, index: Tensor) -> Tensor:

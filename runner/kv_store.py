@@ -12,6 +12,7 @@ scoring policies get their first scores from the prompt's own attention rows.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,35 @@ class KVSettings:
     bits: int = 16  # 16 = the compute dtype, unquantized
     group_size: int = 64
     quant_axis: QuantAxis = QuantAxis.HIDDEN
+    profile: bool = False  # time the decode phases (store/score/select/gather/attend) per step
+
+
+PHASES = ("store", "score", "select", "gather", "attend")
+
+
+class PhaseClock:
+    """Wall time per decode phase, summed over layers and steps (off unless profiling: on
+    CUDA each lap synchronizes the device, which would itself slow the run)."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.device = enabled, device
+        self.totals = dict.fromkeys(PHASES, 0.0)
+        self._t = 0.0
+
+    def start(self) -> None:
+        if self.enabled:
+            self._t = self._now()
+
+    def lap(self, phase: str) -> None:
+        if self.enabled:
+            now = self._now()
+            self.totals[phase] += now - self._t
+            self._t = now
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
 
 def _make_cache(cfg: ModelConfig, kv: KVSettings, batch: int, capacity: int, dtype: torch.dtype,
@@ -69,6 +99,7 @@ class KVStore:
         scoring = self.policy.scoring
         self.groups = cfg.num_kv_heads if scoring is not None and scoring.per_head else 1
         self.evict = kv.mode is Mode.EVICT
+        self.clock = PhaseClock(kv.profile, device)
         capacity = min(max_len, self.policy.budget(max_len) + 1) if self.evict else max_len
         self.cache = _make_cache(cfg, kv, b, capacity, dtype, device)
         self.scores = None
@@ -129,8 +160,9 @@ class KVStore:
     def _evict_prompt(self, layer: int, rows: slice, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         s = k.shape[2]
         scores = self.scores[layer].current(s, self.policy.score_window(s))[rows] if self.scores else None
-        index = self.policy.select(s, s, scores, k.device)
+        sel = self.policy.select(s, s, scores, k.device)
         pos = self.slot_pos[layer][rows]
+        index = None if sel is None else sel.index(s, k.device)
         if index is None:
             pos[..., :s] = torch.arange(s, device=k.device)
             self.n_slots[layer] = s
@@ -144,46 +176,65 @@ class KVStore:
         """One new token per row: store its KV, select, attend, update scores. -> (b, nh, 1, d)"""
         if self.evict:
             return self._decode_evict(layer, q, k, v)
-        n = self.length + 1
+        n, clock = self.length + 1, self.clock
+        clock.start()
         self.cache.write(layer, k, v, n - 1)
+        clock.lap("store")
         state = self.scores[layer] if self.scores else None
         window = self.policy.score_window(n)
         scores = state.current(n, window) if state else None
-        index = self.policy.select(n, n, scores, q.device)
-        if index is None:
+        clock.lap("score")
+        sel = self.policy.select(n, n, scores, q.device)
+        clock.lap("select")
+        index = None if sel is None else sel.index(n, q.device)
+        if sel is None:
             keys, values = self.cache.read(layer, n)
             bias = self.bias[..., :n] if self.padded else None
         else:
-            keys, values = self.cache.gather(layer, index)
+            keys, values = self.cache.read(layer, n, n - sel.recent)  # the recent run, in place
+            if sel.picks is not None:
+                picked_k, picked_v = self.cache.gather(layer, sel.picks)
+                keys, values = [picked_k, keys], [picked_v, values]
             bias = self._selected_bias(_take(self.bias[..., :n], index) if self.padded else None,
                                        _take(scores, index) if state and state.alive is not None else None)
+        clock.lap("gather")
         out, probs = M.attention_decode(q, keys, values, None if bias is None else bias.unsqueeze(2))
+        clock.lap("attend")
         if state:
             state.observe(index, self._reduce(probs), window)
             if index is not None:
                 state.keep_only(n, index)
+            clock.lap("score")
         return out
 
     def _decode_evict(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        slot, length = self.n_slots[layer], self.length + 1
+        slot, length, clock = self.n_slots[layer], self.length + 1, self.clock
+        clock.start()
         self.cache.write(layer, k, v, slot)
         pos = self.slot_pos[layer]
         pos[..., slot] = length - 1
         n = slot + 1
+        clock.lap("store")
         state = self.scores[layer] if self.scores else None
         window = self.policy.score_window(length)
         scores = state.current(length, window).gather(-1, pos[..., :n]) if state else None
-        index = self.policy.select(n, length, scores, q.device)
-        if index is not None:
+        clock.lap("score")
+        sel = self.policy.select(n, length, scores, q.device)
+        clock.lap("select")
+        if sel is not None:
+            index = sel.index(n, q.device)
             self.cache.compact(layer, index)
             n = index.shape[-1]
             pos[..., :n] = _take(pos[..., :slot + 1], index)
         self.n_slots[layer] = n
         keys, values = self.cache.read(layer, n)
         bias = self.bias.expand(-1, self.groups, -1).gather(-1, pos[..., :n]) if self.padded else None
+        clock.lap("gather")
         out, probs = M.attention_decode(q, keys, values, None if bias is None else bias.unsqueeze(2))
+        clock.lap("attend")
         if state:
             state.observe(pos[..., :n], self._reduce(probs), window)
+            clock.lap("score")
         return out
 
     def _selected_bias(self, padding: Tensor | None, scores: Tensor | None) -> Tensor | None:

@@ -67,22 +67,29 @@ def attention_prefill(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> T
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def attention_decode(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+def attention_decode(q: Tensor, k: Tensor | list[Tensor], v: Tensor | list[Tensor],
+                     bias: Tensor | None) -> tuple[Tensor, Tensor]:
     """One new query per sequence against t cached keys, with explicit probabilities.
 
-    q: (b, nh, 1, d); k, v: (b, kvh, t, d); bias: additive (b, 1, 1, t) or None.
+    q: (b, nh, 1, d); k, v: (b, kvh, t, d), or lists of such parts whose t's add up (a
+    sparse selection as gathered picks + the recent run read in place: no concatenation);
+    bias: additive, broadcastable to (b, kvh, 1, t), or None.
     Returns (out (b, nh, 1, d), probs (b, nh, t)). The probabilities are what the
     sparse-KV policies score tokens by, so they are computed explicitly, not fused.
     """
+    ks, vs = (k, v) if isinstance(k, list) else ([k], [v])
     b, nh, _, d = q.shape
-    kvh, t = k.shape[1], k.shape[2]
+    kvh = ks[0].shape[1]
     qg = q.view(b, kvh, nh // kvh, d)  # (b, kvh, g, d): GQA without copying K/V
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * (1.0 / math.sqrt(d))  # (b, kvh, g, t)
+    parts = [torch.matmul(qg, kp.transpose(-1, -2)) for kp in ks]  # (b, kvh, g, t_i)
+    scores = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)) * (1.0 / math.sqrt(d))
     if bias is not None:
         scores = scores + bias
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v)  # (b, kvh, g, d)
-    return out.view(b, nh, 1, d), probs.view(b, nh, t)
+    probs = torch.softmax(scores, dim=-1)  # (b, kvh, g, t)
+    out = None
+    for p, vp in zip(probs.split([kp.shape[2] for kp in ks], dim=-1), vs):
+        out = torch.matmul(p, vp) if out is None else out.add_(torch.matmul(p, vp))  # (b, kvh, g, d)
+    return out.view(b, nh, 1, d), probs.view(b, nh, -1)
 
 
 def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:

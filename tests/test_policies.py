@@ -29,8 +29,9 @@ def test_selection_is_ascending_within_budget_and_keeps_the_newest(name):
     torch.manual_seed(0)
     n = 50
     p = get_policy(name, sparsity=0.8)
-    idx = p.select(n, n, _scores(name, torch.rand(2, n).tolist()), CPU)
-    assert idx is not None
+    sel = p.select(n, n, _scores(name, torch.rand(2, n).tolist()), CPU)
+    assert sel is not None
+    idx = sel.index(n, CPU)
     for row in idx.reshape(-1, idx.shape[-1]):
         assert row.tolist() == sorted(set(row.tolist())), "indices must be unique and ascending"
         assert row[-1].item() == n - 1
@@ -46,33 +47,36 @@ def test_ratio_budget_follows_alisa_alg1():
 
 
 def test_local_keeps_the_most_recent():
-    assert get_policy("local", budget_tokens=4).select(10, 10, None, CPU).tolist() == [6, 7, 8, 9]
+    assert get_policy("local", budget_tokens=4).select(10, 10, None, CPU).index(10, CPU).tolist() == [6, 7, 8, 9]
 
 
 def test_streaming_keeps_sinks_and_recent():
     p = get_policy("streaming", budget_tokens=6, sinks=2)
-    assert p.select(12, 12, None, CPU).tolist() == [0, 1, 8, 9, 10, 11]
+    assert p.select(12, 12, None, CPU).index(12, CPU).tolist() == [0, 1, 8, 9, 10, 11]
 
 
 def test_strided_keeps_window_and_every_sth_older_token():
     # budget 6: 3 recent (9, 10, 11) + 3 strided over the 9 older slots: stride 3 back from slot 8.
     p = get_policy("strided", budget_tokens=6)
-    assert p.select(12, 12, None, CPU).tolist() == [2, 5, 8, 9, 10, 11]
+    sel = p.select(12, 12, None, CPU)
+    assert sel.picks.tolist() == [2, 5, 8] and sel.recent == 3
+    assert sel.index(12, CPU).tolist() == [2, 5, 8, 9, 10, 11]
 
 
 def test_swa_picks_top_local_sum_outside_the_window():
     # budget 4: 2 recent (slots 6, 7) + top-2 of slots 0..5 by score; slot 7's huge score is
     # inside the window, so it must not take a global place (no overlap).
     scores = torch.tensor([[[0.5, 0.1, 0.9, 0.2, 0.05, 0.3, 0.0, 5.0]]])
-    idx = get_policy("swa", budget_tokens=4).select(8, 8, scores, CPU)
-    assert idx.tolist() == [[[0, 2, 6, 7]]]
+    sel = get_policy("swa", budget_tokens=4).select(8, 8, scores, CPU)
+    assert sel.picks.tolist() == [[[0, 2]]] and sel.recent == 2
+    assert sel.index(8, CPU).tolist() == [[[0, 2, 6, 7]]]
 
 
 def test_h2o_selects_per_kv_head():
     scores = torch.tensor([[[0.9, 0.1, 0.2, 0.3, 0.0, 0.0],     # head 0: slots 0, 3
                             [0.1, 0.8, 0.7, 0.2, 0.0, 0.0]]])   # head 1: slots 1, 2
-    idx = get_policy("h2o", budget_tokens=4).select(6, 6, scores, CPU)
-    assert idx.tolist() == [[[0, 3, 4, 5], [1, 2, 4, 5]]]
+    sel = get_policy("h2o", budget_tokens=4).select(6, 6, scores, CPU)
+    assert sel.index(6, CPU).tolist() == [[[0, 3, 4, 5], [1, 2, 4, 5]]]
 
 
 def test_policies_differ_in_scoring_rules():
