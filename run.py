@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,7 +20,20 @@ FIELDS = ("engine", "gpu_batch_size", "num_prompts", "prompt_len", "gen_len", "p
 
 
 def _label(point: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in point.items())
+    return ",".join(f"{k}={_flat(v)}" for k, v in point.items())
+
+
+def _flat(value) -> str:
+    """A sweep value as short text; a mapping (a whole section) as key-value pairs."""
+    if isinstance(value, dict):
+        return "-".join(f"{k}-{_flat(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _slug(point: dict) -> str:
+    """A directory name for a sweep point: letters, digits and . _ - only."""
+    text = "_".join(f"{k.split('.')[-1]}-{_flat(v)}" for k, v in point.items())
+    return re.sub(r"[^A-Za-z0-9._-]+", "", text.replace(" ", "-"))
 
 
 def _run_sweep(args: argparse.Namespace, job) -> int:
@@ -27,7 +41,7 @@ def _run_sweep(args: argparse.Namespace, job) -> int:
     failures = 0
     for point, _ in job.sweep_points():
         label = _label(point)
-        safe = "_".join(f"{k.split('.')[-1]}-{v}" for k, v in point.items())
+        safe = _slug(point)
         sets = [f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in point.items()] + [
             f"output.dir={base_dir / 'points' / safe}", f"output.csv={job.throughput_csv}", "sweep={}"]
         cmd = [sys.executable, os.path.abspath(__file__), args.job, *sum((["--set", s] for s in args.set), []),

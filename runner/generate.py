@@ -39,6 +39,7 @@ class BatchOutput:
     generated_tokens: int  # tokens actually produced (counting each EOS), as FlexGen counts steps
     kv_bytes: int = 0  # KV storage allocated for this batch (0 when the engine does not say)
     kv_bytes_per_token: int = 0  # stored bytes of one token's K and V over all layers
+    kv_phase_s: dict[str, float] = field(default_factory=dict)  # decode phase -> seconds (kv.profile)
 
 
 class StopTracker:
@@ -112,4 +113,5 @@ def generate_batch(lm: LM, prompts: list[list[int]], params: SamplingParams, tok
         t2 = time.perf_counter()
     return BatchOutput(sequences=tracker.outputs, prefill_s=t1 - t0, decode_s=t2 - t1,
                        prompt_tokens=sum(len(p) for p in prompts), generated_tokens=sum(tracker.steps),
-                       kv_bytes=batch.kv.nbytes, kv_bytes_per_token=batch.kv.cache.bytes_per_token())
+                       kv_bytes=batch.kv.nbytes, kv_bytes_per_token=batch.kv.cache.bytes_per_token(),
+                       kv_phase_s=dict(batch.kv.clock.totals) if batch.kv.clock.enabled else {})

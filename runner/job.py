@@ -83,9 +83,13 @@ class HardwareSpec(_Spec):
     _section = "hardware"
     device: Device = Device.AUTO
     num_threads: int | None = None  # torch CPU threads; None keeps torch's default
+    # Memory (GiB) the run may use for weights + KV cache; None = what the device has free.
+    memory_gb: float | None = None
 
     def _validate(self) -> None:
         _at_least(self, "num_threads", 1)
+        if self.memory_gb is not None and self.memory_gb <= 0:
+            raise _bad("hardware.memory_gb", f"must be > 0, got {self.memory_gb}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

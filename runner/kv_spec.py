@@ -35,6 +35,7 @@ class KVSpec(_Spec):
     bits: int = 16  # 16 = unquantized (the compute dtype); 8 or 4 = group-wise min/max integers
     group_size: int = 64
     quant_axis: QuantAxis = QuantAxis.HIDDEN
+    profile: bool = False  # time decode phases into the CSV's kv_*_s columns (syncs CUDA per lap)
 
     def _validate(self) -> None:
         if self.bits not in (16, 8, 4):
@@ -60,7 +61,7 @@ class KVSpec(_Spec):
         """The runtime `KVSettings` for `runner.kv_store.KVStore`."""
         from runner.kv_store import KVSettings
         return KVSettings(policy=self.make_policy(), mode=self.mode, bits=self.bits, group_size=self.group_size,
-                          quant_axis=self.quant_axis)
+                          quant_axis=self.quant_axis, profile=self.profile)
 
     def label(self) -> str:
         """Short description for CSV rows, e.g. 'swa s=0.8 retain int8'."""

@@ -77,6 +77,17 @@ def _make_cache(cfg: ModelConfig, kv: KVSettings, batch: int, capacity: int, dty
                             axis=kv.quant_axis.value)
 
 
+def kv_capacity(kv: KVSettings, max_len: int) -> int:
+    """Token slots per sequence a store allocates: all positions, or budget + 1 in evict mode."""
+    return min(max_len, kv.policy.budget(max_len) + 1) if kv.mode is Mode.EVICT else max_len
+
+
+def kv_bytes(cfg: ModelConfig, kv: KVSettings, batch: int, max_len: int, dtype: torch.dtype) -> int:
+    """Bytes of KV storage a store for `batch` sequences of `max_len` tokens allocates (exact:
+    the same cache class is built on the meta device, which allocates nothing)."""
+    return _make_cache(cfg, kv, batch, kv_capacity(kv, max_len), dtype, torch.device("meta")).nbytes
+
+
 def _take(x: Tensor, index: Tensor) -> Tensor:
     """x (b, g', n, ...) or (b, g', n) at slot index (m,) or (b, g, m) along dim 2 / the last dim."""
     if index.dim() == 1:
@@ -100,7 +111,7 @@ class KVStore:
         self.groups = cfg.num_kv_heads if scoring is not None and scoring.per_head else 1
         self.evict = kv.mode is Mode.EVICT
         self.clock = PhaseClock(kv.profile, device)
-        capacity = min(max_len, self.policy.budget(max_len) + 1) if self.evict else max_len
+        capacity = kv_capacity(kv, max_len)
         self.cache = _make_cache(cfg, kv, b, capacity, dtype, device)
         self.scores = None
         if scoring is not None:

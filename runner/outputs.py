@@ -66,7 +66,8 @@ THROUGHPUT_COLUMNS: tuple[str, ...] = (
     "peak_gpu_bytes", "peak_cpu_bytes", "started_at", "git_commit",
     # extras beyond FlexGen's columns
     "kv_bytes_per_token", "num_threads", "sweep_point",
-    "kv_mode", "kv_sparsity", "kv_budget_tokens", "kv_bits", "kv_peak_bytes", "notes",
+    "kv_mode", "kv_sparsity", "kv_budget_tokens", "kv_bits", "kv_peak_bytes",
+    "kv_store_s", "kv_score_s", "kv_select_s", "kv_gather_s", "kv_attend_s", "notes",
 )
 _COMPUTED = frozenset({"num_prompts", "prompt_len", "gen_len", "prefill_latency_s", "prefill_throughput",
                        "decode_latency_s", "decode_throughput", "total_latency_s", "total_throughput"})

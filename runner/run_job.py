@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,7 +17,8 @@ from runner.job import Device, DType, Engine as EngineKind, JobSpec
 from runner.outputs import GenerationRecord, append_csv_row, git_commit, peak_rss_bytes, throughput_row, \
     write_generations
 from runner.sampling import SamplingParams
-from runner.weights import LoadedModel, load_model
+from runner.kv_store import kv_bytes
+from runner.weights import LoadedModel, available_memory, load_model
 
 _DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
 
@@ -50,6 +51,7 @@ class Totals:
     prompts: int = 0
     kv_peak_bytes: int = 0
     kv_bytes_per_token: int = 0
+    kv_phase_s: dict = field(default_factory=dict)
 
     def add(self, out: BatchOutput) -> None:
         self.prefill_s += out.prefill_s
@@ -59,6 +61,8 @@ class Totals:
         self.prompts += len(out.sequences)
         self.kv_peak_bytes = max(self.kv_peak_bytes, out.kv_bytes)
         self.kv_bytes_per_token = out.kv_bytes_per_token or self.kv_bytes_per_token
+        for phase, seconds in out.kv_phase_s.items():
+            self.kv_phase_s[phase] = self.kv_phase_s.get(phase, 0.0) + seconds
 
 
 def _make_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> Engine:
@@ -83,6 +87,25 @@ def tokenize_prompts(prompts: list[Prompt], loaded: LoadedModel, max_new_tokens:
                            f"{max_new_tokens} new tokens exceed the model's {limit}-token context")
         out.append(ids)
     return out
+
+
+def check_memory(job: JobSpec, loaded: LoadedModel, ids: list[list[int]], dtype: torch.dtype,
+                 device: torch.device) -> None:
+    """Refuse, before any work, a batch whose KV cache cannot fit (an impossible memory budget)."""
+    rows = min(job.batch.gpu_batch_size, len(ids))
+    max_len = max(len(p) for p in ids) + job.generation.max_new_tokens
+    kv = kv_bytes(loaded.config, job.kv.settings(), rows, max_len, dtype)
+    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in loaded.weights.values()}.values())
+    gib = 2 ** 30
+    if job.hardware.memory_gb is not None:
+        budget, what = job.hardware.memory_gb * gib - weights, f"hardware.memory_gb ({job.hardware.memory_gb:g} GiB"
+        what += f" minus {weights / gib:.2f} GiB of weights)"
+    else:
+        budget, what = available_memory(device), f"the {available_memory(device) / gib:.1f} GiB free on {device.type}"
+    if kv > budget:
+        raise RunError(f"batch.gpu_batch_size: {rows} sequences of {max_len} tokens need {kv / gib:.2f} GiB of KV "
+                       f"cache ({job.kv.label()}) but {what} leaves {max(budget, 0) / gib:.2f} GiB; lower the "
+                       "batch, or set kv.mode: evict with kv.sparsity, or kv.bits: 8")
 
 
 def sampling_params(job: JobSpec) -> SamplingParams:
@@ -118,6 +141,8 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "") -> di
     prompts = load_prompts(job.dataset, loaded.tokenizer,
                            default_count=job.batch.gpu_batch_size * job.batch.num_gpu_batches)
     ids = tokenize_prompts(prompts, loaded, params.max_new_tokens)
+    if job.engine is EngineKind.ALISA:
+        check_memory(job, loaded, ids, dtype, device)
     engine = _make_engine(job, loaded, device, dtype)
     _warm_up(engine, loaded)
     (out_dir / "job.yaml").write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
@@ -139,7 +164,8 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "") -> di
         loaded.config.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size()),
         num_threads=torch.get_num_threads(), sweep_point=sweep_point, kv_mode=job.kv.mode.value,
         kv_sparsity=job.kv.sparsity, kv_budget_tokens=job.kv.budget_tokens, kv_bits=job.kv.bits,
-        kv_peak_bytes=totals.kv_peak_bytes)
+        kv_peak_bytes=totals.kv_peak_bytes,
+        **{f"kv_{phase}_s": round(s, 4) for phase, s in totals.kv_phase_s.items()})
     append_csv_row(job.throughput_csv, row)
     return row
 

@@ -72,3 +72,24 @@ def test_sweep_writes_one_row_per_point(tmp_path):
     rows = pd.read_csv(tmp_path / "throughput.csv")
     assert list(rows.gpu_batch_size) == [1, 2] and (rows.gen_len == 3).all()
     assert list(rows.sweep_point) == ["batch.gpu_batch_size=1", "batch.gpu_batch_size=2"]
+
+
+def test_impossible_memory_budget_is_refused_up_front_and_evict_fits(tmp_path):
+    # 64 x (1024 + 32) tokens of dense fp32 KV is 2.9 GiB: more than 2 GiB minus the weights.
+    base = ["jobs/bench/evict-memory.yaml", "--set", "sweep={}", "--set", "batch.gpu_batch_size=64",
+            "--set", "generation.max_new_tokens=2", "--set", f"output.dir={tmp_path}"]
+    proc = _run(*base, "--set", "kv={policy: dense}")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: batch.gpu_batch_size: 64 sequences"), proc.stderr
+    assert "hardware.memory_gb (2 GiB" in lines[0] and "kv.mode: evict" in lines[0]
+    assert not (tmp_path / "throughput.csv").exists()
+
+
+def test_kv_policy_row_records_settings_and_phase_times(tmp_path):
+    proc = _run(*_job(tmp_path, "alisa"), "--set", "kv={policy: swa, sparsity: 0.5, bits: 8, profile: true}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = pd.read_csv(tmp_path / "throughput.csv").iloc[0]
+    assert (row.kv_policy, row.kv_sparsity, row.kv_bits, row.kv_mode) == ("swa", 0.5, 8, "retain")
+    assert row.kv_bytes_per_token == 30 * 2 * 3 * (64 + 2 * 4)  # int8 codes + fp32 scale and min per head
+    assert row.kv_peak_bytes > 0 and row.kv_attend_s > 0 and row.kv_gather_s >= 0
