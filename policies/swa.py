@@ -5,7 +5,8 @@ static") plus the k older tokens with the highest local attention sum ("globally
 dynamic"): attention weights of the last `window` decode steps (default k, as Alg. 1),
 summed over those steps and over all heads, so one selection serves the whole layer of
 one sequence. Global picks never overlap the local window. `score: decay` replaces the
-window by an exponentially decayed running sum with time constant `window` (ours).
+window by an exponentially decayed running sum with time constant `window` (ours);
+`per_head: true` selects per kv head instead (an ablation, to compare with H2O like for like).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from policies.base import KVPolicy, Selection, ScoreMode, Scoring, recent_plus_t
 class SWA(KVPolicy):
     window: int | None = None  # scoring window in decode steps; None = k, as the paper
     score: ScoreMode = ScoreMode.WINDOW
+    per_head: bool = False  # ablation (not the paper): one selection per kv head, as H2O
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -33,7 +35,7 @@ class SWA(KVPolicy):
 
     @property
     def scoring(self) -> Scoring:  # type: ignore[override]
-        return Scoring(mode=self.score, per_head=False, permanent=False)
+        return Scoring(mode=self.score, per_head=self.per_head, permanent=False)
 
     def score_window(self, length: int) -> int:
         return self.window or super().score_window(length)

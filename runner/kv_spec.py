@@ -19,7 +19,7 @@ class QuantAxis(str, enum.Enum):
 
 
 # kv keys that are parameters of the policy object rather than of storage
-_POLICY_KEYS = ("sparsity", "budget_tokens", "window", "score", "sinks")
+_POLICY_KEYS = ("sparsity", "budget_tokens", "window", "score", "sinks", "per_head")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,6 +32,7 @@ class KVSpec(_Spec):
     score: str | None = None  # swa: window (default) | decay
     window: int | None = None  # swa: scoring window in decode steps (default k, the paper's)
     sinks: int | None = None  # streaming: attention-sink tokens kept (default 4)
+    per_head: bool | None = None  # swa: select per kv head (ablation; the paper reduces over heads)
     bits: int = 16  # 16 = unquantized (the compute dtype); 8 or 4 = group-wise min/max integers
     group_size: int = 64
     quant_axis: QuantAxis = QuantAxis.HIDDEN
@@ -72,6 +73,12 @@ class KVSpec(_Spec):
             parts.append(f"budget={self.budget_tokens}")
         if self.policy != "dense":
             parts.append(self.mode.value)
+        if self.score is not None:
+            parts.append(self.score)
+        if self.window is not None:
+            parts.append(f"w={self.window}")
+        if self.per_head:
+            parts.append("per-head")
         if self.bits != 16:
             parts.append(f"int{self.bits}")
         return " ".join(parts)

@@ -218,7 +218,7 @@ def test_parse_override_and_set_dotted():
     set_dotted(d, "batch.gpu_batch_size", 2)
     assert d == {"batch": {"gpu_batch_size": 2}}
     with pytest.raises(JobError, match=r"^kv.polcy: unknown key \(known: policy, sparsity, budget_tokens, mode, "
-                                      r"score, window, sinks, bits, group_size, quant_axis\)$"):
+                                      r"score, window, sinks, per_head, bits, group_size, quant_axis, profile\)$"):
         set_dotted(d, "kv.polcy", "dense")
 
 
