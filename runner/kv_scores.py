@@ -78,10 +78,11 @@ class ScoreState:
             self.acc.mul_(1.0 - 1.0 / window)
         self._add(positions, weights)
         if self.mode is ScoreMode.WINDOW:
-            self.rows.append((positions, weights))
+            # int32 positions: the window's rows are this mode's main memory cost.
+            self.rows.append((None if positions is None else positions.to(torch.int32), weights))
             while len(self.rows) > window:
                 old_pos, old_w = self.rows.popleft()
-                self._add(old_pos, -old_w)
+                self._add(None if old_pos is None else old_pos.long(), -old_w)
         self.steps += 1
 
     def keep_only(self, n: int, index: Tensor) -> None:
