@@ -146,7 +146,6 @@ class KVStore:
     def prefill(self, layer: int, rows: slice, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Dense causal attention over the prompt rows; stores their KV (and first scores)."""
         out = M.attention_prefill(q, k, v, mask)
-        s = k.shape[2]
         if self.scores is not None:
             self.scores[layer].set_prompt(rows, self._prompt_scores(layer, q, k, mask))
         if self.evict:
@@ -160,12 +159,11 @@ class KVStore:
         first, weights = self.scores[layer].prompt_weights(s, self.policy.score_window(s))
         total = torch.zeros((b, k.shape[1], s), dtype=q.dtype, device=q.device)
         chunk = max(1, _PROBS_BYTES // (b * nh * s * q.element_size()))
-        keys = torch.arange(s, device=q.device)
         for i in range(first, s, chunk):
             j = min(s, i + chunk)
-            m = mask[:, :, i:j] if mask is not None else (keys <= keys[i:j, None])[None, None]
-            probs = M.attention_probs(q[:, :, i:j], k, m)  # (b, kvh, g, j - i, s)
-            total += torch.einsum("bhgqs,q->bhs", probs, weights[i - first:j - first])
+            probs = M.attention_probs(q[:, :, i:j], k, i, None if mask is None else mask[:, :, i:j])  # (b, kvh, g, j-i, s)
+            w = weights[i - first:j - first].view(1, 1, 1, 1, -1)
+            total += torch.matmul(w, probs).squeeze(-2).sum(2)  # weighted sum over queries and the group
         return total if self.groups > 1 else total.sum(1, keepdim=True)  # (b, g, s)
 
     def _evict_prompt(self, layer: int, rows: slice, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -197,7 +195,8 @@ class KVStore:
         clock.lap("score")
         sel = self.policy.select(n, n, scores, q.device)
         clock.lap("select")
-        index = None if sel is None else sel.index(n, q.device)
+        # The full index is only needed to score or mask the selection, not to read it.
+        index = None if sel is None or not (state or self.padded) else sel.index(n, q.device)
         if sel is None:
             keys, values = self.cache.read(layer, n)
             bias = self.bias[..., :n] if self.padded else None

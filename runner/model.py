@@ -92,18 +92,24 @@ def attention_decode(q: Tensor, k: Tensor | list[Tensor], v: Tensor | list[Tenso
     return out.view(b, nh, 1, d), probs.view(b, nh, -1)
 
 
-def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
-    """Explicit softmax(QK^T / sqrt(d)) for scoring a prompt's keys.
+def attention_probs(q: Tensor, k: Tensor, q_start: int, mask: Tensor | None) -> Tensor:
+    """Explicit causal softmax(QK^T / sqrt(d)) for scoring a prompt's keys.
 
-    q: (b, nh, sq, d) the scored queries; k: (b, kvh, t, d); mask: bool (b, 1, sq, t),
-    True = attend, or None. Returns (b, kvh, g, sq, t), grouped by kv head (GQA).
+    q: (b, nh, sq, d), the queries at positions q_start..q_start+sq; k: (b, kvh, t, d);
+    mask: bool (b, 1, sq, t), True = attend, or None for plain causal. Returns
+    (b, kvh, g, sq, t), grouped by kv head (GQA).
     """
     b, nh, sq, d = q.shape
-    kvh = k.shape[1]
-    qg = q.view(b, kvh, nh // kvh, sq, d)  # (b, kvh, g, sq, d)
-    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * (1.0 / math.sqrt(d))  # (b, kvh, g, sq, t)
+    kvh, t = k.shape[1], k.shape[2]
+    g = nh // kvh
+    qg = q.reshape(b, kvh, g * sq, d)  # (b, kvh, g*sq, d): one matmul per kv head, no broadcast copies
+    scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(d)).view(b, kvh, g, sq, t)
     if mask is not None:
-        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        scores.masked_fill_(~mask.unsqueeze(1), float("-inf"))
+    else:  # only keys after the first query can be in the future: mask that tail alone
+        keys = torch.arange(q_start + 1, t, device=q.device)
+        queries = torch.arange(q_start, q_start + sq, device=q.device)
+        scores[..., q_start + 1:].masked_fill_(keys > queries[:, None], float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
