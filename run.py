@@ -2,7 +2,8 @@
 """Command line: `python run.py JOB.yaml [--set section.key=value ...]`.
 
 The only place with argparse and printing. A job with a `sweep` runs each grid point in its
-own subprocess (so each row's peak memory is that point's alone), all rows in one CSV.
+own subprocess (so each row's peak memory is that point's alone), all rows in one CSV. A job
+with an `eval` section runs the accuracy harness instead (accuracy.csv and accuracy.png).
 """
 from __future__ import annotations
 
@@ -52,6 +53,20 @@ def _run_sweep(args: argparse.Namespace, job) -> int:
     return 1 if failures else 0
 
 
+def _run_eval(job) -> int:
+    from runner.eval.harness import run_eval  # heavy imports (torch) only when actually running
+    try:
+        report = run_eval(job)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    width = max((len(r["kv_label"]) for r in report.rows), default=0)
+    for r in report.rows:
+        print(f"{r['data']:<40} {r['kv_label']:<{width}} {r['metric']:<10} {r['value']}")
+    print(f"eval done: {report.computed} points run, {report.skipped} already in {report.csv}; plot: {report.png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="alisa-runner: offline batch generation with sparse KV caching")
     parser.add_argument("job", help="job YAML file (see README)")
@@ -66,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if job.sweep:
         return _run_sweep(args, job)
+    if job.eval is not None:
+        return _run_eval(job)
     from runner.run_job import run_job  # heavy imports (torch) only when actually running
     try:
         row = run_job(job, sweep_point=args.sweep_point)

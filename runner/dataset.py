@@ -96,16 +96,22 @@ def _prompt_field(record: dict[str, Any], spec: DatasetSpec, path: Path, line: i
     return value
 
 
+def json_object(raw: str, where: str, error: type[Exception]) -> dict:
+    """One JSONL line as a mapping; anything else raises `error` naming `where` (file:line)."""
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: invalid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise error(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def _jsonl(spec: DatasetSpec, path: Path, text: str):
     for line, raw in _lines(text):
         if not raw.strip():
             continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}:{line}: invalid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise DatasetError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
+        record = json_object(raw, f"{path}:{line}", DatasetError)
         text_ = _prompt_field(record, spec, path, line)
         yield Prompt(id=_record_id(record, spec, path, line, line), text=text_, line=line)
 

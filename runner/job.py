@@ -1,7 +1,8 @@
 """Job spec: one YAML file describing a batch-generation run, parsed into frozen dataclasses.
 
 A job has a `name`, an `engine` and sections (`model`, `hardware`, `batch`, `generation`,
-`dataset`, `kv`, `output`, `sweep`). Every section is a frozen keyword-only dataclass whose
+`dataset`, `kv`, `output`, `sweep`, or `eval` instead of `dataset`: an accuracy grid,
+`runner.eval.spec`). Every section is a frozen keyword-only dataclass whose
 `__post_init__` coerces each field to its annotated type and then checks its values, so a spec
 built in code is validated exactly like one read from YAML. Every error is a `JobError` whose
 one-line message starts with the dotted key, e.g. `batch.gpu_batch_size: must be an integer >= 1,
@@ -18,12 +19,14 @@ import dataclasses
 import enum
 import itertools
 import re
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from runner.eval.spec import EvalSpec
 from runner.kv_spec import KVSpec
 from runner.spec import JobError, _at_least, _bad, _build, _freeze, _hints, _plain, _Spec
 
@@ -174,10 +177,11 @@ class JobSpec(_Spec):
     hardware: HardwareSpec = dataclasses.field(default_factory=HardwareSpec)
     batch: BatchSpec = dataclasses.field(default_factory=BatchSpec)
     generation: GenerationSpec = dataclasses.field(default_factory=GenerationSpec)
-    dataset: DatasetSpec
+    dataset: DatasetSpec | None = None  # required unless the job has an `eval` section
     kv: KVSpec = dataclasses.field(default_factory=KVSpec)
     output: OutputSpec = dataclasses.field(default_factory=OutputSpec)
     sweep: tuple[tuple[str, tuple], ...] = ()  # (dotted key, values) pairs; YAML: a mapping
+    eval: EvalSpec | None = None  # accuracy grid instead of generation (runner/eval/)
 
     def __post_init__(self) -> None:
         if isinstance(self.sweep, Mapping):
@@ -187,6 +191,10 @@ class JobSpec(_Spec):
     def _validate(self) -> None:
         if not _NAME_RE.fullmatch(self.name) or self.name in (".", ".."):
             raise _bad("name", f"must use only letters, digits and . _ - (it names a directory), got {self.name!r}")
+        if self.eval is None and self.dataset is None:
+            raise _bad("dataset", "required")
+        if self.eval is not None:
+            self._check_eval()
         for key, values in self.sweep:
             if not values:
                 raise _bad(f"sweep.{key}", "must be a non-empty list of values")
@@ -197,6 +205,17 @@ class JobSpec(_Spec):
             except JobError as e:
                 raise JobError(f"sweep: {e}", key=f"sweep.{key}") from None
         self.sweep_points()  # builds every point, so a bad combination fails at load time
+
+    def _check_eval(self) -> None:
+        """An eval job measures quality over its own kv grid; sections it would ignore are errors."""
+        if self.engine is not Engine.ALISA:
+            raise _bad("engine", "an eval job runs the alisa engine (the kv policies are ours)")
+        if self.kv != KVSpec():
+            raise _bad("kv", "not used by an eval job; list policies in eval.policies / eval.extra")
+        if self.dataset is not None:
+            raise _bad("dataset", "not used by an eval job; its files are eval.data")
+        if self.sweep:
+            raise _bad("sweep", "not supported with eval (eval.policies x sparsities x bits is the grid)")
 
     @property
     def output_dir(self) -> Path:
@@ -252,6 +271,7 @@ def set_dotted(d: dict, dotted_key: str, value: Any) -> None:
         d[section] = value
         return
     cls = _hints(JobSpec)[section]
+    cls = next((a for a in typing.get_args(cls) if a is not type(None)), cls)  # `X | None` sections
     if not dataclasses.is_dataclass(cls):
         raise _bad(dotted_key, f"{section!r} is not a section")
     names = [f.name for f in dataclasses.fields(cls)]

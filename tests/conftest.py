@@ -140,6 +140,25 @@ def smollm2_loaded(smollm2_gguf_path: Path):
 
 
 @pytest.fixture(scope="session")
+def smollm2_lm(smollm2_loaded):
+    """Our LM over the SmolLM2 weights, float32 on the CPU."""
+    from runner.lm import LM
+
+    cfg, weights, _ = smollm2_loaded
+    return LM(cfg, weights, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's model tests on one torch thread: on a shared 2-core machine, two OpenMP
+    threads competing with another process ran ~20x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
 def austen_text() -> str:
     """A few hundred lines of real prose (Persuasion), paragraphs re-joined, line breaks kept between them."""
     if not AUSTEN.is_file():

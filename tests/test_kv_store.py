@@ -14,9 +14,8 @@ PROMPT, STEPS = 96, 24
 
 
 @pytest.fixture(scope="module")
-def lm(smollm2_loaded) -> LM:
-    cfg, weights, _ = smollm2_loaded
-    return LM(cfg, weights, torch.device("cpu"), torch.float32)
+def lm(smollm2_lm) -> LM:
+    return smollm2_lm
 
 
 @pytest.fixture(scope="module")
