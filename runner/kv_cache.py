@@ -26,6 +26,20 @@ def flat_rows(index: Tensor, batch: int, kv_heads: int, max_len: int) -> Tensor:
     return (base + index.expand(batch, kv_heads, -1)).reshape(-1)  # (b * kvh * m,)
 
 
+def take_slots(store: Tensor, index: Tensor, out: Tensor | None = None) -> Tensor:
+    """store (b, kvh, cap, w) at slots `index` (see `flat_rows`) -> (b, kvh, m, w), into `out` if given."""
+    b, kvh, cap, w = store.shape
+    if index.dim() == 1:
+        return torch.index_select(store, 2, index) if out is None else torch.index_select(store, 2, index, out=out)
+    # One flat row gather: cheaper than torch.gather, which needs an index as big as the output.
+    rows = flat_rows(index, b, kvh, cap)
+    flat = store.reshape(b * kvh * cap, w)
+    if out is None:
+        return flat.index_select(0, rows).view(b, kvh, -1, w)
+    torch.index_select(flat, 0, rows, out=out.view(-1, w))
+    return out
+
+
 class KVCache:
     """Dense per-layer K and V: (b, kvh, max_len, d) each."""
 
@@ -63,27 +77,13 @@ class KVCache:
             self._buf = torch.empty(2 * size + 2 * b * kvh * 64 * d, dtype=self.k[layer].dtype,
                                     device=self.k[layer].device)
         out_k, out_v = self._buf[:size].view(b, kvh, -1, d), self._buf[size:2 * size].view(b, kvh, -1, d)
-        return self._take(self.k[layer], index, out_k), self._take(self.v[layer], index, out_v)
+        return take_slots(self.k[layer], index, out_k), take_slots(self.v[layer], index, out_v)
 
     def compact(self, layer: int, index: Tensor) -> None:
         """Keep only the selected slots: afterwards slots 0..m-1 hold them, in index order."""
         for store in (self.k[layer], self.v[layer]):
-            kept = self._take(store, index)
+            kept = take_slots(store, index)
             store[:, :, :kept.shape[2]] = kept
-
-    @staticmethod
-    def _take(store: Tensor, index: Tensor, out: Tensor | None = None) -> Tensor:
-        """store (b, kvh, cap, d) at slots `index` -> (b, kvh, m, d), into `out` if given."""
-        b, kvh, cap, d = store.shape
-        if index.dim() == 1:
-            return torch.index_select(store, 2, index) if out is None else torch.index_select(store, 2, index, out=out)
-        # One flat row gather: cheaper than torch.gather, which needs an index as big as the output.
-        rows = flat_rows(index, b, kvh, cap)
-        flat = store.view(b * kvh * cap, d)
-        if out is None:
-            return flat.index_select(0, rows).view(b, kvh, -1, d)
-        torch.index_select(flat, 0, rows, out=out.view(-1, d))
-        return out
 
     def rows(self, rows: slice) -> "KVCache":
         """A view of some batch rows sharing this cache's storage (writes land here)."""

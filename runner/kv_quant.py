@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from runner.config import ModelConfig
-from runner.kv_cache import flat_rows
+from runner.kv_cache import take_slots
 
 AXES = ("hidden", "channel")
 
@@ -107,15 +107,6 @@ def _unpack(data: Tensor, bits: int, dim: int) -> Tensor:
     return pairs.reshape(*data.shape[:dim], data.shape[dim] * 2, *data.shape[dim + 1:])
 
 
-def _take(store: Tensor, index: Tensor) -> Tensor:
-    """Selected slots of (b, kvh, cap, w) storage -> (b, kvh, m, w); index as in `flat_rows`."""
-    b, kvh, cap, w = store.shape
-    if index.dim() == 1:
-        return store.index_select(2, index)
-    rows = flat_rows(index, b, kvh, cap)  # one flat row gather, as KVCache._take
-    return store.reshape(b * kvh * cap, w).index_select(0, rows).view(b, kvh, -1, w)
-
-
 def _slots(index: Tensor) -> Tensor:
     """Index broadcastable against gathered (b, kvh, m, d) values."""
     return index.view(1, 1, -1, 1) if index.dim() == 1 else index.unsqueeze(-1)  # (b|1, g|1, m, 1)
@@ -198,7 +189,7 @@ class QuantizedKVCache:
                              "(channel groups span slots, so slots cannot be compacted); use kv.quant_axis: hidden")
         for store in (self.k[layer], self.v[layer]):
             for t in store:
-                kept = _take(t, index)
+                kept = take_slots(t, index)
                 t[:, :, :kept.shape[2]] = kept
 
     def rows(self, rows: slice) -> "QuantizedKVCache":
@@ -235,7 +226,7 @@ class QuantizedKVCache:
 
     def _gather_hidden(self, store: Store, index: Tensor) -> Tensor:
         # Gather int rows with their scale/min rows; only the selection is dequantized.
-        data, scale, mn = (_take(t, index) for t in store)
+        data, scale, mn = (take_slots(t, index) for t in store)
         shape = torch.Size((*data.shape[:3], scale.shape[3] * self.group_size))  # (b, kvh, m, d)
         return dequantize(QTensor(data, scale, mn, self.bits, self.group_size, 3, shape), self.dtype)
 
@@ -294,13 +285,13 @@ class QuantizedKVCache:
         if full:
             idx = index.clamp(max=full - 1)  # residual slots read a valid row, then get replaced
             if self.bits == 8:
-                codes = _take(data, idx)
+                codes = take_slots(data, idx)
             else:  # slot j is nibble j % 2 of packed row j // 2
                 shift = (_slots(idx) % 2 * 4).to(torch.uint8)
-                codes = (_take(data, idx // 2) >> shift) & 0xF
-            out = _affine(codes, _take(scale, idx // g), _take(mn, idx // g), self.dtype)  # (b, kvh, m, d)
+                codes = (take_slots(data, idx // 2) >> shift) & 0xF
+            out = _affine(codes, take_slots(scale, idx // g), take_slots(mn, idx // g), self.dtype)  # (b, kvh, m, d)
         if written > full:
-            tail = _take(res, (index - full).clamp(0, g - 1))  # (b, kvh, m, d)
+            tail = take_slots(res, (index - full).clamp(0, g - 1))  # (b, kvh, m, d)
             out = tail if out is None else torch.where(_slots(index) >= full, tail, out)
         if out is None:
             raise IndexError("KV cache gather before any slot was written")

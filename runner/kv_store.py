@@ -22,7 +22,7 @@ from policies import KVPolicy
 from policies.dense import Dense
 from runner import model as M
 from runner.config import ModelConfig
-from runner.kv_cache import KVCache
+from runner.kv_cache import KVCache, take_slots
 from runner.kv_spec import KVMode as Mode, QuantAxis
 from runner.kv_scores import ScoreState
 
@@ -89,13 +89,10 @@ def kv_bytes(cfg: ModelConfig, kv: KVSettings, batch: int, max_len: int, dtype: 
 
 
 def _take(x: Tensor, index: Tensor) -> Tensor:
-    """x (b, g', n, ...) or (b, g', n) at slot index (m,) or (b, g, m) along dim 2 / the last dim."""
+    """Per-slot values x (b, g', n) at slot index (m,) or (b, g, m) -> (b, g, m)."""
     if index.dim() == 1:
-        return x[..., index] if x.dim() == 3 else x[:, :, index]
-    if x.dim() == 3:
-        return x.expand(index.shape[0], index.shape[1], -1).gather(-1, index)
-    b, h, _, d = x.shape
-    return x.gather(2, index.expand(b, h, -1).unsqueeze(-1).expand(b, h, -1, d))  # (b, h, m, d)
+        return x[..., index]
+    return x.expand(index.shape[0], index.shape[1], -1).gather(-1, index)
 
 
 class KVStore:
@@ -178,7 +175,7 @@ class KVStore:
             return k, v
         pos[..., :index.shape[-1]] = index
         self.n_slots[layer] = index.shape[-1]
-        return _take(k, index), _take(v, index)
+        return take_slots(k, index), take_slots(v, index)
 
     # ---- decode --------------------------------------------------------------------------
     def decode(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
