@@ -1,16 +1,16 @@
 """Job spec: one YAML file describing a batch-generation run, parsed into frozen dataclasses.
 
 A job has a `name`, an `engine` and sections (`model`, `hardware`, `batch`, `generation`,
-`dataset`, `kv`, `output`, `sweep`, or `eval` instead of `dataset`: an accuracy grid,
-`runner.eval.spec`). Every section is a frozen keyword-only dataclass whose
-`__post_init__` coerces each field to its annotated type and then checks its values, so a spec
-built in code is validated exactly like one read from YAML. Every error is a `JobError` whose
-one-line message starts with the dotted key, e.g. `batch.gpu_batch_size: must be an integer >= 1,
-got 0`.
+`dataset`, `kv`, `output`, `sweep`, an optional `offload`: the block executor's policy, or `eval`
+instead of `dataset`: an accuracy grid, `runner.eval.spec`). Every section is a frozen keyword-only
+dataclass whose `__post_init__` coerces each field to its annotated type and then checks its values,
+so a spec built in code is validated exactly like one read from YAML. Every error is a `JobError`
+whose one-line message starts with the dotted key, e.g. `batch.gpu_batch_size: must be an integer
+>= 1, got 0`.
 
-Relative paths in a job (`model.path`, `dataset.path`, `output.dir`, `output.csv`) are kept as
-written, so they resolve against the current working directory of the process, not against the
-YAML file's directory: run jobs from the repository root.
+Relative paths in a job (`model.path`, `dataset.path`, `output.dir`, `output.csv`,
+`hardware.offload_dir`) are kept as written, so they resolve against the current working directory
+of the process, not against the YAML file's directory: run jobs from the repository root.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import yaml
 
 from runner.eval.spec import EvalSpec
 from runner.kv_spec import KVSpec
+from runner.offload_policy import OffloadPolicy
 from runner.spec import JobError, _at_least, _bad, _build, _freeze, _hints, _plain, _Spec
 
 
@@ -88,11 +89,20 @@ class HardwareSpec(_Spec):
     num_threads: int | None = None  # torch CPU threads; None keeps torch's default
     # Memory (GiB) the run may use for weights + KV cache; None = what the device has free.
     memory_gb: float | None = None
+    # Tier budgets (GiB) of the block executor (jobs with an `offload` section); None = unlimited.
+    gpu_gb: float | None = None
+    cpu_gb: float | None = None
+    disk_gb: float | None = None
+    offload_dir: str = "offload/"  # disk-tier files go in a fresh run-* directory here, removed after the run
 
     def _validate(self) -> None:
         _at_least(self, "num_threads", 1)
         if self.memory_gb is not None and self.memory_gb <= 0:
             raise _bad("hardware.memory_gb", f"must be > 0, got {self.memory_gb}")
+        for name in ("gpu_gb", "cpu_gb", "disk_gb"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise _bad(f"hardware.{name}", f"must be >= 0 (or omitted: unlimited), got {value:g}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -182,6 +192,7 @@ class JobSpec(_Spec):
     output: OutputSpec = dataclasses.field(default_factory=OutputSpec)
     sweep: tuple[tuple[str, tuple], ...] = ()  # (dotted key, values) pairs; YAML: a mapping
     eval: EvalSpec | None = None  # accuracy grid instead of generation (runner/eval/)
+    offload: OffloadPolicy | None = None  # generate through the block executor (runner/executor.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.sweep, Mapping):
@@ -195,6 +206,7 @@ class JobSpec(_Spec):
             raise _bad("dataset", "required")
         if self.eval is not None:
             self._check_eval()
+        self._check_offload()
         for key, values in self.sweep:
             if not values:
                 raise _bad(f"sweep.{key}", "must be a non-empty list of values")
@@ -216,6 +228,21 @@ class JobSpec(_Spec):
             raise _bad("dataset", "not used by an eval job; its files are eval.data")
         if self.sweep:
             raise _bad("sweep", "not supported with eval (eval.policies x sparsities x bits is the grid)")
+
+    def _check_offload(self) -> None:
+        if self.offload is None:
+            for name in ("gpu_gb", "cpu_gb", "disk_gb"):
+                if getattr(self.hardware, name) is not None:
+                    raise _bad(f"hardware.{name}", "a tier budget of the block executor: "
+                               "only used with an offload section")
+            return
+        if self.engine is not Engine.ALISA:
+            raise _bad("offload", "the block executor runs the alisa engine; remove offload or use engine: alisa")
+        if self.hardware.memory_gb is not None:
+            raise _bad("hardware.memory_gb", "not used with an offload section; its budgets are hardware.gpu_gb, "
+                       "cpu_gb and disk_gb")
+        if self.eval is not None:
+            raise _bad("offload", "not used by an eval job")
 
     @property
     def output_dir(self) -> Path:

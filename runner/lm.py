@@ -25,13 +25,18 @@ class LM:
 
     def run(self, ids: Tensor, state: ForwardState) -> Tensor:
         """ids: (b, s) -> logits of the last column (b, v)."""
-        if self.rope is not None:
-            cos, sin = self.rope
-            state.rope = (cos[state.positions].unsqueeze(1), sin[state.positions].unsqueeze(1))  # (b, 1, s, d)
+        set_rope(state, self.rope)
         x = ids
         for unit, w in zip(self.units, self.unit_weights):
             x = unit.forward(w, x, state)
         return x
+
+
+def set_rope(state: ForwardState, rope: tuple[Tensor, Tensor] | None) -> None:
+    """Gather the rotary tables (cos, sin) at the state's positions once per forward pass (LLaMA only)."""
+    if rope is not None:
+        cos, sin = rope
+        state.rope = (cos[state.positions].unsqueeze(1), sin[state.positions].unsqueeze(1))  # (b, 1, s, d)
 
 
 def _weights_of(unit: Unit, weights: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -90,6 +95,10 @@ class Batch:
         return torch.cat(logits) if len(logits) > 1 else logits[0]
 
     def _prefill_rows(self, rows: slice) -> Tensor:
+        return self.lm.run(self.ids[rows], self.prefill_state(rows))
+
+    def prefill_state(self, rows: slice) -> ForwardState:
+        """The forward state of a prefill pass over prompt rows `rows` (the executor runs it unit by unit)."""
         s, valid = self.prompt_width, self.prompt_valid[rows]
         mask = None
         if not bool(valid.all()):
@@ -97,8 +106,7 @@ class Batch:
             eye = torch.eye(s, dtype=torch.bool, device=self.lm.device)
             # Padding queries may attend to themselves so no softmax row is empty (NaN-free).
             mask = (causal & valid[:, None, None, :]) | eye  # (rows, 1, s, s)
-        state = ForwardState(positions=self.positions[rows], start=0, kv=self.kv, rows=rows, prefill_mask=mask)
-        return self.lm.run(self.ids[rows], state)
+        return ForwardState(positions=self.positions[rows], start=0, kv=self.kv, rows=rows, prefill_mask=mask)
 
     def select_rows(self, index: Tensor) -> "Batch":
         """A new batch of rows `index` (b',) of this one after prefill, sharing nothing mutable;
@@ -111,8 +119,12 @@ class Batch:
 
     def decode(self, tokens: Tensor) -> Tensor:
         """tokens: (b,) sampled last step -> logits (b, v) for the next one."""
-        self.positions = self.positions[:, -1:] + 1  # (b, 1)
-        state = ForwardState(positions=self.positions, start=self.kv.length, kv=self.kv)
-        logits = self.lm.run(tokens[:, None], state)
+        logits = self.lm.run(tokens[:, None], self.decode_state())
         self.kv.length += 1
         return logits
+
+    def decode_state(self) -> ForwardState:
+        """Advance to the next position and return its forward state; the caller runs every unit and
+        then adds 1 to `kv.length` (the store reads the length of the step being decoded)."""
+        self.positions = self.positions[:, -1:] + 1  # (b, 1)
+        return ForwardState(positions=self.positions, start=self.kv.length, kv=self.kv)

@@ -67,7 +67,10 @@ THROUGHPUT_COLUMNS: tuple[str, ...] = (
     # extras beyond FlexGen's columns
     "kv_bytes_per_token", "num_threads", "sweep_point",
     "kv_mode", "kv_sparsity", "kv_budget_tokens", "kv_bits", "kv_peak_bytes",
-    "kv_store_s", "kv_score_s", "kv_select_s", "kv_gather_s", "kv_attend_s", "notes",
+    "kv_store_s", "kv_score_s", "kv_select_s", "kv_gather_s", "kv_attend_s",
+    # block executor (jobs with an `offload` section): peak bytes per tier, bytes moved per direction
+    "peak_gpu_pool_bytes", "peak_cpu_pool_bytes", "peak_disk_bytes",
+    "bytes_gpu_from_cpu", "bytes_cpu_from_gpu", "bytes_disk_read", "bytes_disk_write", "notes",
 )
 _COMPUTED = frozenset({"num_prompts", "prompt_len", "gen_len", "prefill_latency_s", "prefill_throughput",
                        "decode_latency_s", "decode_throughput", "total_latency_s", "total_throughput"})

@@ -1,8 +1,10 @@
 """Run one job end to end: load, tokenize, generate batch by batch, write outputs, return the CSV row."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,8 +73,31 @@ def _make_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype:
         pad = loaded.tokenizer.pad_token_id
         return HFEngine(job.model.path if job.model.path != "auto" else loaded.source.split(":", 1)[1],
                         device, dtype, loaded.tokenizer, pad if pad is not None else 0)
+    if job.offload is not None:
+        return _offload_engine(job, loaded, device, dtype)
     from runner.engines.alisa import AlisaEngine
     return AlisaEngine(loaded, device, dtype, job.kv.settings())
+
+
+def _offload_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> Engine:
+    from runner.executor import Executor
+    from runner.memory import TierBudgets
+    hw = job.hardware
+    budgets = TierBudgets.from_gb(offload_dir=hw.offload_dir, gpu_gb=hw.gpu_gb, cpu_gb=hw.cpu_gb, disk_gb=hw.disk_gb)
+    with _budget_errors():
+        return Executor(loaded.config, loaded.weights, loaded.tokenizer, policy=job.offload, budgets=budgets,
+                        device=device, dtype=dtype, kv=job.kv.settings(), gpu_batch_size=job.batch.gpu_batch_size,
+                        num_gpu_batches=job.batch.num_gpu_batches)
+
+
+@contextlib.contextmanager
+def _budget_errors() -> Iterator[None]:
+    """A tier budget the executor's plan does not fit is a job error naming the budget's key."""
+    from runner.memory import BudgetError
+    try:
+        yield
+    except BudgetError as e:
+        raise RunError(f"hardware.{e.tier.value}_gb: {e}") from e
 
 
 def tokenize_prompts(prompts: list[Prompt], loaded: LoadedModel, max_new_tokens: int) -> list[list[int]]:
@@ -141,14 +166,23 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "") -> di
     prompts = load_prompts(job.dataset, loaded.tokenizer,
                            default_count=job.batch.gpu_batch_size * job.batch.num_gpu_batches)
     ids = tokenize_prompts(prompts, loaded, params.max_new_tokens)
-    if job.engine is EngineKind.ALISA:
+    if job.engine is EngineKind.ALISA and job.offload is None:  # the executor checks its own tier budgets
         check_memory(job, loaded, ids, dtype, device)
     engine = _make_engine(job, loaded, device, dtype)
-    _warm_up(engine, loaded)
-    (out_dir / "job.yaml").write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
-    gen_path = out_dir / "generations.jsonl"
-    gen_path.write_text("")
-    totals = _generate_all(engine, prompts, ids, job, params, gen_path, progress)
+    try:
+        with _budget_errors():
+            _warm_up(engine, loaded)
+            offload_stats = getattr(engine, "reset_stats", None)
+            if offload_stats is not None:
+                offload_stats()  # the CSV reports the measured run, not the warm-up
+            (out_dir / "job.yaml").write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
+            gen_path = out_dir / "generations.jsonl"
+            gen_path.write_text("")
+            totals = _generate_all(engine, prompts, ids, job, params, gen_path, progress)
+        offload_columns = engine.stats() if offload_stats is not None else {}
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()  # the executor's disk files go, whether the run finished or failed
     if device.type == "cuda":
         peak_gpu = torch.cuda.max_memory_allocated(device)
     else:
@@ -164,7 +198,7 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "") -> di
         loaded.config.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size()),
         num_threads=torch.get_num_threads(), sweep_point=sweep_point, kv_mode=job.kv.mode.value,
         kv_sparsity=job.kv.sparsity, kv_budget_tokens=job.kv.budget_tokens, kv_bits=job.kv.bits,
-        kv_peak_bytes=totals.kv_peak_bytes,
+        kv_peak_bytes=totals.kv_peak_bytes, **offload_columns,
         **{f"kv_{phase}_s": round(s, 4) for phase, s in totals.kv_phase_s.items()})
     append_csv_row(job.throughput_csv, row)
     return row
@@ -173,17 +207,18 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "") -> di
 def _generate_all(engine: Engine, prompts: list[Prompt], ids: list[list[int]], job: JobSpec,
                   params: SamplingParams, gen_path: Path, progress: bool) -> Totals:
     totals = Totals()
-    gbs = job.batch.gpu_batch_size
+    # The executor takes a whole block (num_gpu_batches GPU batches) per call.
+    step = job.batch.gpu_batch_size * (job.batch.num_gpu_batches if job.offload is not None else 1)
     generator = torch.Generator().manual_seed(params.seed)
     bar = tqdm(total=len(prompts), unit="prompt", disable=not progress, dynamic_ncols=True)
     # A block is num_gpu_batches GPU batches (FlexGen's effective batch); on one device
     # with everything resident the GPU batches simply run one after another.
-    for start in range(0, len(prompts), gbs):
-        out = engine.generate(ids[start:start + gbs], params, generator)
+    for start in range(0, len(prompts), step):
+        out = engine.generate(ids[start:start + step], params, generator)
         totals.add(out)
         records = [GenerationRecord(id=p.id, prompt=p.text, completion=s.text, completion_token_ids=s.token_ids,
                                     finish_reason=s.finish_reason)
-                   for p, s in zip(prompts[start:start + gbs], out.sequences)]
+                   for p, s in zip(prompts[start:start + step], out.sequences)]
         write_generations(gen_path, records, append=True)
         bar.update(len(records))
         elapsed = totals.prefill_s + totals.decode_s

@@ -257,3 +257,49 @@ def test_synthetic_dataset_spec():
     assert job.dataset.format is DatasetFormat.SYNTHETIC
     assert (job.dataset.prompt_len, job.dataset.num_prompts) == (128, 4)
     assert isinstance(job, JobSpec)
+
+
+# ---------------------------------------------------------------- offload section and tier budgets
+
+def test_offload_section_parses_round_trips_and_defaults_to_absent(tmp_path):
+    from runner.offload_policy import OffloadPolicy
+    assert job_from_dict(minimal()).offload is None
+    job = job_from_dict(minimal(hardware={"gpu_gb": 1, "cpu_gb": 2.5, "offload_dir": str(tmp_path)},
+                                offload={"w_gpu_percent": 30, "w_cpu_percent": 50, "overlap": False}))
+    assert job.offload == OffloadPolicy(w_gpu_percent=30.0, w_cpu_percent=50.0, overlap=False)
+    assert job.offload.w_disk_percent == 20.0
+    assert job.hardware.gpu_gb == 1.0 and job.hardware.disk_gb is None and job.hardware.offload_dir == str(tmp_path)
+    assert job_from_dict(yaml.safe_load(yaml.safe_dump(job.to_dict()))) == job
+    assert job_from_dict(minimal(offload=None)).offload is None  # an empty YAML section is no offload
+    assert load_job(write(tmp_path, "name: t\nmodel: {name: x}\ndataset: {path: p.jsonl}\noffload: {}\n")).offload \
+        == OffloadPolicy()
+
+
+@pytest.mark.parametrize("sections, key, detail", [
+    ({"offload": {"w_gpu_percnt": 10}}, "offload.w_gpu_percnt", "unknown key (known: w_gpu_percent"),
+    ({"offload": {"w_gpu_percent": 101}}, "offload.w_gpu_percent", "must be in [0, 100]"),
+    ({"offload": {"w_gpu_percent": 70, "w_cpu_percent": 40}}, "offload.w_cpu_percent", "must be <= 100"),
+    ({"offload": {"cache_gpu_percent": 50}}, "offload.cache_gpu_percent", "not implemented yet"),
+    ({"offload": {"act_cpu_percent": 0, "act_gpu_percent": 0}}, "offload.act_gpu_percent", "not implemented yet"),
+    ({"offload": {"compress_cache": True}}, "offload.compress_cache", "not implemented yet"),
+    ({"offload": {"overlap": "yes"}}, "offload.overlap", "must be true or false"),
+    ({"hardware": {"gpu_gb": -1}, "offload": {}}, "hardware.gpu_gb", "must be >= 0"),
+    ({"hardware": {"cpu_gb": 4}}, "hardware.cpu_gb", "only used with an offload section"),
+    ({"engine": "hf", "offload": {}}, "offload", "runs the alisa engine"),
+    ({"hardware": {"memory_gb": 4}, "offload": {}}, "hardware.memory_gb", "not used with an offload section"),
+])
+def test_bad_offload_values_name_the_key(sections, key, detail):
+    with pytest.raises(JobError) as e:
+        job_from_dict(minimal(**sections))
+    assert str(e.value).startswith(f"{key}: ") and detail in str(e.value) and "\n" not in str(e.value)
+    assert e.value.key == key
+
+
+def test_offload_keys_can_be_overridden_and_swept(tmp_path):
+    path = write(tmp_path, "name: t\nmodel: {name: x}\ndataset: {path: p.jsonl}\n")
+    job = load_job(path, ["offload.w_cpu_percent=100", "offload.w_gpu_percent=0", "hardware.disk_gb=0.5"])
+    assert job.offload.w_cpu_percent == 100.0 and job.hardware.disk_gb == 0.5
+    swept = job_from_dict(minimal(offload={}, sweep={"offload.overlap": [True, False]}))
+    assert [p.offload.overlap for _, p in swept.sweep_points()] == [True, False]
+    with pytest.raises(JobError, match=r"offload.w_gpu: unknown key"):
+        load_job(path, ["offload.w_gpu=1"])

@@ -1,0 +1,256 @@
+"""Block-scheduled executor: FlexGen's zig-zag schedule over (token i, layer j, GPU batch k).
+
+A block is up to `num_gpu_batches` GPU batches of `gpu_batch_size` prompts. For each new token the loop
+walks the layers; each layer's weights are loaded once and reused by every GPU batch of the block
+(FlexGen's point: weight I/O amortised over the block), and while layer j computes, layer j+1's weights
+are prefetched into the other gpu staging slot by the copy engine. `overlap: false` runs the identical
+order with a synchronous copy engine, so outputs are identical and only the waiting changes.
+
+Memory is a `runner.memory.Memory` with the job's per-tier budgets: weights live in their home tiers
+(`runner.offload.ScheduledLayer`), the two staging slots, the rotary tables, each GPU batch's KV store
+and the block's hidden states are allocated or reserved in the gpu pool, and the whole plan is checked
+per tier before anything is placed (`BudgetError`, naming the parts and the shortfall). Not accounted:
+per-op temporaries inside a unit (MLP intermediates, attention scores) and the KV store's small side
+buffers (padding bias, policy scores).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from runner import model as M
+from runner.config import Family, ModelConfig
+from runner.copy_engine import CopyEngine
+from runner.generate import BatchOutput, StopTracker, TextDecoder
+from runner.kv_store import KVSettings, kv_bytes
+from runner.layers import ForwardState, build_units
+from runner.lm import Batch, set_rope
+from runner.memory import BudgetError, Memory, Reservation, Tier, TierBudgets, format_bytes
+from runner.offload import ScheduledLayer, WeightRead, plan_bytes
+from runner.offload_policy import OffloadPolicy
+from runner.sampling import SamplingParams, next_tokens
+
+__all__ = ["Executor", "OffloadPolicy", "ScheduledLayer"]
+
+SLOTS = 2  # weight staging slots: the running layer's and the prefetched one's (double buffering)
+COPY_THREADS = 2  # overlap on: background copy threads (torch copies release the GIL)
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """What `runner.lm.Batch` reads of its model outside prefill()/decode(): the executor runs the units itself."""
+    cfg: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+
+
+class _GpuBatch:
+    """One GPU batch of a block: its `Batch` (ids, positions, KV store) and where it is in the step."""
+
+    def __init__(self, frame: _Frame, prompts: list[list[int]], max_new_tokens: int, kv: KVSettings | None):
+        self.batch = Batch(frame, prompts, max_new_tokens, kv)  # type: ignore[arg-type]
+        self.state: ForwardState | None = None
+        self.hidden: Tensor | None = None  # ids in, hidden states between layers, logits out
+        self.tokens: Tensor | None = None
+
+    def begin(self, i: int, rope: tuple[Tensor, Tensor] | None) -> None:
+        """Token i's forward state: the prompt at i == 0, then the token sampled last step."""
+        b = self.batch
+        self.state = b.prefill_state(slice(None)) if i == 0 else b.decode_state()
+        self.hidden = b.ids if i == 0 else self.tokens[:, None]
+        set_rope(self.state, rope)
+
+    def end(self, i: int) -> None:
+        b = self.batch
+        b.kv.length = b.prompt_width if i == 0 else b.kv.length + 1
+
+
+class Executor:
+    """Generation for blocks of prompts with weights across tiers; an `Engine` (see runner.engines)."""
+
+    name = "alisa"
+
+    def __init__(self, cfg: ModelConfig, weights: Mapping[str, Tensor], tokenizer: TextDecoder, *,
+                 policy: OffloadPolicy, budgets: TierBudgets, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, kv: KVSettings | None = None, gpu_batch_size: int = 1,
+                 num_gpu_batches: int = 1):
+        self.cfg, self.tokenizer, self.policy, self.kv = cfg, tokenizer, policy, kv
+        self.device, self.dtype = torch.device(device), dtype
+        self.gpu_batch_size, self.num_gpu_batches = gpu_batch_size, num_gpu_batches
+        if self.device.type == "cuda" and not policy.pin_weight:
+            raise ValueError("offload.pin_weight: false is not implemented yet (the cpu pool is pinned on CUDA)")
+        self.memory = Memory(budgets, self.device)
+        self.layers: list[ScheduledLayer] = []
+        self.slots: list[Tensor] = []
+        self._gpu_owned: list[Tensor] = []  # rotary tables
+        self.rope: tuple[Tensor, Tensor] | None = None
+        self._loads = 0  # weight loads so far: picks the staging slot
+        try:
+            self._place(weights)
+            self.engine = CopyEngine(self.memory, threads=COPY_THREADS if policy.overlap else 0)
+        except BaseException:
+            self.close()
+            raise
+        self._moved_base = self.memory.moved()
+
+    # ---- placement ---------------------------------------------------------------------------
+    def _place(self, weights: Mapping[str, Tensor]) -> None:
+        units = build_units(self.cfg)
+        itemsize = self.dtype.itemsize
+        need = {t: {} for t in Tier}
+        staging = 0
+        for u in units:
+            per_tier, numel = plan_bytes(u.weight_shapes(), self.policy, itemsize)
+            for t, n in per_tier.items():
+                need[t][f"{t.value} weights"] = need[t].get(f"{t.value} weights", 0) + n
+            staging = max(staging, numel)
+        need[Tier.GPU][f"{SLOTS} weight staging slots"] = SLOTS * staging * itemsize
+        rope = self._rope_tables()
+        if rope is not None:
+            need[Tier.GPU]["rotary tables"] = sum(t.numel() for t in rope) * itemsize
+        for tier, parts in need.items():
+            _check_fits(self.memory, tier, parts)
+        self.layers = [ScheduledLayer(u, weights, self.policy, self.memory, self.dtype) for u in units]
+        self.slots = [self.memory.gpu.alloc((staging,), self.dtype, f"weight staging slot {s}") for s in range(SLOTS)]
+        if rope is not None:
+            self.rope = tuple(self._gpu_copy(t, f"rotary table {name}") for t, name in zip(rope, ("cos", "sin")))
+
+    def _rope_tables(self) -> tuple[Tensor, Tensor] | None:
+        c = self.cfg
+        if c.family is not Family.LLAMA:
+            return None
+        return M.rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, self.dtype, self.device)
+
+    def _gpu_copy(self, t: Tensor, label: str) -> Tensor:
+        out = self.memory.gpu.alloc(t.shape, t.dtype, label)
+        self._gpu_owned.append(out)
+        return out.copy_(t)
+
+    # ---- generation --------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None,
+                 observe: Callable[[int, Tensor], None] | None = None) -> BatchOutput:
+        """Generate for one block (<= gpu_batch_size * num_gpu_batches prompts). `observe(i, logits)` sees
+        each step's logits (block rows in prompt order) before sampling, e.g. for equivalence tests."""
+        cap = self.gpu_batch_size * self.num_gpu_batches
+        if not 0 < len(prompts) <= cap:
+            raise ValueError(f"executor: a block holds 1..{cap} prompts (gpu_batch_size x num_gpu_batches), "
+                             f"got {len(prompts)}")
+        tracker = StopTracker(len(prompts), params, self.tokenizer)
+        groups = [prompts[r:r + self.gpu_batch_size] for r in range(0, len(prompts), self.gpu_batch_size)]
+        reservations = self._reserve_block(groups, params.max_new_tokens)
+        try:
+            with torch.inference_mode():
+                block = [_GpuBatch(_Frame(self.cfg, self.device, self.dtype), g, params.max_new_tokens, self.kv)
+                         for g in groups]
+                t0 = time.perf_counter()
+                t1 = self._loop(block, params, tracker, generator, observe)
+                t2 = time.perf_counter()
+        finally:
+            self.engine.sync()
+            for r in reservations:
+                self.memory.gpu.release(r)
+        stores = [b.batch.kv for b in block]
+        phases: dict[str, float] = {}
+        for s in stores:
+            for name, sec in (s.clock.totals.items() if s.clock.enabled else ()):
+                phases[name] = phases.get(name, 0.0) + sec
+        return BatchOutput(sequences=tracker.outputs, prefill_s=t1 - t0, decode_s=t2 - t1,
+                           prompt_tokens=sum(len(p) for p in prompts), generated_tokens=sum(tracker.steps),
+                           kv_bytes=sum(s.nbytes for s in stores),
+                           kv_bytes_per_token=stores[0].cache.bytes_per_token(), kv_phase_s=phases)
+
+    def _loop(self, block: list[_GpuBatch], params: SamplingParams, tracker: StopTracker,
+              generator: torch.Generator | None, observe: Callable[[int, Tensor], None] | None) -> float:
+        """The zig-zag block schedule; returns when the first token (prefill) was done."""
+        n_layers, n_batches, first_done = len(self.layers), len(block), 0.0
+        pending = self.load_weight(0)  # weights of (token 0, layer 0)
+        for i in range(params.max_new_tokens):  # token i
+            for b in block:
+                b.begin(i, self.rope)
+            for j, layer in enumerate(self.layers):  # layer j: its weights serve every GPU batch
+                w = pending.wait()
+                pending = self.load_weight((j + 1) % n_layers)  # prefetch (i, j+1), or (i+1, 0) after the head
+                for k in range(n_batches):  # GPU batch k
+                    b = block[k]
+                    layer.load_cache(block[k + 1].state if k + 1 < n_batches else None)  # next batch's KV
+                    b.hidden = layer.forward(w, b.hidden, b.state)
+                    layer.store_cache(block[k - 1].state if k > 0 else None)  # previous batch's KV
+            if observe is not None:
+                observe(i, torch.cat([b.hidden for b in block]))  # (rows, v): the head's output
+            for b in block:
+                b.tokens = next_tokens(b.hidden, params, generator)
+                b.end(i)
+            all_done = tracker.add(torch.cat([b.tokens for b in block]).tolist())
+            if i == 0:
+                first_done = time.perf_counter()
+            if all_done:
+                break
+        return first_done
+
+    def load_weight(self, j: int) -> WeightRead:
+        """Start loading layer j's weights into the staging slot the running layer does not use: loads
+        alternate between the slots, and at most one load is pending while one layer computes."""
+        self._loads += 1
+        return self.layers[j].load_weight(self.slots[self._loads % SLOTS], self.engine)
+
+    # ---- accounting --------------------------------------------------------------------------
+    def _reserve_block(self, groups: Sequence[list[list[int]]], max_new: int) -> list[Reservation]:
+        """Hold each GPU batch's KV store and the block's hidden states in the gpu pool, all checked first."""
+        c, itemsize = self.cfg, self.dtype.itemsize
+        kv = self.kv or KVSettings()
+        parts: dict[str, int] = {}
+        for k, g in enumerate(groups):
+            width = max(len(p) for p in g)
+            parts[f"KV cache of GPU batch {k}"] = kv_bytes(c, kv, len(g), width + max_new, self.dtype)
+            # Hidden states between layers: the prompt's (widest) pass, plus the head's logits.
+            parts[f"activations of GPU batch {k}"] = len(g) * (width * max(c.hidden_size, c.embed_dim)
+                                                               + c.vocab_size) * itemsize
+        _check_fits(self.memory, Tier.GPU, parts)
+        return [self.memory.gpu.reserve(n, label) for label, n in parts.items()]
+
+    def reset_stats(self) -> None:
+        """Measure peaks and bytes moved from now (e.g. after a warm-up run)."""
+        for t in Tier:
+            self.memory.pool(t).reset_peak()
+        self._moved_base = self.memory.moved()
+
+    def stats(self) -> dict[str, int]:
+        """Peak bytes per tier and bytes moved per direction since the last reset, as CSV columns."""
+        peaks, moved = self.memory.peaks(), self.memory.moved()
+        delta = {d: moved[d] - self._moved_base.get(d, 0) for d in moved}
+        return {"peak_gpu_pool_bytes": peaks["gpu"], "peak_cpu_pool_bytes": peaks["cpu"],
+                "peak_disk_bytes": peaks["disk"], "bytes_gpu_from_cpu": delta["gpu<-cpu"],
+                "bytes_cpu_from_gpu": delta["cpu<-gpu"], "bytes_disk_read": delta["disk_read"],
+                "bytes_disk_write": delta["disk_write"]}
+
+    def close(self) -> None:
+        """Stop the copy threads, free every allocation and delete the disk files (idempotent)."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+        for layer in self.layers:
+            layer.free()
+        for t in self.slots + self._gpu_owned:
+            self.memory.gpu.free(t)
+        self.layers, self.slots, self._gpu_owned = [], [], []
+        self.memory.close()
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_fits(memory: Memory, tier: Tier, parts: Mapping[str, int]) -> None:
+    """Raise one BudgetError naming every part of the plan for `tier` if together they exceed what is free."""
+    pool = memory.pool(tier)
+    total = sum(parts.values())
+    free = pool.free_bytes()
+    if free is not None and total > free:
+        label = "plan (" + " + ".join(f"{name} {format_bytes(n)}" for name, n in parts.items() if n) + ")"
+        raise BudgetError(tier, label, total, pool.budget, pool.in_use)

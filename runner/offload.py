@@ -1,0 +1,146 @@
+"""Schedulable layers for the block executor: one unit of `runner.layers` with its weights placed
+across the memory tiers, behind the protocol the generation loop drives.
+
+Placement follows FlexGen's `init_weight_list`: within one layer, each weight tensor goes to the tier
+whose cumulative-percent band (disk first, then cpu, then gpu) holds the midpoint of the tensor's
+cumulative-size fraction. So `w_gpu_percent` is a share of every layer's bytes, and a layer's small
+tensors (norms, biases) fall wherever their neighbours' bytes put them.
+
+A gpu-home tensor is used in place; cpu- and disk-home tensors are copied into a staging slot in the
+gpu pool when the layer runs (`load_weight`), through the copy engine, so the executor can prefetch
+the next layer's weights into the other slot while this one computes.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from runner.copy_engine import CopyEngine, Handle
+from runner.layers import ForwardState, Shapes, Unit
+from runner.memory import DiskTensor, Memory, Tier
+from runner.offload_policy import OffloadPolicy
+
+# Staged tensors start on 64-byte boundaries inside a slot: aligned operands keep the matmul kernels on
+# their fast (and alignment-independent) paths.
+_ALIGN_BYTES = 64
+
+
+def split_by_size(shapes: Shapes, policy: OffloadPolicy) -> dict[str, Tier]:
+    """Tier of each tensor of one layer, by FlexGen's midpoint-of-cumulative-size rule."""
+    sizes = [math.prod(s) for s in shapes.values()]
+    total = sum(sizes) or 1
+    bands = ((policy.w_disk_percent, Tier.DISK), (policy.w_disk_percent + policy.w_cpu_percent, Tier.CPU))
+    tiers, before = {}, 0
+    for name, size in zip(shapes, sizes):
+        mid = (before + size / 2) / total * 100
+        tiers[name] = next((tier for edge, tier in bands if mid < edge), Tier.GPU)
+        before += size
+    return tiers
+
+
+@dataclass(frozen=True)
+class _Staged:
+    name: str
+    offset: int  # elements into the staging slot
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class WeightRead:
+    """A layer's weights on the gpu tier, some still arriving: `wait()` before computing with them."""
+    weights: dict[str, Tensor]
+    handles: list[Handle]
+
+    def wait(self) -> dict[str, Tensor]:
+        for h in self.handles:
+            h.wait()
+        self.handles = []
+        return self.weights
+
+
+def plan_bytes(shapes: Shapes, policy: OffloadPolicy, itemsize: int) -> tuple[dict[Tier, int], int]:
+    """(bytes per home tier, staging elements) the layer with `shapes` needs under `policy`."""
+    tiers = split_by_size(shapes, policy)
+    per_tier = {t: 0 for t in Tier}
+    staging = 0
+    for name, shape in shapes.items():
+        per_tier[tiers[name]] += math.prod(shape) * itemsize
+        if tiers[name] is not Tier.GPU:
+            staging = _aligned(staging, itemsize) + math.prod(shape)
+    return per_tier, staging
+
+
+def _aligned(offset: int, itemsize: int) -> int:
+    step = max(1, _ALIGN_BYTES // itemsize)
+    return -(-offset // step) * step
+
+
+class ScheduledLayer:
+    """A unit with its weights homed in tiers. Protocol: load_weight, load_cache, forward, store_cache."""
+
+    def __init__(self, unit: Unit, weights: Mapping[str, Tensor], policy: OffloadPolicy, memory: Memory,
+                 dtype: torch.dtype):
+        self.unit, self.memory = unit, memory
+        shapes = unit.weight_shapes()
+        missing = [k for k in shapes if f"{unit.prefix}.{k}" not in weights]
+        if missing:
+            raise KeyError(f"weights missing for {unit.prefix}: {missing}")
+        tiers = split_by_size(shapes, policy)
+        self.homes: dict[str, Tensor | DiskTensor] = {}
+        self.staged: list[_Staged] = []
+        offset = 0
+        for name, shape in shapes.items():
+            src, label = weights[f"{unit.prefix}.{name}"], f"{unit.prefix}.{name}"
+            self.homes[name] = self._place(tiers[name], shape, dtype, src, label)
+            if tiers[name] is not Tier.GPU:
+                offset = _aligned(offset, dtype.itemsize)
+                self.staged.append(_Staged(name, offset, tuple(shape)))
+                offset += math.prod(shape)
+        self.staging_numel = offset
+
+    def _place(self, tier: Tier, shape: tuple[int, ...], dtype: torch.dtype, src: Tensor,
+               label: str) -> Tensor | DiskTensor:
+        # Initial placement is not link traffic of the run (FlexGen loads weights to their homes before
+        # timing starts), so it uses the pools' uncounted writes rather than `copy`.
+        pool = self.memory.pool(tier)
+        home = pool.alloc(shape, dtype, label)
+        if isinstance(home, DiskTensor):
+            pool.write(home, src.to(device="cpu", dtype=dtype))
+        else:
+            home.copy_(src)
+        return home
+
+    def load_weight(self, slot: Tensor | None, engine: CopyEngine) -> WeightRead:
+        """Start copying the non-gpu weights into `slot` (a gpu-pool buffer of >= staging_numel elements)."""
+        weights = {n: h for n, h in self.homes.items() if isinstance(h, Tensor) and self.memory.gpu.owns(h)}
+        handles = []
+        for s in self.staged:
+            view = slot[s.offset:s.offset + s.numel].view(s.shape)
+            handles.append(engine.submit(view, None, self.homes[s.name], None))
+            weights[s.name] = view
+        return WeightRead(weights, handles)
+
+    def load_cache(self, state: ForwardState | None) -> None:
+        """Bring this layer's KV of one GPU batch to the gpu tier: a no-op while KV lives in the gpu pool."""
+
+    def store_cache(self, state: ForwardState | None) -> None:
+        """Write this layer's new KV of one GPU batch back to its home: a no-op while KV lives in the gpu pool."""
+
+    def forward(self, w: dict[str, Tensor], x: Tensor, state: ForwardState) -> Tensor:
+        return self.unit.forward(w, x, state)
+
+    def free(self) -> None:
+        """Return every home allocation to its pool (idempotent)."""
+        for home in self.homes.values():
+            pool = self.memory.pool(self.memory.tier_of(home))
+            if pool.owns(home):
+                pool.free(home)
+        self.homes = {}
