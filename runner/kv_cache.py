@@ -97,6 +97,11 @@ class KVCache:
         out_v = self.scratch.take("v", shape, like.dtype, like.device)
         return take_slots(self.k[layer], index, out_k), take_slots(self.v[layer], index, out_v)
 
+    def take_rows(self, layer: int, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Slots by flat row number into a (b * kvh * max_len, d) view: (r, d) each, copied."""
+        d = self.k[layer].shape[-1]
+        return self.k[layer].view(-1, d).index_select(0, rows), self.v[layer].view(-1, d).index_select(0, rows)
+
     def compact(self, layer: int, index: Tensor) -> None:
         """Keep only the selected slots: afterwards slots 0..m-1 hold them, in index order."""
         for store in (self.k[layer], self.v[layer]):

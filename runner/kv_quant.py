@@ -193,6 +193,12 @@ class QuantizedKVCache:
         return (self._gather_channel(self.k[layer], index, written),
                 self._gather_channel(self.v[layer], index, written))
 
+    def take_rows(self, layer: int, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Dequantized slots by flat row number into (b * kvh * max_len, ...): (r, d) each."""
+        if self.axis != "hidden":
+            raise ValueError("take_rows needs kv.quant_axis: hidden (channel groups span slots)")
+        return self._rows_hidden(self.k[layer], rows), self._rows_hidden(self.v[layer], rows)
+
     def compact(self, layer: int, index: Tensor) -> None:
         """Keep only the selected slots: afterwards slots 0..m-1 hold them, in index order."""
         if self.axis == "channel":
@@ -241,6 +247,11 @@ class QuantizedKVCache:
         # Gather int rows with their scale/min rows; only the selection is dequantized.
         data, scale, mn = (take_slots(t, index) for t in store)
         return self._dequant_hidden(data, scale, mn, key)
+
+    def _rows_hidden(self, store: Store, rows: Tensor) -> Tensor:
+        data, scale, mn = (t.reshape(-1, t.shape[-1]).index_select(0, rows) for t in store)
+        shape = torch.Size((rows.shape[0], scale.shape[1] * self.group_size))  # (r, d)
+        return dequantize(QTensor(data, scale, mn, self.bits, self.group_size, 1, shape), self.dtype)
 
     def _dequant_hidden(self, data: Tensor, scale: Tensor, mn: Tensor, key: str) -> Tensor:
         """Into a scratch buffer reused by the next read (or gather) of any layer."""

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from policies import KVPolicy
+from policies import KVPolicy, Selection
 from policies.dense import Dense
 from runner import model as M
 from runner.config import ModelConfig
 from runner.kv_cache import KVCache, take_slots
+from runner.kv_picks import PickBuffer, buffer_bytes
 from runner.kv_spec import KVMode as Mode, QuantAxis
 from runner.kv_scores import ScoreState
 
@@ -77,15 +78,30 @@ def _make_cache(cfg: ModelConfig, kv: KVSettings, batch: int, capacity: int, dty
                             axis=kv.quant_axis.value)
 
 
+def _pick_buffers(cfg: ModelConfig, kv: KVSettings, scored: bool) -> list[PickBuffer] | None:
+    """Retain mode with a scoring policy keeps its picks packed per layer (see runner.kv_picks);
+    not for channel-axis quantization, whose slots cannot be read one by one."""
+    if not scored or kv.mode is Mode.EVICT or (kv.bits != 16 and kv.quant_axis is QuantAxis.CHANNEL):
+        return None
+    return [PickBuffer() for _ in range(cfg.num_layers)]
+
+
 def kv_capacity(kv: KVSettings, max_len: int) -> int:
     """Token slots per sequence a store allocates: all positions, or budget + 1 in evict mode."""
     return min(max_len, kv.policy.budget(max_len) + 1) if kv.mode is Mode.EVICT else max_len
 
 
 def kv_bytes(cfg: ModelConfig, kv: KVSettings, batch: int, max_len: int, dtype: torch.dtype) -> int:
-    """Bytes of KV storage a store for `batch` sequences of `max_len` tokens allocates (exact:
-    the same cache class is built on the meta device, which allocates nothing)."""
-    return _make_cache(cfg, kv, batch, kv_capacity(kv, max_len), dtype, torch.device("meta")).nbytes
+    """Bytes of KV storage a store for `batch` sequences of `max_len` tokens allocates: the cache
+    (exact: the same class built on the meta device, which allocates nothing) plus, in retain
+    mode with a scoring policy, the packed picks at their largest."""
+    nbytes = _make_cache(cfg, kv, batch, kv_capacity(kv, max_len), dtype, torch.device("meta")).nbytes
+    scoring = kv.policy.scoring
+    if _pick_buffers(cfg, kv, scoring is not None) is None:
+        return nbytes
+    groups = cfg.num_kv_heads if scoring.per_head else 1
+    m = kv.policy.split(max_len)[1]  # picks at the longest length (ratio budgets grow)
+    return nbytes + cfg.num_layers * buffer_bytes(batch, cfg.num_kv_heads, groups, cfg.head_dim, m, dtype)
 
 
 def _take(x: Tensor, index: Tensor) -> Tensor:
@@ -119,10 +135,12 @@ class KVStore:
             self.slot_pos = [torch.zeros((b, self.groups, capacity), dtype=torch.long, device=device)
                              for _ in range(cfg.num_layers)]
             self.n_slots = [0] * cfg.num_layers
+        self.picks = _pick_buffers(cfg, kv, scoring is not None)
 
     @property
     def nbytes(self) -> int:
-        return self.cache.nbytes
+        """KV storage plus the retain mode's packed picks (a copy of up to half the budget)."""
+        return self.cache.nbytes + sum(p.nbytes for p in self.picks or ())
 
     def select_rows(self, index: Tensor) -> "KVStore":
         """A new store holding batch rows `index` (b',) of this one, copied; rows may repeat,
@@ -137,6 +155,7 @@ class KVStore:
         if self.evict:
             out.slot_pos = [p[index] for p in self.slot_pos]
             out.n_slots = list(self.n_slots)
+        out.picks = _pick_buffers(self.cfg, self.kv, self.scores is not None)  # refilled on the next step
         return out
 
     # ---- prefill -------------------------------------------------------------------------
@@ -192,16 +211,10 @@ class KVStore:
         clock.lap("score")
         sel = self.policy.select(n, n, scores, q.device)
         clock.lap("select")
-        # The full index is only needed to score or mask the selection, not to read it.
-        index = None if sel is None or not (state or self.padded) else sel.index(n, q.device)
+        index, keys, values = self._read_selected(layer, sel, n, need_index=bool(state or self.padded))
         if sel is None:
-            keys, values = self.cache.read(layer, n)
             bias = self.bias[..., :n] if self.padded else None
         else:
-            keys, values = self.cache.read(layer, n, n - sel.recent)  # the recent run, in place
-            if sel.picks is not None:
-                picked_k, picked_v = self.cache.gather(layer, sel.picks)
-                keys, values = [picked_k, keys], [picked_v, values]
             bias = self._selected_bias(_take(self.bias[..., :n], index) if self.padded else None,
                                        _take(scores, index) if state and state.alive is not None else None)
         clock.lap("gather")
@@ -213,6 +226,28 @@ class KVStore:
                 state.keep_only(n, index)
             clock.lap("score")
         return out
+
+    def _read_selected(self, layer: int, sel: Selection | None, n: int,
+                       need_index: bool) -> tuple[Tensor | None, Tensor | list[Tensor], Tensor | list[Tensor]]:
+        """(index, keys, values): the selected KV as parts to attend over and, if needed, the
+        positions they hold in the same order (None = all n). The recent run is read in place;
+        per-row picks come from the layer's PickBuffer (only new picks copied in), shared
+        picks (a fixed pattern, the same for every row) from a gather."""
+        if sel is None:
+            keys, values = self.cache.read(layer, n)
+            return None, keys, values
+        keys, values = self.cache.read(layer, n, n - sel.recent)  # (b, kvh, recent, d) views
+        if sel.picks is None:
+            return (sel.index(n, keys.device) if need_index else None), keys, values
+        if sel.picks.dim() == 1 or self.picks is None:
+            picked_k, picked_v = self.cache.gather(layer, sel.picks)
+            return (sel.index(n, keys.device) if need_index else None), [picked_k, keys], [picked_v, values]
+        picked_k, picked_v, pos = self.picks[layer].update(self.cache, layer, sel.picks, n - sel.recent)
+        index = None
+        if need_index:
+            tail = torch.arange(n - sel.recent, n, device=pos.device)
+            index = torch.cat((pos, tail.expand(*pos.shape[:2], -1)), dim=-1)  # (b, g, m), buffer order
+        return index, [picked_k, keys], [picked_v, values]
 
     def _decode_evict(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         slot, length, clock = self.n_slots[layer], self.length + 1, self.clock

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from policies import policy_names
+from runner import kv_store
 from runner.kv_spec import KVSpec
+from runner.kv_store import kv_bytes
 from runner.lm import LM, Batch
 
 SPARSE = [p for p in policy_names() if p != "dense"]
@@ -99,3 +101,17 @@ def test_padded_rows_stay_finite_and_fork_matches_a_fresh_batch(lm, ids):
         for t in ids[PROMPT:PROMPT + 4]:
             a, b = fork.decode(torch.tensor([t, t])), base.decode(torch.tensor([t, t]))
     torch.testing.assert_close(a, b[[1, 1]], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["swa", "h2o"])
+def test_packed_picks_match_a_fresh_gather_and_are_counted(lm, ids, policy, monkeypatch):
+    spec = KVSpec(policy=policy, sparsity=0.8)
+    packed, batch = _run(lm, *_two_rows(ids), spec)
+    store = batch.kv
+    assert store.picks is not None and sum(p.copied for p in store.picks) > 0
+    assert store.cache.nbytes < store.nbytes <= kv_bytes(lm.cfg, spec.settings(), 2, PROMPT + STEPS, torch.float32)
+    monkeypatch.setattr(kv_store, "_pick_buffers", lambda *a: None)  # every step gathers all picks afresh
+    fresh, batch = _run(lm, *_two_rows(ids), spec)
+    assert batch.kv.picks is None
+    # Same selection; only the order the picks are summed in differs (float rounding).
+    torch.testing.assert_close(packed, fresh, rtol=1e-4, atol=1e-4)
