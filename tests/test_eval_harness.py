@@ -83,7 +83,13 @@ def test_mc_points_are_per_file_and_shipped_jobs_load():
         (("a.jsonl",), "dense"), (("a.jsonl",), "local"), (("b.jsonl",), "dense"), (("b.jsonl",), "local")]
     ppl = load_job(REPO / "jobs/eval/smollm2-austen-ppl.yaml")
     mc = load_job(REPO / "jobs/eval/smollm2-mc.yaml")
-    assert (ppl.eval.context_len, len(grid_points(ppl.eval))) == (2048, 32)
+    assert ppl.eval.context_len == 2048
+    # The grid (dense x bits, 5 policies x {0.5, 0.8, 0.9} x {16, 8}), plus SWA ablations.
+    have = {(p.kv.policy, p.kv.sparsity, p.kv.bits) for p in grid_points(ppl.eval) if not p.kv.score
+            and not p.kv.per_head and not p.kv.window}
+    want = {("dense", None, b) for b in (16, 8)} | {
+        (p, s, b) for p in ("local", "strided", "streaming", "h2o", "swa") for s in (0.5, 0.8, 0.9) for b in (16, 8)}
+    assert have == want and len(grid_points(ppl.eval)) == 32 + 7  # decay x 3, per-head x 3, long window
     assert mc.eval.shots > 0 and len(mc.eval.data) >= 2 and len(grid_points(mc.eval)) == 64
 
 
