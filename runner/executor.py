@@ -24,7 +24,7 @@ from torch import Tensor
 
 from runner import model as M
 from runner.config import Family, ModelConfig
-from runner.copy_engine import CopyEngine
+from runner.copy_engine import CopyEngine, LinkEmulation
 from runner.generate import BatchOutput, StopTracker, TextDecoder
 from runner.kv_store import KVSettings, kv_bytes
 from runner.layers import ForwardState, build_units
@@ -77,7 +77,7 @@ class Executor:
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, Tensor], tokenizer: TextDecoder, *,
                  policy: OffloadPolicy, budgets: TierBudgets, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, kv: KVSettings | None = None, gpu_batch_size: int = 1,
-                 num_gpu_batches: int = 1):
+                 num_gpu_batches: int = 1, link: LinkEmulation | None = None):
         self.cfg, self.tokenizer, self.policy, self.kv = cfg, tokenizer, policy, kv
         self.device, self.dtype = torch.device(device), dtype
         self.gpu_batch_size, self.num_gpu_batches = gpu_batch_size, num_gpu_batches
@@ -91,7 +91,7 @@ class Executor:
         self._loads = 0  # weight loads so far: picks the staging slot
         try:
             self._place(weights)
-            self.engine = CopyEngine(self.memory, threads=COPY_THREADS if policy.overlap else 0)
+            self.engine = CopyEngine(self.memory, threads=COPY_THREADS if policy.overlap else 0, link=link)
         except BaseException:
             self.close()
             raise
