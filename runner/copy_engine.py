@@ -7,9 +7,12 @@ In-flight copies are not ordered with each other: wait on a copy before submitti
 reads what it writes. `threads=0` runs each copy inside `submit` (overlap off) with the same
 results and the same error reporting (at wait/sync).
 
-The seam for a CUDA engine is `submit` and `Handle`: a stream engine would issue the copy on a
-side stream with pinned host buffers, record an event, and make `Handle.wait()` synchronize on that
-event; the counters below keep their meaning (host time blocked in wait, link time per direction).
+On CUDA (the Memory's compute device) with threads > 0, each worker issues its copies on its own
+side stream, after the compute already issued by the submitter, non-blocking from pinned host memory,
+and `Handle.wait()` synchronizes on an event recorded after the copy (`runner.cuda_copy`, which says
+why); the counters keep their meaning (host time blocked in wait, link time per direction).
+`threads=0` copies synchronously on the caller's stream, as on the CPU. Either way, wait on a copy
+before freeing or rewriting a buffer it reads or writes.
 
 `LinkEmulation` makes a CPU-only machine behave like one with a slow PCIe link: each GPU <-> CPU
 copy (either direction; disk I/O is real, not emulated) occupies its direction of the link for
@@ -23,9 +26,10 @@ import dataclasses
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-
+import torch
 from torch import Tensor
 
+from runner.cuda_copy import SideStreams
 from runner.memory import DiskTensor, Direction, Index, Memory, copy
 
 # Directions a LinkEmulation slows down; disk reads and writes run at the real disk's speed.
@@ -77,7 +81,7 @@ def _sleep_until(deadline: float) -> None:
 
 
 class Handle:
-    """One submitted copy."""
+    """One submitted copy. Its future's result is (when the link delivers the data, CUDA event or None)."""
 
     def __init__(self, engine: CopyEngine, future: Future):
         self._engine, self._future = engine, future
@@ -85,13 +89,21 @@ class Handle:
 
     def done(self) -> bool:
         """Whether the data is copied (an emulated link may still hold the handle in `wait`)."""
-        return self._future.done()
+        if not self._future.done():
+            return False
+        if self._future.exception() is not None:
+            return True
+        event = self._future.result()[1]
+        return event is None or event.query()
 
     def wait(self) -> None:
         """Block until the copy is done and its link time has passed; re-raises the copy's exception."""
         start = time.perf_counter()
         try:
-            _sleep_until(self._future.result())  # result: when the (emulated) link delivers the data
+            ready, event = self._future.result()
+            if event is not None:
+                SideStreams.wait(event)
+            _sleep_until(ready)  # an emulated link may deliver later than the copy finished
         finally:
             self._waited = True
             self._engine._add_wait(time.perf_counter() - start)
@@ -106,6 +118,8 @@ class CopyEngine:
         self.memory, self.threads = memory, threads
         self.schedule = LinkSchedule(link) if link is not None else None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="copy") if threads else None
+        # Overlap on CUDA needs side streams: a worker thread on the compute stream would serialize with compute.
+        self.streams = SideStreams(memory) if threads and memory.device.type == "cuda" else None
         self._pending: list[Handle] = []
         self._wait_s = 0.0
         self._lock = threading.Lock()
@@ -115,15 +129,16 @@ class CopyEngine:
         """Start dst[dst_idx] = src[src_idx]; with threads=0 it is done (link time included) on return."""
         args = (dst, dst_idx, src, src_idx)
         if self._pool is not None:
-            handle = Handle(self, self._pool.submit(self._run, *args))
+            after = self.streams.mark_compute() if self.streams is not None else None
+            handle = Handle(self, self._pool.submit(self._run, *args, after))
         else:
             future: Future = Future()
             try:
-                ready = self._run(*args)
+                ready, event = self._run(*args)
             except Exception as e:  # reported at wait/sync, as from a worker thread
                 future.set_exception(e)
             else:
-                future.set_result(ready)
+                future.set_result((ready, event))
                 start = time.perf_counter()
                 _sleep_until(ready)  # overlap off: the caller pays the link time now
                 self._add_wait(time.perf_counter() - start)
@@ -149,18 +164,27 @@ class CopyEngine:
         if error is not None:
             raise error
 
-    def _run(self, dst: Tensor | DiskTensor, dst_idx: Index, src: Tensor | DiskTensor,
-             src_idx: Index) -> float:
-        """Do the copy; return when its data has arrived (later than now on an emulated link)."""
+    def _run(self, dst: Tensor | DiskTensor, dst_idx: Index, src: Tensor | DiskTensor, src_idx: Index,
+             after: torch.cuda.Event | None = None) -> tuple[float, torch.cuda.Event | None]:
+        """Do the copy (on CUDA with threads: issue it on a side stream once `after` has passed); return
+        when its data arrives on an emulated link (else when the copy was issued), and the CUDA event
+        that completes with it (None when the copy is already complete)."""
         start = time.perf_counter()
-        moved = copy(dst, dst_idx, src, src_idx, self.memory)
+        event = None
+        # Worker threads do not inherit the caller's inference mode, and buffers allocated under it
+        # (KV caches built inside generate) may only be written in it; copies are never differentiated.
+        with torch.inference_mode():
+            if self.streams is not None:
+                moved, event = self.streams.run(dst, dst_idx, src, src_idx, after)
+            else:
+                moved = copy(dst, dst_idx, src, src_idx, self.memory)
         ready = start
         if self.schedule is not None:
             # The link starts carrying the copy when a worker picks it up, as a DMA engine would.
             for d in EMULATED:
                 if moved.get(d):
                     ready = max(ready, self.schedule.reserve(d, moved[d], start)[1])
-        return ready
+        return ready, event
 
     def _add_wait(self, seconds: float) -> None:
         with self._lock:

@@ -119,7 +119,7 @@ def _is_view_index(index: Index) -> bool:
 
 
 def copy(dst: Tensor | DiskTensor, dst_idx: Index, src: Tensor | DiskTensor, src_idx: Index,
-         memory: Memory) -> dict[Direction, int]:
+         memory: Memory, *, non_blocking: bool = False) -> dict[Direction, int]:
     """dst[dst_idx] = src[src_idx], between any two tiers; counts the bytes on each link it crosses.
 
     Index tensors gather (in `src_idx`) or scatter (in `dst_idx`) in one batched op, e.g.
@@ -127,7 +127,9 @@ def copy(dst: Tensor | DiskTensor, dst_idx: Index, src: Tensor | DiskTensor, src
     A bare slice or index tensor may stand for a 1-tuple. Pass disk tensors as their `DiskTensor`
     handle (a `DiskPool.view` tensor would count as a GPU/CPU tensor). Dtypes must match (no silent
     casts: a cast would change the bytes moved). Returns the bytes counted per direction (empty for
-    a copy within one tier).
+    a copy within one tier). `non_blocking` is passed to the final `copy_` into a view of dst (the CUDA
+    copy engine's side streams, `runner.cuda_copy`); a scatter into dst always blocks, because a
+    non-blocking device->host `.to()` would hand index_put a host tensor that is not filled yet.
     """
     dst_idx, src_idx = _normalize(dst_idx), _normalize(src_idx)
     src_t = memory.disk.view(src) if isinstance(src, DiskTensor) else src
@@ -139,7 +141,7 @@ def copy(dst: Tensor | DiskTensor, dst_idx: Index, src: Tensor | DiskTensor, src
         target = dst_t if dst_idx is None else dst_t[dst_idx]
         if target.shape != part.shape:  # copy_ would broadcast, and the byte count would be wrong
             raise ValueError(f"copy: shape mismatch, {tuple(part.shape)} -> {tuple(target.shape)}")
-        target.copy_(part)
+        target.copy_(part, non_blocking=non_blocking)
     else:
         dst_t[_on(dst_idx, dst_t.device)] = part.to(dst_t.device)
     nbytes = part.numel() * part.element_size()

@@ -158,6 +158,18 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def compute_device() -> torch.device:
+    """The compute device for device-generic tests: `ALISA_TEST_DEVICE` (default cpu), e.g.
+    `ALISA_TEST_DEVICE=cuda python -m pytest ...` as tests/gpu/check.sh runs them. The same tests then
+    cover the CPU-only machines every run has and a GPU machine when one is lent; a cuda request on a
+    machine without CUDA skips (rather than fails) so a stray variable cannot break a CPU run."""
+    device = torch.device(os.environ.get("ALISA_TEST_DEVICE", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("ALISA_TEST_DEVICE is cuda but torch.cuda.is_available() is false")
+    return device
+
+
 @pytest.fixture(scope="session")
 def austen_text() -> str:
     """A few hundred lines of real prose (Persuasion), paragraphs re-joined, line breaks kept between them."""
