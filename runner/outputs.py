@@ -59,7 +59,7 @@ def write_generations(path: str | Path, records: Iterable[GenerationRecord], app
     return count
 
 
-THROUGHPUT_COLUMNS: tuple[str, ...] = (
+_BASE_COLUMNS: tuple[str, ...] = (
     "job", "engine", "model", "dtype", "device", "kv_policy", "gpu_batch_size", "num_gpu_batches",
     "num_prompts", "prompt_len", "gen_len", "prefill_latency_s", "prefill_throughput",
     "decode_latency_s", "decode_throughput", "total_latency_s", "total_throughput",
@@ -68,10 +68,25 @@ THROUGHPUT_COLUMNS: tuple[str, ...] = (
     "kv_bytes_per_token", "num_threads", "sweep_point",
     "kv_mode", "kv_sparsity", "kv_budget_tokens", "kv_bits", "kv_peak_bytes",
     "kv_store_s", "kv_score_s", "kv_select_s", "kv_gather_s", "kv_attend_s",
-    # block executor (jobs with an `offload` section): peak bytes per tier, bytes moved per direction
-    "peak_gpu_pool_bytes", "peak_cpu_pool_bytes", "peak_disk_bytes",
-    "bytes_gpu_from_cpu", "bytes_cpu_from_gpu", "bytes_disk_read", "bytes_disk_write", "notes",
 )
+
+# Columns of jobs with an `offload` section: the link the job states (run_job) and whatever
+# `Executor.stats()` returns. Declared here, not taken from the executor at run time, so every run
+# writes the same header and rows of different runs line up; empty cells where a run has no value.
+# To report a new executor figure, append its name here (a CSV written before is upgraded in
+# place on its next append, see `_upgrade_header`).
+OFFLOAD_COLUMNS: tuple[str, ...] = (
+    "link_gbps", "link_emulated",  # hardware.link: the host<->gpu bandwidth, and whether it was emulated
+    # peak bytes per tier, bytes moved per direction
+    "peak_gpu_pool_bytes", "peak_cpu_pool_bytes", "peak_disk_bytes",
+    "bytes_gpu_from_cpu", "bytes_cpu_from_gpu", "bytes_disk_read", "bytes_disk_write",
+    # time: compute thread blocked on copies, computing, recomputing KV; emulated link time per direction
+    "transfer_wait_s", "compute_s", "recompute_s", "link_busy_gpu_from_cpu_s", "link_busy_cpu_from_gpu_s",
+    # ALISA's three KV phases: time in each, and KV bytes moved per link direction
+    "phase1_s", "phase2_s", "phase3_s", "kv_bytes_gpu_from_cpu", "kv_bytes_cpu_from_gpu",
+)
+
+THROUGHPUT_COLUMNS: tuple[str, ...] = _BASE_COLUMNS + OFFLOAD_COLUMNS + ("notes",)
 _COMPUTED = frozenset({"num_prompts", "prompt_len", "gen_len", "prefill_latency_s", "prefill_throughput",
                        "decode_latency_s", "decode_throughput", "total_latency_s", "total_throughput"})
 
@@ -90,7 +105,8 @@ def throughput_row(*, prefill_latency_s: float, decode_latency_s: float, num_pro
     """
     unknown = set(fields) - set(THROUGHPUT_COLUMNS)
     if unknown:
-        raise ValueError(f"throughput_row: unknown columns {sorted(unknown)}")
+        raise ValueError(f"throughput_row: unknown columns {sorted(unknown)} (an executor figure? declare it "
+                         "in runner.outputs.OFFLOAD_COLUMNS)")
     computed_given = set(fields) & _COMPUTED
     if computed_given:
         raise ValueError(f"throughput_row: {sorted(computed_given)} are computed, don't pass them")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from runner.outputs import (
-    THROUGHPUT_COLUMNS, FinishReason, GenerationRecord, append_csv_row, git_commit, peak_rss_bytes,
+    OFFLOAD_COLUMNS, THROUGHPUT_COLUMNS, FinishReason, GenerationRecord, append_csv_row, git_commit, peak_rss_bytes,
     throughput_row, write_generations,
 )
 
@@ -117,6 +117,31 @@ def test_csv_unknown_key(tmp_path):
     with pytest.raises(ValueError, match=r"unknown throughput columns \['tokens_per_s'\]"):
         append_csv_row(tmp_path / "t.csv", {"job": "x", "tokens_per_s": 3})
     assert not (tmp_path / "t.csv").exists()
+
+
+def test_offload_columns_are_declared_so_runs_with_and_without_them_share_one_header(tmp_path):
+    # The names the executor reports (issue 4's time and phase breakdowns) and the job's link.
+    expected = {"link_gbps", "link_emulated", "peak_gpu_pool_bytes", "bytes_disk_read", "transfer_wait_s",
+                "compute_s", "recompute_s", "link_busy_gpu_from_cpu_s", "link_busy_cpu_from_gpu_s", "phase1_s",
+                "phase2_s", "phase3_s", "kv_bytes_gpu_from_cpu", "kv_bytes_cpu_from_gpu"}
+    assert expected <= set(OFFLOAD_COLUMNS) <= set(THROUGHPUT_COLUMNS)
+    assert len(set(THROUGHPUT_COLUMNS)) == len(THROUGHPUT_COLUMNS) and THROUGHPUT_COLUMNS[-1] == "notes"
+    args = dict(prefill_latency_s=1, decode_latency_s=1, num_prompts=1, prompt_tokens=1, generated_tokens=2)
+    path = tmp_path / "t.csv"
+    append_csv_row(path, throughput_row(**args, job="plain"))
+    append_csv_row(path, throughput_row(**args, job="offload", transfer_wait_s=0.25, phase2_s=1.5,
+                                        link_gbps=0.02, link_emulated=True))
+    rows = list(csv.DictReader(path.open()))
+    assert list(rows[0]) == list(THROUGHPUT_COLUMNS)
+    assert rows[0]["transfer_wait_s"] == "" and rows[0]["link_gbps"] == ""
+    assert (rows[1]["transfer_wait_s"], rows[1]["phase2_s"], rows[1]["link_emulated"]) == ("0.25", "1.5", "True")
+    assert rows[1]["compute_s"] == ""  # declared but not reported by this run
+
+
+def test_undeclared_executor_column_points_at_the_declaration():
+    args = dict(prefill_latency_s=1, decode_latency_s=1, num_prompts=1, prompt_tokens=1, generated_tokens=1)
+    with pytest.raises(ValueError, match=r"unknown columns \['phase4_s'\].*OFFLOAD_COLUMNS"):
+        throughput_row(**args, phase4_s=1.0)
 
 
 def test_git_commit_clean_dirty_and_unknown(tmp_path):
