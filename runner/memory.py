@@ -62,7 +62,7 @@ class Memory:
         # Pinned host memory makes host <-> GPU copies DMA directly (and lets them run async on a stream).
         self.gpu = Pool(Tier.GPU, budgets.gpu_bytes, self.device)
         self.cpu = Pool(Tier.CPU, budgets.cpu_bytes, "cpu", pin=self.device.type == "cuda")
-        self.disk = DiskPool(budgets.offload_dir, budgets.disk_bytes)
+        self.disk = DiskPool(budgets.offload_dir, budgets.disk_bytes, page_cache=budgets.disk_page_cache)
         self._moved = {d: 0 for d in Direction}
         self._lock = threading.Lock()
 
@@ -145,6 +145,9 @@ def copy(dst: Tensor | DiskTensor, dst_idx: Index, src: Tensor | DiskTensor, src
     else:
         dst_t[_on(dst_idx, dst_t.device)] = part.to(dst_t.device)
     nbytes = part.numel() * part.element_size()
+    for x in (src, dst):
+        if isinstance(x, DiskTensor):
+            memory.disk.after_io(x)  # a pool without page cache evicts the file now
     moved = {d: nbytes for d in _ROUTES.get((memory.tier_of(src), memory.tier_of(dst)), ())}
     for d, n in moved.items():
         memory.count(d, n)

@@ -4,17 +4,21 @@ in-use and peak accounting, and the disk tier's file-backed tensors.
 `Pool` (GPU or CPU tier) hands out tensors on a device; `DiskPool` hands out `DiskTensor` handles
 to memory-mapped files under `<offload_dir>/run-<pid>-<random>/`, removed by `close()` (also on
 leaving its `with` block, normally, by an exception or by Ctrl-C's KeyboardInterrupt), when the
-pool is garbage-collected, and at interpreter exit. `runner.memory` puts the pools together and
-counts the bytes copied between them.
+pool is garbage-collected, and at interpreter exit. A `DiskPool(page_cache=False)` evicts each file
+from the OS page cache after every write and read, so reads measure the device rather than spare RAM.
+`runner.memory` puts the pools together and counts the bytes copied between them.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import enum
 import itertools
 import math
+import mmap
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import weakref
@@ -24,6 +28,8 @@ import torch
 from torch import Tensor
 
 GIB = 2 ** 30
+_MADV_DONTNEED = 4  # <sys/mman.h> on Linux
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # for madvise on torch's map
 
 
 class Tier(str, enum.Enum):
@@ -63,6 +69,7 @@ class TierBudgets:
     cpu_bytes: int | None = None
     disk_bytes: int | None = None
     offload_dir: str
+    disk_page_cache: bool = True  # False: disk files leave the OS page cache after each write and read
 
     def __post_init__(self) -> None:
         for name in ("gpu_bytes", "cpu_bytes", "disk_bytes"):
@@ -70,12 +77,12 @@ class TierBudgets:
 
     @classmethod
     def from_gb(cls, *, offload_dir: str, gpu_gb: float | None = None, cpu_gb: float | None = None,
-                disk_gb: float | None = None) -> TierBudgets:
+                disk_gb: float | None = None, disk_page_cache: bool = True) -> TierBudgets:
         """Budgets in GiB (2**30 bytes, as `hardware.memory_gb`), rounded down to whole bytes."""
         def to_bytes(gb: float | None) -> int | None:
             return None if gb is None else int(gb * GIB)
         return cls(gpu_bytes=to_bytes(gpu_gb), cpu_bytes=to_bytes(cpu_gb), disk_bytes=to_bytes(disk_gb),
-                   offload_dir=offload_dir)
+                   offload_dir=offload_dir, disk_page_cache=disk_page_cache)
 
     def budget(self, tier: Tier) -> int | None:
         return getattr(self, f"{Tier(tier).value}_bytes")
@@ -206,10 +213,18 @@ class DiskTensor:
 
 
 class DiskPool(_Budgeted):
-    """Disk tier: one file per tensor under a fresh run directory inside `offload_dir`."""
+    """Disk tier: one file per tensor under a fresh run directory inside `offload_dir`.
 
-    def __init__(self, offload_dir: str, budget: int | None = None):
+    With `page_cache=False` every write and read (`write`, `read`, and `runner.memory.copy` through
+    `after_io`) ends by evicting the file from the OS page cache, so the next read of it comes from the
+    device. Otherwise spare RAM keeps the files cached and "disk" reads run at memory speed.
+    """
+
+    def __init__(self, offload_dir: str, budget: int | None = None, *, page_cache: bool = True):
         super().__init__(Tier.DISK, budget)
+        if not page_cache and _LIBC is None:
+            raise ValueError("disk: page_cache=False (evicting files from the page cache) needs Linux")
+        self.page_cache = page_cache
         os.makedirs(offload_dir, exist_ok=True)
         self.root = tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=offload_dir)
         self._maps: dict[str, Tensor] = {}  # path -> shared memory map of the file
@@ -260,7 +275,9 @@ class DiskPool(_Budgeted):
     def read(self, dt: DiskTensor, rows: slice | Tensor | None = None) -> Tensor:
         """A copy in RAM of the whole tensor or of `rows` along dim 0. Not counted: schedulers use `copy`."""
         data = self.view(dt)
-        return (data if rows is None else data[rows]).clone()
+        out = (data if rows is None else data[rows]).clone()
+        self.after_io(dt)
+        return out
 
     def write(self, dt: DiskTensor, src: Tensor, rows: slice | Tensor | None = None) -> None:
         """Store `src` as the whole tensor or as `rows` along dim 0. Not counted: schedulers use `copy`."""
@@ -269,6 +286,31 @@ class DiskPool(_Budgeted):
             data.copy_(src)
         else:
             data[rows] = src.to(data.device)
+        self.after_io(dt)
+
+    def after_io(self, dt: DiskTensor) -> None:
+        """Called after each read or write of `dt`: evicts its file from the page cache if this pool has none."""
+        if not self.page_cache:
+            self.drop_cache(dt)
+
+    def drop_cache(self, dt: DiskTensor) -> None:
+        """Write `dt`'s dirty pages to the device and evict its file from the OS page cache."""
+        data = self.view(dt)
+        # The kernel keeps pages that a process has mapped (fadvise skips them), and our map of the file
+        # stays for the pool's life: unmap its pages first. The map stays valid; the next access faults
+        # them back in from the file. Only a map starting on a page boundary is released (torch.from_file
+        # maps from offset 0, so it always does); a tensor of zero bytes has no map.
+        addr, nbytes = data.data_ptr(), dt.nbytes
+        if nbytes and addr % mmap.PAGESIZE == 0 and _LIBC is not None:
+            if _LIBC.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes), _MADV_DONTNEED) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"disk: madvise of {dt.label!r}: {os.strerror(err)}")
+        fd = os.open(dt.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be evicted: write them out first
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         """Delete the run directory and every file in it; idempotent."""

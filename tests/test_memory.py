@@ -3,6 +3,8 @@ gathers and scatters, exact byte counters per direction, and disk cleanup (inclu
 real subprocess)."""
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import signal
 import subprocess
@@ -220,6 +222,66 @@ def test_disk_read_write_rows(tmp_path: Path):
         assert not os.path.exists(dt.path) and disk.in_use == 0
         with pytest.raises(ValueError, match="not held"):
             disk.read(dt)
+
+
+# ---------------------------------------------------------------- disk without page cache
+
+def _fs_type(path: Path) -> str:
+    """Filesystem type of the mount holding `path` (longest matching mount point)."""
+    p, best = str(path.resolve()), ("", "")
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, mount, fstype, *_ = line.split()
+        if (p == mount or p.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best[0]):
+            best = (mount, fstype)
+    return best[1]
+
+
+def _cached_share(disk: DiskPool, dt: DiskTensor) -> float:
+    """Share of the file's pages in the OS page cache (mincore over the pool's map of the file)."""
+    page = mmap.PAGESIZE
+    pages = -(-dt.nbytes // page)
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mincore(ctypes.c_void_p(disk.view(dt).data_ptr()), ctypes.c_size_t(dt.nbytes), vec) == 0
+    return sum(v & 1 for v in vec) / pages
+
+
+@pytest.fixture
+def device_dir(tmp_path: Path) -> Path:
+    if sys.platform != "linux":
+        pytest.skip("page-cache eviction is Linux only")
+    if _fs_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("tmp_path is on a RAM filesystem: its files live in the page cache")
+    return tmp_path
+
+
+def test_disk_pool_without_page_cache_keeps_files_out_of_it(device_dir: Path):
+    data = _random((256, 1024), torch.float32, seed=3)  # 1 MiB
+    with DiskPool(str(device_dir)) as warm, DiskPool(str(device_dir), page_cache=False) as cold:
+        a, b = warm.alloc(data.shape, data.dtype, "a"), cold.alloc(data.shape, data.dtype, "b")
+        warm.write(a, data)
+        cold.write(b, data)
+        assert _cached_share(warm, a) == 1.0  # the measure sees cached pages: a default pool keeps them
+        assert _cached_share(cold, b) <= 0.05
+        assert torch.equal(_bits(cold.read(b)), _bits(data))  # written to the device before eviction
+        assert _cached_share(cold, b) <= 0.05  # a read leaves the file out of the cache again
+        rows = cold.read(b, slice(10, 20))
+        assert torch.equal(_bits(rows), _bits(data[10:20])) and _cached_share(cold, b) <= 0.05
+        warm.drop_cache(a)  # explicit eviction works on any pool
+        assert _cached_share(warm, a) <= 0.05 and torch.equal(_bits(warm.read(a)), _bits(data))
+
+
+def test_copies_through_a_memory_without_page_cache_are_exact_and_evicted(device_dir: Path):
+    data = _random((128, 512), torch.float16, seed=4)
+    with Memory(TierBudgets(offload_dir=str(device_dir), disk_page_cache=False), device="cpu") as mem:
+        disk = mem.disk.alloc(data.shape, data.dtype, "home")
+        gpu = _fill(mem, Tier.GPU, data, "src")
+        copy(disk, None, gpu, None, mem)
+        assert _cached_share(mem.disk, disk) <= 0.05
+        back = mem.gpu.alloc(data.shape, data.dtype, "back")
+        copy(back, None, disk, None, mem)
+        assert torch.equal(_bits(back), _bits(data)) and _cached_share(mem.disk, disk) <= 0.05
+        assert mem.moved()["disk_read"] == mem.moved()["disk_write"] == data.numel() * 2
 
 
 # ---------------------------------------------------------------- disk cleanup
