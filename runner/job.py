@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from runner.eval.spec import EvalSpec
+from runner.hardware_spec import Device, HardwareSpec, LinkSpec  # noqa: F401 (re-exported)
 from runner.kv_spec import KVSpec
 from runner.offload_policy import OffloadPolicy
 from runner.spec import JobError, _at_least, _bad, _build, _freeze, _hints, _plain, _Spec
@@ -35,12 +36,6 @@ from runner.spec import JobError, _at_least, _bad, _build, _freeze, _hints, _pla
 class Engine(str, enum.Enum):
     ALISA = "alisa"
     HF = "hf"
-
-
-class Device(str, enum.Enum):
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
 
 
 class DType(str, enum.Enum):
@@ -80,29 +75,6 @@ class ModelSpec(_Spec):
     def _validate(self) -> None:
         if self.path in ("auto", "dummy") and self.name is None:
             raise _bad("model.name", f"required when model.path is {self.path!r}")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class HardwareSpec(_Spec):
-    _section = "hardware"
-    device: Device = Device.AUTO
-    num_threads: int | None = None  # torch CPU threads; None keeps torch's default
-    # Memory (GiB) the run may use for weights + KV cache; None = what the device has free.
-    memory_gb: float | None = None
-    # Tier budgets (GiB) of the block executor (jobs with an `offload` section); None = unlimited.
-    gpu_gb: float | None = None
-    cpu_gb: float | None = None
-    disk_gb: float | None = None
-    offload_dir: str = "offload/"  # disk-tier files go in a fresh run-* directory here, removed after the run
-
-    def _validate(self) -> None:
-        _at_least(self, "num_threads", 1)
-        if self.memory_gb is not None and self.memory_gb <= 0:
-            raise _bad("hardware.memory_gb", f"must be > 0, got {self.memory_gb}")
-        for name in ("gpu_gb", "cpu_gb", "disk_gb"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise _bad(f"hardware.{name}", f"must be >= 0 (or omitted: unlimited), got {value:g}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -235,6 +207,11 @@ class JobSpec(_Spec):
                 if getattr(self.hardware, name) is not None:
                     raise _bad(f"hardware.{name}", "a tier budget of the block executor: "
                                "only used with an offload section")
+            if self.hardware.link is not None:
+                raise _bad("hardware.link", "the block executor's host<->gpu link: only used with an offload section")
+            if not self.hardware.disk_page_cache:
+                raise _bad("hardware.disk_page_cache", "the block executor's disk tier: "
+                           "only used with an offload section")
             return
         if self.engine is not Engine.ALISA:
             raise _bad("offload", "the block executor runs the alisa engine; remove offload or use engine: alisa")
@@ -289,27 +266,28 @@ def _sweep_pairs(sweep: Mapping) -> tuple[tuple[str, tuple], ...]:
 # ---------------------------------------------------------------- dotted keys and overrides
 
 def set_dotted(d: dict, dotted_key: str, value: Any) -> None:
-    """Set `section.key` (or a top-level key such as `name`) in a raw job dict, checking both names."""
-    top = [f.name for f in dataclasses.fields(JobSpec)]
-    section, _, rest = str(dotted_key).partition(".")
-    if section not in top:
-        raise _bad(dotted_key, f"unknown key (known: {', '.join(top)})")
-    if not rest:
-        d[section] = value
-        return
-    cls = _hints(JobSpec)[section]
-    cls = next((a for a in typing.get_args(cls) if a is not type(None)), cls)  # `X | None` sections
-    if not dataclasses.is_dataclass(cls):
-        raise _bad(dotted_key, f"{section!r} is not a section")
-    names = [f.name for f in dataclasses.fields(cls)]
-    if rest not in names:
-        raise _bad(dotted_key, f"unknown key (known: {', '.join(names)})")
-    sub = d.get(section)
-    if sub is None:
-        sub = d[section] = {}
-    if not isinstance(sub, dict):
-        raise _bad(section, f"must be a mapping, got {sub!r}")
-    sub[rest] = value
+    """Set `section.key` (or a top-level key such as `name`, or a nested one such as `hardware.link.gbps`)
+    in a raw job dict, checking every name against the spec and creating missing mappings on the way."""
+    parts = str(dotted_key).split(".")
+    cls, target = JobSpec, d
+    for depth, name in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(cls)]
+        if name not in names:
+            raise _bad(dotted_key, f"unknown key (known: {', '.join(names)})")
+        if depth == len(parts) - 1:
+            target[name] = value
+            return
+        where = ".".join(parts[:depth + 1])
+        hint = _hints(cls)[name]
+        sub_cls = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # `X | None` sections
+        if not dataclasses.is_dataclass(sub_cls):
+            raise _bad(dotted_key, f"{where!r} is not a section")
+        sub = target.get(name)
+        if sub is None:
+            sub = target[name] = {}
+        if not isinstance(sub, dict):
+            raise _bad(where, f"must be a mapping, got {sub!r}")
+        cls, target = sub_cls, sub
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -1,0 +1,55 @@
+"""The job's `hardware` section: the device, CPU threads and memory, and for jobs with an `offload`
+section the block executor's tier budgets, disk-tier directory and host <-> gpu link (`link`)."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from runner.spec import _at_least, _bad, _Spec
+
+
+class Device(str, enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LinkSpec(_Spec):
+    """`hardware.link`: the host <-> gpu link's bandwidth, stated in the CSV, optionally emulated."""
+    _section = "hardware.link"
+    gbps: float  # GB/s (10**9 bytes per second) per direction
+    # true: the copy engine holds each gpu<->cpu copy for bytes / bandwidth (runner.copy_engine.LinkEmulation),
+    # so a CPU-only machine pays a slow link's time; false: the figure is only recorded (e.g. a real GPU's link).
+    emulate: bool
+
+    def _validate(self) -> None:
+        if not self.gbps > 0:
+            raise _bad("hardware.link.gbps", f"must be > 0, got {self.gbps:g}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HardwareSpec(_Spec):
+    _section = "hardware"
+    device: Device = Device.AUTO
+    num_threads: int | None = None  # torch CPU threads; None keeps torch's default
+    # Memory (GiB) the run may use for weights + KV cache; None = what the device has free.
+    memory_gb: float | None = None
+    # Tier budgets (GiB) of the block executor (jobs with an `offload` section); None = unlimited.
+    gpu_gb: float | None = None
+    cpu_gb: float | None = None
+    disk_gb: float | None = None
+    offload_dir: str = "offload/"  # disk-tier files go in a fresh run-* directory here, removed after the run
+    # false: disk-tier files leave the OS page cache after every write and read, so each read comes from
+    # the device; true (the OS default) lets spare RAM serve "disk" reads at memory speed.
+    disk_page_cache: bool = True
+    link: LinkSpec | None = None  # with `offload`: the host <-> gpu link (see LinkSpec)
+
+    def _validate(self) -> None:
+        _at_least(self, "num_threads", 1)
+        if self.memory_gb is not None and self.memory_gb <= 0:
+            raise _bad("hardware.memory_gb", f"must be > 0, got {self.memory_gb}")
+        for name in ("gpu_gb", "cpu_gb", "disk_gb"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise _bad(f"hardware.{name}", f"must be >= 0 (or omitted: unlimited), got {value:g}")
