@@ -80,14 +80,23 @@ def _make_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype:
 
 
 def _offload_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> Engine:
+    from runner.copy_engine import LinkEmulation
     from runner.executor import Executor
     from runner.memory import TierBudgets
     hw = job.hardware
-    budgets = TierBudgets.from_gb(offload_dir=hw.offload_dir, gpu_gb=hw.gpu_gb, cpu_gb=hw.cpu_gb, disk_gb=hw.disk_gb)
+    budgets = TierBudgets.from_gb(offload_dir=hw.offload_dir, gpu_gb=hw.gpu_gb, cpu_gb=hw.cpu_gb, disk_gb=hw.disk_gb,
+                                  disk_page_cache=hw.disk_page_cache)
+    link = LinkEmulation(gbps=hw.link.gbps) if hw.link is not None and hw.link.emulate else None
     with _budget_errors():
         return Executor(loaded.config, loaded.weights, loaded.tokenizer, policy=job.offload, budgets=budgets,
                         device=device, dtype=dtype, kv=job.kv.settings(), gpu_batch_size=job.batch.gpu_batch_size,
-                        num_gpu_batches=job.batch.num_gpu_batches)
+                        num_gpu_batches=job.batch.num_gpu_batches, link=link)
+
+
+def _link_columns(job: JobSpec) -> dict:
+    """The link the row was measured under (`hardware.link`); no columns without one."""
+    link = job.hardware.link
+    return {} if link is None else {"link_gbps": link.gbps, "link_emulated": link.emulate}
 
 
 @contextlib.contextmanager
@@ -198,7 +207,7 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "") -> di
         loaded.config.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size()),
         num_threads=torch.get_num_threads(), sweep_point=sweep_point, kv_mode=job.kv.mode.value,
         kv_sparsity=job.kv.sparsity, kv_budget_tokens=job.kv.budget_tokens, kv_bits=job.kv.bits,
-        kv_peak_bytes=totals.kv_peak_bytes, **offload_columns,
+        kv_peak_bytes=totals.kv_peak_bytes, **_link_columns(job), **offload_columns,
         **{f"kv_{phase}_s": round(s, 4) for phase, s in totals.kv_phase_s.items()})
     append_csv_row(job.throughput_csv, row)
     return row

@@ -93,3 +93,24 @@ def test_kv_policy_row_records_settings_and_phase_times(tmp_path):
     assert (row.kv_policy, row.kv_sparsity, row.kv_bits, row.kv_mode) == ("swa", 0.5, 8, "retain")
     assert row.kv_bytes_per_token == 30 * 2 * 3 * (64 + 2 * 4)  # int8 codes + fp32 scale and min per head
     assert row.kv_peak_bytes > 0 and row.kv_attend_s > 0 and row.kv_gather_s >= 0
+
+
+def test_offload_row_states_the_link_and_emulation_costs_its_time(tmp_path):
+    # Dummy OPT-125m, weights 60/20/20 gpu/cpu/disk (qkv and fc1 land on cpu, the norms on disk, read without
+    # page cache): an emulated 0.15 GB/s link must make the run last as long as its ~0.4 GB of gpu<-cpu
+    # bytes take on that link, 2.6 s (without emulation the run takes ~0.9 s on 2 CPU cores).
+    gbps = 0.15
+    proc = _run("jobs/smollm2-135m.yaml", "--set", "model.path=dummy", "--set", "model.name=opt-125m",
+                "--set", "dataset.limit=2", "--set", "batch.gpu_batch_size=2", "--set", "generation.max_new_tokens=2",
+                "--set", "generation.ignore_eos=true", "--set", f"output.dir={tmp_path}", "--set", "hardware.num_threads=1",
+                "--set", "offload={w_gpu_percent: 60, w_cpu_percent: 20}", "--set", "hardware.disk_page_cache=false",
+                "--set", f"hardware.offload_dir={tmp_path / 'offload'}",
+                "--set", f"hardware.link.gbps={gbps}", "--set", "hardware.link.emulate=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = pd.read_csv(tmp_path / "throughput.csv").iloc[0]
+    assert (row.link_gbps, row.link_emulated) == (gbps, True)
+    assert row.bytes_disk_read > 0 and row.bytes_gpu_from_cpu > 0
+    # Every counted byte crossed the link inside the timed run: the one untimed copy, the prefetch of the
+    # next token's first layer after the last step, moves nothing (the embedding unit is all on gpu here).
+    assert row.total_latency_s >= 0.9 * row.bytes_gpu_from_cpu / (gbps * 1e9)
+    assert not any((tmp_path / "offload").iterdir())  # the disk files are gone
