@@ -133,14 +133,17 @@ class CopyEngine:
             handle = Handle(self, self._pool.submit(self._run, *args, after))
         else:
             future: Future = Future()
+            # Overlap off: the caller is blocked for the copy itself (e.g. a disk read) and any link time,
+            # so both count as waiting, as the same copy's time counts in wait() with threads.
+            start = time.perf_counter()
             try:
                 ready, event = self._run(*args)
             except Exception as e:  # reported at wait/sync, as from a worker thread
                 future.set_exception(e)
             else:
                 future.set_result((ready, event))
-                start = time.perf_counter()
-                _sleep_until(ready)  # overlap off: the caller pays the link time now
+                _sleep_until(ready)  # the caller pays the link time now
+            finally:
                 self._add_wait(time.perf_counter() - start)
             handle = Handle(self, future)
         with self._lock:

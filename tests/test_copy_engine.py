@@ -174,6 +174,22 @@ def test_disk_io_is_not_emulated(memory: Memory):
     assert engine.link_busy_s() == {"gpu<-cpu": pytest.approx(SECONDS), "cpu<-gpu": 0.0}
 
 
+def test_overlap_off_counts_the_copy_itself_as_waiting(memory: Memory):
+    # With threads=0 the caller is blocked for the whole copy, not only for emulated link time: the
+    # disk read of overlap off is exactly the time overlap on should hide, so it must show as waiting.
+    data = memory.cpu.alloc((8 * MIB,), torch.float32, "host")  # 32 MiB
+    data.copy_(torch.arange(8 * MIB, dtype=torch.float32))
+    disk = memory.disk.alloc(data.shape, data.dtype, "file")
+    gpu = memory.gpu.alloc(data.shape, data.dtype, "dev")
+    with CopyEngine(memory, threads=0) as engine:
+        start = time.perf_counter()
+        engine.submit(disk, None, data, None)
+        engine.submit(gpu, None, disk, None).wait()
+        elapsed = time.perf_counter() - start
+    assert torch.equal(gpu, data)
+    assert engine.transfer_wait_s >= 0.9 * elapsed > 0
+
+
 # ---------------------------------------------------------------- overlap on/off through the executor
 
 def test_executor_overlap_on_equals_off(compute_device: torch.device, tmp_path: Path):
