@@ -26,8 +26,9 @@ from runner import model as M
 from runner.config import Family, ModelConfig
 from runner.copy_engine import CopyEngine, LinkEmulation
 from runner.generate import BatchOutput, StopTracker, TextDecoder
-from runner.kv_store import KVSettings, kv_bytes
-from runner.layers import ForwardState, build_units
+from runner.kv_placement import KVPlacer
+from runner.kv_store import KVSettings
+from runner.layers import Attention, ForwardState, build_units
 from runner.lm import Batch, set_rope
 from runner.memory import BudgetError, Memory, Reservation, Tier, TierBudgets, format_bytes
 from runner.offload import ScheduledLayer, WeightRead, plan_bytes
@@ -51,8 +52,9 @@ class _Frame:
 class _GpuBatch:
     """One GPU batch of a block: its `Batch` (ids, positions, KV store) and where it is in the step."""
 
-    def __init__(self, frame: _Frame, prompts: list[list[int]], max_new_tokens: int, kv: KVSettings | None):
-        self.batch = Batch(frame, prompts, max_new_tokens, kv)  # type: ignore[arg-type]
+    def __init__(self, frame: _Frame, prompts: list[list[int]], max_new_tokens: int, kv: KVSettings | None,
+                 make_cache: Callable[[int, int], object] | None):
+        self.batch = Batch(frame, prompts, max_new_tokens, kv, make_cache)  # type: ignore[arg-type]
         self.state: ForwardState | None = None
         self.hidden: Tensor | None = None  # ids in, hidden states between layers, logits out
         self.tokens: Tensor | None = None
@@ -92,10 +94,13 @@ class Executor:
         try:
             self._place(weights)
             self.engine = CopyEngine(self.memory, threads=COPY_THREADS if policy.overlap else 0, link=link)
+            self.placer = KVPlacer(cfg, policy, kv or KVSettings(), self.memory, self.engine, dtype)
         except BaseException:
             self.close()
             raise
-        self._moved_base = self.memory.moved()
+        self.link = link
+        self._attn_after = _next_attention(self.layers)
+        self.reset_stats()
 
     # ---- placement ---------------------------------------------------------------------------
     def _place(self, weights: Mapping[str, Tensor]) -> None:
@@ -144,24 +149,27 @@ class Executor:
         reservations = self._reserve_block(groups, params.max_new_tokens)
         try:
             with torch.inference_mode():
-                block = [_GpuBatch(_Frame(self.cfg, self.device, self.dtype), g, params.max_new_tokens, self.kv)
-                         for g in groups]
+                make_cache = self.placer.cache_factory()
+                block = [_GpuBatch(_Frame(self.cfg, self.device, self.dtype), g, params.max_new_tokens, self.kv,
+                                   make_cache) for g in groups]
                 t0 = time.perf_counter()
                 t1 = self._loop(block, params, tracker, generator, observe)
+                self.engine.sync()  # the last KV write-backs are part of the run
                 t2 = time.perf_counter()
+                stores = [b.batch.kv for b in block]
+                kv_total, kv_per_token = sum(s.nbytes for s in stores), stores[0].cache.bytes_per_token()
         finally:
             self.engine.sync()
+            self.placer.end_block()
             for r in reservations:
                 self.memory.gpu.release(r)
-        stores = [b.batch.kv for b in block]
         phases: dict[str, float] = {}
         for s in stores:
             for name, sec in (s.clock.totals.items() if s.clock.enabled else ()):
                 phases[name] = phases.get(name, 0.0) + sec
         return BatchOutput(sequences=tracker.outputs, prefill_s=t1 - t0, decode_s=t2 - t1,
                            prompt_tokens=sum(len(p) for p in prompts), generated_tokens=sum(tracker.steps),
-                           kv_bytes=sum(s.nbytes for s in stores),
-                           kv_bytes_per_token=stores[0].cache.bytes_per_token(), kv_phase_s=phases)
+                           kv_bytes=kv_total, kv_bytes_per_token=kv_per_token, kv_phase_s=phases)
 
     def _loop(self, block: list[_GpuBatch], params: SamplingParams, tracker: StopTracker,
               generator: torch.Generator | None, observe: Callable[[int, Tensor], None] | None) -> float:
@@ -169,6 +177,7 @@ class Executor:
         n_layers, n_batches, first_done = len(self.layers), len(block), 0.0
         pending = self.load_weight(0)  # weights of (token 0, layer 0)
         for i in range(params.max_new_tokens):  # token i
+            step_start = time.perf_counter()
             for b in block:
                 b.begin(i, self.rope)
             for j, layer in enumerate(self.layers):  # layer j: its weights serve every GPU batch
@@ -176,9 +185,11 @@ class Executor:
                 pending = self.load_weight((j + 1) % n_layers)  # prefetch (i, j+1), or (i+1, 0) after the head
                 for k in range(n_batches):  # GPU batch k
                     b = block[k]
-                    layer.load_cache(block[k + 1].state if k + 1 < n_batches else None)  # next batch's KV
+                    if i > 0:
+                        self._load_next_cache(block, j, k)  # (j, k+1), or the next attention layer's (j', 0)
                     b.hidden = layer.forward(w, b.hidden, b.state)
-                    layer.store_cache(block[k - 1].state if k > 0 else None)  # previous batch's KV
+                    if i > 0:
+                        layer.store_cache(b.state)  # this batch's new KV back to its home (in the background)
             if observe is not None:
                 observe(i, torch.cat([b.hidden for b in block]))  # (rows, v): the head's output
             for b in block:
@@ -187,9 +198,23 @@ class Executor:
             all_done = tracker.add(torch.cat([b.tokens for b in block]).tolist())
             if i == 0:
                 first_done = time.perf_counter()
+            else:
+                self._time_step(block[0].batch.kv.length, time.perf_counter() - step_start)
             if all_done:
                 break
         return first_done
+
+    def _load_next_cache(self, block: list[_GpuBatch], j: int, k: int) -> None:
+        if k + 1 < len(block):
+            self.layers[j].load_cache(block[k + 1].state)
+        elif (nj := self._attn_after[j]) is not None:
+            self.layers[nj].load_cache(block[0].state)
+
+    def _time_step(self, length: int, seconds: float) -> None:
+        """Decode step time by the ALISA phase of the sequence length the step ended at."""
+        phases = self.placer.phases
+        phase = phases.phase(length) if phases is not None else 1
+        self._phase_s[phase - 1] += seconds
 
     def load_weight(self, j: int) -> WeightRead:
         """Start loading layer j's weights into the staging slot the running layer does not use: loads
@@ -199,36 +224,59 @@ class Executor:
 
     # ---- accounting --------------------------------------------------------------------------
     def _reserve_block(self, groups: Sequence[list[list[int]]], max_new: int) -> list[Reservation]:
-        """Hold each GPU batch's KV store and the block's hidden states in the gpu pool, all checked first."""
+        """Check the block's KV (every tier) and hidden states fit; hold the gpu parts the caches do
+        not allocate themselves (the plain KV store, hidden states), and set up the KV placement."""
         c, itemsize = self.cfg, self.dtype.itemsize
-        kv = self.kv or KVSettings()
-        parts: dict[str, int] = {}
-        for k, g in enumerate(groups):
-            width = max(len(p) for p in g)
-            parts[f"KV cache of GPU batch {k}"] = kv_bytes(c, kv, len(g), width + max_new, self.dtype)
+        shapes = [(len(g), max(len(p) for p in g) + max_new) for g in groups]
+        need = self.placer.plan(shapes)
+        for k, (g, (rows, length)) in enumerate(zip(groups, shapes)):
             # Hidden states between layers: the prompt's (widest) pass, plus the head's logits.
-            parts[f"activations of GPU batch {k}"] = len(g) * (width * max(c.hidden_size, c.embed_dim)
-                                                               + c.vocab_size) * itemsize
-        _check_fits(self.memory, Tier.GPU, parts)
-        return [self.memory.gpu.reserve(n, label) for label, n in parts.items()]
+            width = length - max_new
+            need[Tier.GPU][f"activations of GPU batch {k}"] = rows * (width * max(c.hidden_size, c.embed_dim)
+                                                                      + c.vocab_size) * itemsize
+        for tier, parts in need.items():
+            _check_fits(self.memory, tier, parts)
+        held = {label: n for label, n in need[Tier.GPU].items()
+                if label.startswith(("activations", "SWA picks")) or not self.placer.offloaded}
+        reservations = [self.memory.gpu.reserve(n, label) for label, n in held.items()]
+        self.placer.begin_block(shapes)
+        return reservations
 
     def reset_stats(self) -> None:
-        """Measure peaks and bytes moved from now (e.g. after a warm-up run)."""
+        """Measure peaks, bytes moved and times from now (e.g. after a warm-up run)."""
         for t in Tier:
             self.memory.pool(t).reset_peak()
         self._moved_base = self.memory.moved()
+        self._wait_base = self.engine.transfer_wait_s
+        self._phase_s = [0.0, 0.0, 0.0]
+        self.placer.reset()
 
-    def stats(self) -> dict[str, int]:
-        """Peak bytes per tier and bytes moved per direction since the last reset, as CSV columns."""
+    def stats(self) -> dict[str, int | float]:
+        """Peak bytes per tier, bytes moved per direction and the time breakdown since the last reset."""
         peaks, moved = self.memory.peaks(), self.memory.moved()
         delta = {d: moved[d] - self._moved_base.get(d, 0) for d in moved}
-        return {"peak_gpu_pool_bytes": peaks["gpu"], "peak_cpu_pool_bytes": peaks["cpu"],
-                "peak_disk_bytes": peaks["disk"], "bytes_gpu_from_cpu": delta["gpu<-cpu"],
-                "bytes_cpu_from_gpu": delta["cpu<-gpu"], "bytes_disk_read": delta["disk_read"],
-                "bytes_disk_write": delta["disk_write"]}
+        kv = self.placer.traffic()
+        busy = self.engine.link_busy_s()
+        out: dict[str, int | float] = {
+            "peak_gpu_pool_bytes": peaks["gpu"], "peak_cpu_pool_bytes": peaks["cpu"],
+            "peak_disk_bytes": peaks["disk"], "bytes_gpu_from_cpu": delta["gpu<-cpu"],
+            "bytes_cpu_from_gpu": delta["cpu<-gpu"], "bytes_disk_read": delta["disk_read"],
+            "bytes_disk_write": delta["disk_write"], "kv_bytes_gpu_from_cpu": kv.up_bytes,
+            "kv_bytes_cpu_from_gpu": kv.down_bytes,
+            "transfer_wait_s": round(self.engine.transfer_wait_s - self._wait_base, 4),
+            "link_busy_gpu_from_cpu_s": round(busy["gpu<-cpu"], 4),
+            "link_busy_cpu_from_gpu_s": round(busy["cpu<-gpu"], 4)}
+        if self.placer.phases is not None:
+            out.update({f"phase{p + 1}_s": round(sec, 4) for p, sec in enumerate(self._phase_s)})
+            out.update(recompute_s=round(kv.recompute_s, 4), recomputed_tokens=kv.recomputed,
+                       recompute_saved_bytes=kv.recompute_saved_bytes)
+        return out
 
     def close(self) -> None:
         """Stop the copy threads, free every allocation and delete the disk files (idempotent)."""
+        placer = getattr(self, "placer", None)
+        if placer is not None:
+            placer.end_block()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
@@ -244,6 +292,17 @@ class Executor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _next_attention(layers: list[ScheduledLayer]) -> list[int | None]:
+    """For each layer index, the index of the next attention unit after it (None after the last)."""
+    out: list[int | None] = [None] * len(layers)
+    nxt = None
+    for j in range(len(layers) - 1, -1, -1):
+        out[j] = nxt
+        if isinstance(layers[j].unit, Attention):
+            nxt = j
+    return out
 
 
 def _check_fits(memory: Memory, tier: Tier, parts: Mapping[str, int]) -> None:

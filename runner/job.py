@@ -185,7 +185,8 @@ class JobSpec(_Spec):
             try:
                 if key == "sweep":
                     raise _bad("sweep", "cannot be swept")
-                set_dotted({}, key, None)
+                for inner in _case_keys(key, values):
+                    set_dotted({}, inner, None)
             except JobError as e:
                 raise JobError(f"sweep: {e}", key=f"sweep.{key}") from None
         self.sweep_points()  # builds every point, so a bad combination fails at load time
@@ -243,7 +244,9 @@ class JobSpec(_Spec):
         keys = [key for key, _ in self.sweep]
         points = []
         for combo in itertools.product(*(values for _, values in self.sweep)):
-            point = dict(zip(keys, combo))
+            point: dict[str, Any] = {}
+            for key, value in zip(keys, combo):  # a `cases` entry sets several keys together
+                point.update(dict(value) if key == CASES else {key: value})
             d = copy.deepcopy(base)
             for key, value in point.items():
                 set_dotted(d, key, _plain(value))
@@ -252,6 +255,23 @@ class JobSpec(_Spec):
             except JobError as e:
                 raise JobError(f"sweep point {_plain(point)}: {e}", key=e.key) from None
         return points
+
+
+# Sweep key whose values are mappings of keys set together (one point each), e.g. FlexGen's plan with
+# dense KV against ALISA's with SWA INT8: `sweep: {cases: [{offload: {...}, kv: {...}}, ...]}`.
+CASES = "cases"
+
+
+def _case_keys(key: str, values: tuple) -> list[str]:
+    """The dotted keys a sweep key sets: itself, or for `cases` every key of every case."""
+    if key != CASES:
+        return [key]
+    keys = []
+    for i, case in enumerate(values):
+        if not isinstance(case, Mapping) or not case:
+            raise _bad(f"sweep.cases[{i}]", f"must be a non-empty mapping of keys to values, got {case!r}")
+        keys += [k for k in case if k not in keys]
+    return keys
 
 
 def _sweep_pairs(sweep: Mapping) -> tuple[tuple[str, tuple], ...]:

@@ -13,7 +13,9 @@ scoring policies get their first scores from the prompt's own attention rows.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -112,8 +114,11 @@ def _take(x: Tensor, index: Tensor) -> Tensor:
 
 
 class KVStore:
-    def __init__(self, cfg: ModelConfig, kv: KVSettings, valid: Tensor, dtype: torch.dtype, device: torch.device):
-        """valid: (b, L) bool over all positions (prompt + new tokens), False on left padding."""
+    def __init__(self, cfg: ModelConfig, kv: KVSettings, valid: Tensor, dtype: torch.dtype, device: torch.device,
+                 make_cache: Callable[[int, int], Any] | None = None):
+        """valid: (b, L) bool over all positions (prompt + new tokens), False on left padding.
+        make_cache(batch, capacity): the storage, when not the plain one on `device` (the block
+        executor's tiered caches: runner.kv_sequences, runner.kv_tokens)."""
         self.cfg, self.kv, self.policy = cfg, kv, kv.policy
         b, max_len = valid.shape
         self.length = 0  # positions written so far (all rows share them)
@@ -125,7 +130,7 @@ class KVStore:
         self.evict = kv.mode is Mode.EVICT
         self.clock = PhaseClock(kv.profile, device)
         capacity = kv_capacity(kv, max_len)
-        self.cache = _make_cache(cfg, kv, b, capacity, dtype, device)
+        self.cache = make_cache(b, capacity) if make_cache else _make_cache(cfg, kv, b, capacity, dtype, device)
         self.scores = None
         if scoring is not None:
             track = scoring.permanent and not self.evict
@@ -141,6 +146,16 @@ class KVStore:
     def nbytes(self) -> int:
         """KV storage plus the retain mode's packed picks (a copy of up to half the budget)."""
         return self.cache.nbytes + sum(p.nbytes for p in self.picks or ())
+
+    @property
+    def wants_inputs(self) -> bool:
+        """Whether the storage keeps layer inputs to recompute K/V from (ALISA phase III)."""
+        return hasattr(self.cache, "observe_inputs")
+
+    def observe_inputs(self, layer: int, h: Tensor, positions: Tensor, start: int, project: Callable) -> None:
+        """Layer inputs h (b, s, hidden) of slots start.. at rotary `positions` (b, s), and how to
+        project them to K/V."""
+        self.cache.observe_inputs(layer, h, positions, start, project)
 
     def select_rows(self, index: Tensor) -> "KVStore":
         """A new store holding batch rows `index` (b',) of this one, copied; rows may repeat,

@@ -9,6 +9,7 @@ loader (HF directory, GGUF, dummy) produces.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ class ForwardState:
     rows: slice = dataclasses.field(default_factory=lambda: slice(None))  # batch rows this prefill call runs (prefill goes in row groups)
     prefill_mask: Tensor | None = None  # (b, 1, s, s) bool, None when no row is padded
     rope: tuple[Tensor, Tensor] | None = None  # cos, sin gathered at positions: (b, 1, s, d)
+    rope_table: tuple[Tensor, Tensor] | None = None  # the whole cos, sin tables (max_len, d): recomputing old K
 
 
 class Unit:
@@ -81,6 +83,9 @@ class Attention(Unit):
     def forward(self, w: dict[str, Tensor], h: Tensor, state: ForwardState) -> Tensor:
         c = self.cfg
         pre_ln = c.family is Family.LLAMA or c.do_layer_norm_before
+        if state.kv.wants_inputs:  # ALISA phase III: keep h, and how to get K/V back from it
+            state.kv.observe_inputs(self.layer, h, state.positions, state.start,
+                                    functools.partial(self.project_kv, w, state.rope_table))
         x = self._norm(w, h) if pre_ln else h
         qkv = kernels.wide_linear(x, w["qkv_w"], w.get("qkv_b"))  # (b, s, h + 2*kv_dim)
         qk, v = qkv.split([c.hidden_size + c.kv_dim, c.kv_dim], dim=-1)
@@ -96,6 +101,20 @@ class Attention(Unit):
         out = torch.nn.functional.linear(M.merge_heads(out), w["o_w"], w.get("o_b"))
         h = h + out
         return h if pre_ln else self._norm(w, h)
+
+    def project_kv(self, w: dict[str, Tensor], rope: tuple[Tensor, Tensor] | None, h: Tensor,
+                   positions: Tensor) -> tuple[Tensor, Tensor]:
+        """K, V (r, kvh, d) of tokens from their layer inputs h (r, hidden) at `positions` (r,): the
+        same norm, projection rows and rotary as `forward`, for K/V deleted from the cache."""
+        c = self.cfg
+        x = self._norm(w, h) if c.family is Family.LLAMA or c.do_layer_norm_before else h
+        bias = w.get("qkv_b")
+        kv = torch.nn.functional.linear(x, w["qkv_w"][c.hidden_size:], None if bias is None else bias[c.hidden_size:])
+        k, v = kv.view(-1, 2, c.num_kv_heads, c.head_dim).unbind(1)  # (r, kvh, d) each
+        if rope is not None:
+            cos, sin = rope[0][positions].unsqueeze(1), rope[1][positions].unsqueeze(1)  # (r, 1, d)
+            k = M.apply_rope(k, cos, sin)
+        return k, v
 
     def _norm(self, w: dict[str, Tensor], x: Tensor) -> Tensor:
         if self.cfg.family is Family.LLAMA:

@@ -5,6 +5,9 @@ same units with weights and KV moved between tiers.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -35,6 +38,7 @@ class LM:
 def set_rope(state: ForwardState, rope: tuple[Tensor, Tensor] | None) -> None:
     """Gather the rotary tables (cos, sin) at the state's positions once per forward pass (LLaMA only)."""
     if rope is not None:
+        state.rope_table = rope
         cos, sin = rope
         state.rope = (cos[state.positions].unsqueeze(1), sin[state.positions].unsqueeze(1))  # (b, 1, s, d)
 
@@ -70,7 +74,8 @@ PREFILL_GROUP_TOKENS = 2048
 class Batch:
     """A left-padded batch of prompts with its KV store, advanced one step at a time."""
 
-    def __init__(self, lm: LM, prompts: list[list[int]], max_new_tokens: int, kv: KVSettings | None = None):
+    def __init__(self, lm: LM, prompts: list[list[int]], max_new_tokens: int, kv: KVSettings | None = None,
+                 make_cache: Callable[[int, int], Any] | None = None):
         self.lm = lm
         dev = lm.device
         ids, valid = left_pad(prompts, pad_id=0)
@@ -80,7 +85,7 @@ class Batch:
         key_valid[:, :s] = valid.to(dev)
         self.prompt_valid = key_valid[:, :s]
         self.positions = (valid.long().cumsum(-1) - 1).clamp(min=0).to(dev)  # (b, s)
-        self.kv = KVStore(lm.cfg, kv or KVSettings(), key_valid, lm.dtype, dev)
+        self.kv = KVStore(lm.cfg, kv or KVSettings(), key_valid, lm.dtype, dev, make_cache)
 
     @property
     def length(self) -> int:

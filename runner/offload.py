@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from runner.copy_engine import CopyEngine, Handle
-from runner.layers import ForwardState, Shapes, Unit
+from runner.layers import Attention, ForwardState, Shapes, Unit
 from runner.memory import DiskTensor, Memory, Tier
 from runner.offload_policy import OffloadPolicy
 
@@ -129,10 +129,23 @@ class ScheduledLayer:
         return WeightRead(weights, handles)
 
     def load_cache(self, state: ForwardState | None) -> None:
-        """Bring this layer's KV of one GPU batch to the gpu tier: a no-op while KV lives in the gpu pool."""
+        """Start bringing this layer's KV of one GPU batch (a decode step's) to the gpu tier. Only
+        FlexGen's per-sequence split loads a layer's KV whole; the plain store needs nothing, and
+        ALISA's token placement fetches its selected tokens inside the attention (runner/kv_tokens.py)."""
+        cache = self._cache(state)
+        if hasattr(cache, "prefetch"):
+            cache.prefetch(self.unit.layer, state.kv.length)
 
     def store_cache(self, state: ForwardState | None) -> None:
-        """Write this layer's new KV of one GPU batch back to its home: a no-op while KV lives in the gpu pool."""
+        """Write the new token's KV of one GPU batch back to its home (no-op unless the cache offloads)."""
+        cache = self._cache(state)
+        if hasattr(cache, "flush"):
+            cache.flush(self.unit.layer, state.start, state.start + 1)
+
+    def _cache(self, state: ForwardState | None) -> object | None:
+        if state is None or not isinstance(self.unit, Attention):
+            return None
+        return state.kv.cache
 
     def forward(self, w: dict[str, Tensor], x: Tensor, state: ForwardState) -> Tensor:
         return self.unit.forward(w, x, state)

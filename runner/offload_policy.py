@@ -4,25 +4,36 @@ Percentages place weights, KV cache and activations across the `gpu`, `cpu` and 
 each pair's 100 goes to disk). The batch shape (`gpu_batch_size`, `num_gpu_batches`) lives in the job's
 `batch` section, as FlexGen's CLI takes it, not here.
 
-This increment implements the weight split and `overlap`; every other setting that would change where KV
-or activations live, or compress anything, is refused by name rather than silently ignored.
+KV placement (`kv_placement`):
+- `sequence` (FlexGen): whole sequences of each GPU batch by `cache_gpu_percent` / `cache_cpu_percent`
+  (rest on disk), each layer's KV loaded whole to the gpu for its attention (runner/kv_sequences.py).
+- `token` (ALISA): per token by age in three phases with switch lengths `p1`, `p2`, the share of tokens
+  on cpu `offload_ratio` and the share recomputed from activations `recompute_ratio`
+  (runner/kv_tokens.py). The cache percents are FlexGen's and must stay at their defaults.
+
+Settings not implemented yet (activation placement, cpu_cache_compute, compression) are refused by name
+rather than silently ignored.
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 from runner.spec import _bad, _Spec
 
 # Fields whose non-default values the executor cannot honour yet: (field, required value, why).
 _NOT_YET: tuple[tuple[str, object, str], ...] = (
-    ("cache_gpu_percent", 100.0, "KV stays on the gpu pool"),
-    ("cache_cpu_percent", 0.0, "KV stays on the gpu pool"),
     ("act_gpu_percent", 100.0, "activations stay on the gpu pool"),
     ("act_cpu_percent", 0.0, "activations stay on the gpu pool"),
     ("cpu_cache_compute", False, "attention always runs on the gpu pool"),
     ("compress_weight", False, "weights are stored uncompressed"),
     ("compress_cache", False, "KV compression is kv.bits, not offload"),
 )
+
+
+class KVPlacement(str, enum.Enum):
+    SEQUENCE = "sequence"  # FlexGen: whole sequences by percent
+    TOKEN = "token"  # ALISA: tokens by age, three phases
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,6 +50,11 @@ class OffloadPolicy(_Spec):
     cpu_cache_compute: bool = False
     compress_weight: bool = False
     compress_cache: bool = False
+    kv_placement: KVPlacement = KVPlacement.SEQUENCE
+    p1: int | None = None  # token placement: length where phase II (older tokens on cpu) starts
+    p2: int | None = None  # token placement: length where phase III (recompute the oldest) starts
+    offload_ratio: float = 0.0  # token placement: share of tokens (the oldest) on cpu from p1
+    recompute_ratio: float = 0.0  # token placement: share of tokens (the oldest) recomputed from p2
 
     def _validate(self) -> None:
         for kind in ("w", "cache", "act"):
@@ -50,10 +66,37 @@ class OffloadPolicy(_Spec):
             total = getattr(self, gpu) + getattr(self, cpu)
             if total > 100 + 1e-9:
                 raise _bad(f"offload.{cpu}", f"{gpu} + {cpu} must be <= 100 (the rest goes to disk), got {total:g}")
+        self._validate_placement()
         for name, required, why in _NOT_YET:
             if getattr(self, name) != required:
                 raise _bad(f"offload.{name}", f"not implemented yet ({why}); must be {_show(required)}, "
                            f"got {_show(getattr(self, name))}")
+
+    def _validate_placement(self) -> None:
+        token_fields = ("p1", "p2", "offload_ratio", "recompute_ratio")
+        if self.kv_placement is KVPlacement.SEQUENCE:
+            for name in token_fields:
+                if getattr(self, name) not in (None, 0.0):
+                    raise _bad(f"offload.{name}", "only used with offload.kv_placement: token")
+            return
+        for name in ("cache_gpu_percent", "cache_cpu_percent"):
+            if getattr(self, name) != OffloadPolicy.__dataclass_fields__[name].default:
+                raise _bad(f"offload.{name}", "FlexGen's per-sequence split; kv_placement: token places KV "
+                           "by p1, p2, offload_ratio and recompute_ratio instead")
+        for name in ("p1", "p2"):
+            if getattr(self, name) is None or getattr(self, name) < 1:
+                raise _bad(f"offload.{name}", "kv_placement: token needs a phase switch length >= 1")
+        if self.p2 < self.p1:
+            raise _bad("offload.p2", f"must be >= p1 ({self.p1}), got {self.p2}")
+        if not 0 <= self.offload_ratio < 1:
+            raise _bad("offload.offload_ratio", f"must be in [0, 1), got {self.offload_ratio:g}")
+        if not 0 <= self.recompute_ratio <= self.offload_ratio:
+            raise _bad("offload.recompute_ratio", f"must be in [0, offload_ratio = {self.offload_ratio:g}], "
+                       f"got {self.recompute_ratio:g}")
+
+    @property
+    def cache_disk_percent(self) -> float:
+        return 100.0 - self.cache_gpu_percent - self.cache_cpu_percent
 
     @property
     def w_disk_percent(self) -> float:

@@ -225,8 +225,6 @@ def test_disk_files_exist_during_a_run_and_are_removed_after_success_and_failure
 
 
 @pytest.mark.parametrize("settings, field", [
-    (dict(cache_gpu_percent=50), "cache_gpu_percent"), (dict(cache_gpu_percent=0, cache_cpu_percent=100),
-                                                        "cache_gpu_percent"),
     (dict(act_gpu_percent=0), "act_gpu_percent"), (dict(act_gpu_percent=0, act_cpu_percent=100), "act_gpu_percent"),
     (dict(cpu_cache_compute=True), "cpu_cache_compute"), (dict(compress_weight=True), "compress_weight"),
     (dict(compress_cache=True), "compress_cache"),

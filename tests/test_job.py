@@ -279,7 +279,8 @@ def test_offload_section_parses_round_trips_and_defaults_to_absent(tmp_path):
     ({"offload": {"w_gpu_percnt": 10}}, "offload.w_gpu_percnt", "unknown key (known: w_gpu_percent"),
     ({"offload": {"w_gpu_percent": 101}}, "offload.w_gpu_percent", "must be in [0, 100]"),
     ({"offload": {"w_gpu_percent": 70, "w_cpu_percent": 40}}, "offload.w_cpu_percent", "must be <= 100"),
-    ({"offload": {"cache_gpu_percent": 50}}, "offload.cache_gpu_percent", "not implemented yet"),
+    ({"offload": {"kv_placement": "token", "p1": 64}}, "offload.p2", "needs a phase switch length"),
+    ({"offload": {"kv_placement": "rows"}}, "offload.kv_placement", "sequence"),
     ({"offload": {"act_cpu_percent": 0, "act_gpu_percent": 0}}, "offload.act_gpu_percent", "not implemented yet"),
     ({"offload": {"compress_cache": True}}, "offload.compress_cache", "not implemented yet"),
     ({"offload": {"overlap": "yes"}}, "offload.overlap", "must be true or false"),
@@ -369,3 +370,19 @@ def test_offload_section_can_be_swept_on_and_off():
     assert plain.offload is None and offload.offload.w_gpu_percent == 100.0 and not offload.offload.overlap
     with pytest.raises(JobError, match=r"offload.w_gpu: unknown key"):
         job_from_dict(minimal(sweep={"offload": [None, {"w_gpu": 100}]}))
+
+
+def test_sweep_cases_set_several_keys_per_point():
+    job = job_from_dict({**minimal(), "offload": {}, "sweep": {"cases": [
+        {"kv": {"policy": "dense"}, "offload.cache_gpu_percent": 50},
+        {"kv": {"policy": "swa", "sparsity": 0.8, "bits": 8},
+         "offload": {"kv_placement": "token", "p1": 64, "p2": 128, "offload_ratio": 0.5}}]}})
+    (p1, j1), (p2, j2) = job.sweep_points()
+    assert p1 == {"kv": {"policy": "dense"}, "offload.cache_gpu_percent": 50}
+    assert j1.offload.cache_gpu_percent == 50 and j1.kv.policy == "dense"
+    assert j2.offload.p2 == 128 and j2.kv.bits == 8 and j2.offload.cache_gpu_percent == 100
+    with pytest.raises(JobError, match=r"^sweep: sweep\.cases\[1\]: must be a non-empty mapping"):
+        job_from_dict({**minimal(), "sweep": {"cases": [{"kv.bits": 8}, 3]}})
+    with pytest.raises(JobError, match=r"offload\.p2"):  # a bad case fails at load time, naming the key
+        job_from_dict({**minimal(), "offload": {}, "sweep": {"cases": [
+            {"offload": {"kv_placement": "token", "p1": 64}}]}})

@@ -1,0 +1,134 @@
+"""Where the block executor keeps each GPU batch's KV: the plain store on the gpu tier, FlexGen's
+per-sequence split (runner/kv_sequences.py) or ALISA's per-token phases (runner/kv_tokens.py).
+
+`KVPlacer` plans the bytes each tier needs for a block (checked before anything is allocated),
+builds each GPU batch's cache, and sums what the caches moved and recomputed for the CSV.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from runner.config import ModelConfig
+from runner.copy_engine import CopyEngine
+from runner.kv_picks import buffer_bytes
+from runner.kv_sequences import SequenceSplitKV, WorkingSlots, split_rows
+from runner.kv_spec import KVMode, QuantAxis
+from runner.kv_store import KVSettings, kv_bytes
+from runner.kv_tokens import KVTraffic, TokenPhases, TokenTieredKV
+from runner.memory import Memory, Tier
+from runner.offload_policy import KVPlacement, OffloadPolicy
+
+
+class KVPlacer:
+    """KV storage of the block's GPU batches under an offload policy."""
+
+    def __init__(self, cfg: ModelConfig, policy: OffloadPolicy, kv: KVSettings, memory: Memory,
+                 engine: CopyEngine, dtype: torch.dtype):
+        self.cfg, self.policy, self.kv, self.memory, self.engine, self.dtype = cfg, policy, kv, memory, engine, dtype
+        self.phases: TokenPhases | None = None
+        if policy.kv_placement is KVPlacement.TOKEN:
+            self.phases = TokenPhases(p1=policy.p1, p2=policy.p2, offload_ratio=policy.offload_ratio,
+                                      recompute_ratio=policy.recompute_ratio)
+        self.split = policy.kv_placement is KVPlacement.SEQUENCE and policy.cache_gpu_percent < 100
+        self._check_kv()
+        self.slots: WorkingSlots | None = None
+        self.caches: list[Any] = []
+        self.done = KVTraffic()  # traffic of caches already freed
+
+    def _check_kv(self) -> None:
+        if not (self.split or self.phases):
+            return
+        if self.kv.mode is KVMode.EVICT:
+            raise ValueError("kv.mode: evict frees KV for good; offloading it is not supported, use retain")
+        if self.split and self.kv.bits != 16:
+            raise ValueError("kv.bits: FlexGen's per-sequence split moves the compute dtype (its compress_cache "
+                             "is not implemented); use kv_placement: token for INT8 KV on cpu")
+        if self.phases and self.kv.bits != 16 and self.kv.quant_axis is not QuantAxis.HIDDEN:
+            raise ValueError("kv.quant_axis: token placement fetches single tokens; use hidden")
+
+    @property
+    def offloaded(self) -> bool:
+        return bool(self.split or self.phases)
+
+    # ---- planning ------------------------------------------------------------------------------
+    def plan(self, shapes: list[tuple[int, int]]) -> dict[Tier, dict[str, int]]:
+        """Bytes per tier and part for GPU batches of (rows, max_len) each."""
+        c, kv = self.cfg, self.kv
+        need: dict[Tier, dict[str, int]] = {t: {} for t in Tier}
+        for k, (b, n) in enumerate(shapes):
+            if self.phases:
+                gpu, cpu = TokenTieredKV.plan_bytes(c, b, n, self.dtype, self.phases, kv.bits, kv.group_size)
+                need[Tier.GPU][f"KV window and activations of GPU batch {k}"] = gpu
+                need[Tier.CPU][f"KV home of GPU batch {k}"] = cpu
+            elif self.split:
+                split = split_rows(b, self.policy.cache_gpu_percent, self.policy.cache_cpu_percent)
+                for tier, nbytes in SequenceSplitKV.plan_bytes(c, split, n, self.dtype).items():
+                    need[tier][f"KV of GPU batch {k} ({tier.value} rows)"] = nbytes
+            else:
+                need[Tier.GPU][f"KV cache of GPU batch {k}"] = kv_bytes(c, kv, b, n, self.dtype)
+                continue
+            need[Tier.GPU][f"SWA picks of GPU batch {k}"] = self._picks_bytes(b, n)
+        if self.split:
+            need[Tier.GPU]["2 KV working slots"] = WorkingSlots.plan_bytes(self._slot_shape(shapes), self.dtype)
+        return need
+
+    def _picks_bytes(self, b: int, n: int) -> int:
+        scoring = self.kv.policy.scoring
+        if scoring is None:
+            return 0
+        groups = self.cfg.num_kv_heads if scoring.per_head else 1
+        m = self.kv.policy.split(n)[1]
+        return self.cfg.num_layers * buffer_bytes(b, self.cfg.num_kv_heads, groups, self.cfg.head_dim, m, self.dtype)
+
+    def _slot_shape(self, shapes: list[tuple[int, int]]) -> tuple[int, int, int, int]:
+        return (max(b for b, _ in shapes), self.cfg.num_kv_heads, max(n for _, n in shapes), self.cfg.head_dim)
+
+    # ---- caches --------------------------------------------------------------------------------
+    def begin_block(self, shapes: list[tuple[int, int]]) -> None:
+        if self.split:
+            self.slots = WorkingSlots(self.memory, self._slot_shape(shapes), self.dtype)
+
+    def cache_factory(self) -> Callable[[int, int], Any] | None:
+        """make_cache(batch, capacity) for a GPU batch's KVStore, or None for the plain cache."""
+        if not self.offloaded:
+            return None
+
+        def make(batch: int, capacity: int) -> Any:
+            if self.phases:
+                cache = TokenTieredKV(self.cfg, batch, capacity, self.dtype, phases=self.phases, memory=self.memory,
+                                      engine=self.engine, bits=self.kv.bits, group_size=self.kv.group_size)
+            else:
+                split = split_rows(batch, self.policy.cache_gpu_percent, self.policy.cache_cpu_percent)
+                cache = SequenceSplitKV(self.cfg, batch, capacity, self.dtype, split=split, memory=self.memory,
+                                        engine=self.engine, slots=self.slots)
+            self.caches.append(cache)
+            return cache
+        return make
+
+    def end_block(self) -> None:
+        """Free the block's caches and working slots (also after a failure)."""
+        for cache in self.caches:
+            t = getattr(cache, "traffic", None)
+            if t is not None:
+                for name in vars(t):
+                    setattr(self.done, name, getattr(self.done, name) + getattr(t, name))
+            cache.free()
+        self.caches = []
+        if self.slots is not None:
+            self.slots.free()
+            self.slots = None
+
+    def traffic(self) -> KVTraffic:
+        """What token-tiered caches moved and recomputed so far (freed ones included)."""
+        out = KVTraffic(**vars(self.done))
+        for cache in self.caches:
+            t = getattr(cache, "traffic", None)
+            for name in vars(t) if t is not None else ():
+                setattr(out, name, getattr(out, name) + getattr(t, name))
+        return out
+
+    def reset(self) -> None:
+        self.done = KVTraffic()

@@ -1,0 +1,187 @@
+"""KV placement in the block executor: FlexGen's per-sequence split and ALISA's three token phases give
+the plain path's tokens and logits, move the bytes they should, and recompute K/V exactly.
+
+Tolerance (see tests/test_executor.py for the weight-placement side): with KV in the compute dtype, a
+placement only moves bytes, so logits stay within float32 rounding (TINY_ATOL). Phase III recomputes
+K/V with a matmul over a different number of rows than the original, so a BLAS may round differently
+(~1 ulp per element, checked directly in test_recomputed_kv_equals_the_kv_it_replaces); the 1e-5 on
+logits of magnitude ~1 does not always hold after several layers of it (seen: 1.05e-5 on logits of
+magnitude ~4), so phase III runs use RECOMPUTE_ATOL = 1e-4: ten times the observed drift, still three
+orders below what a wrong token, position or stale K/V causes (O(0.1)). INT8 on cpu is a real approximation: its bound is justified there.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from policies import get_policy
+from runner.copy_engine import CopyEngine
+from runner.executor import OffloadPolicy
+from runner.kv_sequences import split_rows
+from runner.kv_store import KVSettings
+from runner.kv_tokens import TokenPhases, TokenTieredKV
+from runner.lm import LM, Batch
+from runner.memory import Memory, TierBudgets
+from runner.offload_policy import KVPlacement
+from runner.spec import JobError
+from test_executor import PROMPTS, STEPS, TINY_ATOL, _assert_same, offloaded, plain, tiny  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+RECOMPUTE_ATOL = 1e-4
+SWA = get_policy("swa", sparsity=0.8)
+KVS = {"dense": KVSettings(), "swa0.8": KVSettings(policy=SWA)}
+TOKEN = dict(kv_placement=KVPlacement.TOKEN)
+PLACEMENTS = {
+    "seq-cpu": dict(cache_gpu_percent=0, cache_cpu_percent=100),
+    "seq-mixed": dict(cache_gpu_percent=25, cache_cpu_percent=50),  # and 25% on disk
+    "tok-I": dict(**TOKEN, p1=10_000, p2=10_000, offload_ratio=0.6),  # never leaves phase I
+    "tok-II": dict(**TOKEN, p1=8, p2=10_000, offload_ratio=0.6),
+    "tok-III": dict(**TOKEN, p1=8, p2=16, offload_ratio=0.6, recompute_ratio=0.3),
+}
+
+
+def _policy(placement: str, overlap: bool = True, **weights) -> OffloadPolicy:
+    return OffloadPolicy(**PLACEMENTS[placement], overlap=overlap, **weights)
+
+
+@pytest.mark.parametrize("family, placement, overlap, ngb, kv", [
+    *itertools.product(["llama"], PLACEMENTS, [True, False], [1, 4], KVS),
+    *itertools.product(["opt"], ["seq-mixed", "tok-III"], [True], [1, 4], KVS),
+])
+def test_kv_placements_match_plain_path(tiny, tmp_path, family, placement, overlap, ngb, kv):
+    cfg, weights = tiny[family]
+    gbs = len(PROMPTS) // ngb
+    ref = plain(cfg, weights, PROMPTS, gbs, STEPS, KVS[kv])
+    logits, tokens, stats = offloaded(cfg, weights, PROMPTS, _policy(placement, overlap),
+                                      TierBudgets(offload_dir=str(tmp_path)), gbs, ngb, STEPS, KVS[kv])
+    _assert_same(ref, (logits, tokens), RECOMPUTE_ATOL if placement == "tok-III" else TINY_ATOL)
+    moved_up, moved_down = stats["kv_bytes_gpu_from_cpu"], stats["kv_bytes_cpu_from_gpu"]
+    if placement.startswith("seq"):
+        assert moved_up > 0 and moved_down > 0 and stats["bytes_gpu_from_cpu"] >= moved_up
+    elif placement == "tok-I":
+        assert moved_up == moved_down == 0 and stats["phase2_s"] == stats["phase3_s"] == 0
+    else:
+        assert moved_down > 0 and moved_up > 0
+        phase3 = placement == "tok-III"  # prompts of 30 columns: every decode step is past p2 = 16
+        assert (stats["phase3_s"] > 0) == phase3 and (stats["phase2_s"] > 0) != phase3
+        assert (stats["recomputed_tokens"] > 0) == phase3
+
+
+def test_weights_and_kv_offloaded_together(tiny, tmp_path):
+    cfg, weights = tiny["llama"]
+    ref = plain(cfg, weights, PROMPTS, 4, STEPS, KVS["swa0.8"])
+    for placement in ("seq-mixed", "tok-III"):
+        policy = _policy(placement, w_gpu_percent=30, w_cpu_percent=50)
+        logits, tokens, stats = offloaded(cfg, weights, PROMPTS, policy, TierBudgets(offload_dir=str(tmp_path)),
+                                          4, 2, STEPS, KVS["swa0.8"])
+        _assert_same(ref, (logits, tokens), RECOMPUTE_ATOL)
+        assert stats["bytes_disk_read"] > 0 and stats["bytes_gpu_from_cpu"] > stats["kv_bytes_gpu_from_cpu"]
+
+
+def test_flexgen_split_moves_whole_offloaded_sequences_every_step(tiny, tmp_path):
+    """cache_cpu_percent 100 with dense attention: each decode step loads every layer's K and V of all
+    rows for all positions so far, and writes one token back: exactly FlexGen's traffic."""
+    cfg, weights = tiny["llama"]
+    prompts = [p[:12] for p in PROMPTS[:4]]  # equal lengths: no padding, one width
+    _, _, stats = offloaded(cfg, weights, prompts, _policy("seq-cpu"), TierBudgets(offload_dir=str(tmp_path)),
+                            4, 1, STEPS, KVS["dense"])
+    per_layer_token = 4 * cfg.num_kv_heads * cfg.head_dim * 4  # K (or V) of one position, 4 rows, float32
+    loads = sum(12 + t for t in range(STEPS - 1))  # decode step t+1 loads the 12 + t positions written so far
+    assert stats["kv_bytes_gpu_from_cpu"] == 2 * cfg.num_layers * loads * per_layer_token
+    assert stats["kv_bytes_cpu_from_gpu"] == 2 * cfg.num_layers * (12 + STEPS - 1) * per_layer_token
+
+
+def test_token_placement_moves_far_fewer_bytes_than_flexgen(tiny, tmp_path):
+    cfg, weights = tiny["llama"]
+    prompts = [p[:12] for p in PROMPTS[:4]]
+    moved = {}
+    for placement in ("seq-cpu", "tok-II"):
+        _, _, stats = offloaded(cfg, weights, prompts, _policy(placement), TierBudgets(offload_dir=str(tmp_path)),
+                                4, 1, 30, KVS["swa0.8"])
+        moved[placement] = stats["kv_bytes_gpu_from_cpu"] + stats["kv_bytes_cpu_from_gpu"]
+    assert 0 < moved["tok-II"] < moved["seq-cpu"] / 3
+
+
+def test_int8_on_cpu_stays_within_low_precision_tolerance(tiny, tmp_path):
+    """INT8 (group 16 along the head dim) on the cpu tokens only: each element is off by at most half a
+    quantization step (~0.2% of its group's range), but an SWA pick may flip on the perturbed scores, so
+    the bound is the one the foundation holds bf16/fp16 to: 5% of the fp32 logit scale."""
+    cfg, weights = tiny["llama"]
+    kv8 = KVSettings(policy=SWA, bits=8, group_size=16)
+    ref_logits, ref_tokens = plain(cfg, weights, PROMPTS, 8, STEPS, KVS["swa0.8"])
+    logits, tokens, stats = offloaded(cfg, weights, PROMPTS, _policy("tok-II"), TierBudgets(offload_dir=str(tmp_path)),
+                                      8, 1, STEPS, kv8)
+    worst = max((a - b).abs().max().item() for a, b in zip(ref_logits, logits))
+    scale = max(a.abs().max().item() for a in ref_logits)
+    assert 0 < worst < 0.05 * scale
+    assert stats["kv_bytes_cpu_from_gpu"] > 0
+    assert (tokens == ref_tokens).float().mean().item() >= 0.9
+    # Phase I only: nothing is quantized, so the run is the plain one.
+    same = offloaded(cfg, weights, PROMPTS, _policy("tok-I"), TierBudgets(offload_dir=str(tmp_path)), 8, 1, STEPS, kv8)
+    _assert_same((ref_logits, ref_tokens), same[:2], TINY_ATOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_recomputed_kv_equals_the_kv_it_replaces(tiny, family):
+    """Prefill through a token-tiered cache whose phase III covers most positions, then read those
+    positions back (recomputed from the kept layer inputs) and compare with the plain cache's K/V."""
+    cfg, weights = tiny[family]
+    lm = LM(cfg, weights, torch.device("cpu"), torch.float32)
+    prompts = PROMPTS[:4]  # different lengths: rotary positions differ from slots on padded rows
+    ref = Batch(lm, prompts, 2)
+    ref.prefill()
+    memory = Memory(TierBudgets(offload_dir="unused"))
+    phases = TokenPhases(p1=1, p2=1, offload_ratio=0.9, recompute_ratio=0.8, chunk=1)
+    with CopyEngine(memory, threads=0) as engine:
+        caches = []
+
+        def make(b, n):
+            caches.append(TokenTieredKV(cfg, b, n, torch.float32, phases=phases, memory=memory, engine=engine))
+            return caches[-1]
+        got = Batch(lm, prompts, 2, make_cache=make)
+        got.prefill()
+        cache, width = caches[0], ref.prompt_width
+        rec = cache.rec[0]
+        assert rec == int(0.8 * width) and cache.traffic.recomputed == 0
+        valid = ref.prompt_valid[:, :rec]  # padding slots hold no token (masked in attention)
+        for layer in range(cfg.num_layers):
+            k, v = cache.read(layer, rec)
+            want_k, want_v = ref.kv.cache.read(layer, rec)
+            for a, b in ((k, want_k), (v, want_v)):
+                a, b = a.transpose(1, 2)[valid], b.transpose(1, 2)[valid]  # (tokens, kvh, d)
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
+        assert cache.traffic.recomputed > 0
+        cache.free()
+    assert memory.gpu.in_use == memory.cpu.in_use == 0
+
+
+def test_phase_boundaries():
+    ph = TokenPhases(p1=100, p2=200, offload_ratio=0.5, recompute_ratio=0.25, chunk=16)
+    assert [ph.phase(n) for n in (99, 100, 199, 200)] == [1, 2, 2, 3]
+    assert ph.gpu_from(99) == 0 and ph.gpu_from(100) == 48 and ph.gpu_from(300) == 144
+    assert ph.recompute_below(199) == 0 and ph.recompute_below(200) == 50
+    assert all(ph.gpu_from(n) <= ph.gpu_from(n + 1) for n in range(1, 500))
+    assert ph.window(500) == max(n - ph.gpu_from(n) for n in range(1, 501)) + 16
+
+
+def test_split_rows_rounds_cumulatively():
+    assert split_rows(8, 25, 50) == (2, 4, 2)
+    assert split_rows(3, 50, 50) == (2, 1, 0)
+    assert split_rows(4, 0, 100) == (0, 4, 0)
+
+
+@pytest.mark.parametrize("settings, field", [
+    (dict(**TOKEN, p2=4), "p1"),
+    (dict(**TOKEN, p1=8, p2=4), "p2"),
+    (dict(**TOKEN, p1=4, p2=8, offload_ratio=0.3, recompute_ratio=0.5), "recompute_ratio"),
+    (dict(**TOKEN, p1=4, p2=8, offload_ratio=1.0), "offload_ratio"),
+    (dict(**TOKEN, p1=4, p2=8, cache_gpu_percent=50), "cache_gpu_percent"),
+    (dict(p1=4), "p1"),
+])
+def test_bad_token_placement_is_refused_by_name(settings, field):
+    with pytest.raises(JobError, match=rf"^offload\.{field}:") as e:
+        OffloadPolicy(**settings)
+    assert "\n" not in str(e.value)
