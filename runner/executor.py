@@ -228,7 +228,7 @@ class Executor:
         not allocate themselves (the plain KV store, hidden states), and set up the KV placement."""
         c, itemsize = self.cfg, self.dtype.itemsize
         shapes = [(len(g), max(len(p) for p in g) + max_new) for g in groups]
-        need = self.placer.plan(shapes)
+        need = self.placer.plan(shapes, max_new)
         for k, (g, (rows, length)) in enumerate(zip(groups, shapes)):
             # Hidden states between layers: the prompt's (widest) pass, plus the head's logits.
             width = length - max_new
@@ -239,7 +239,7 @@ class Executor:
         held = {label: n for label, n in need[Tier.GPU].items()
                 if label.startswith(("activations", "SWA picks")) or not self.placer.offloaded}
         reservations = [self.memory.gpu.reserve(n, label) for label, n in held.items()]
-        self.placer.begin_block(shapes)
+        self.placer.begin_block(shapes, max_new)
         return reservations
 
     def reset_stats(self) -> None:
@@ -248,6 +248,7 @@ class Executor:
             self.memory.pool(t).reset_peak()
         self._moved_base = self.memory.moved()
         self._wait_base = self.engine.transfer_wait_s
+        self._busy_base = self.engine.link_busy_s()
         self._phase_s = [0.0, 0.0, 0.0]
         self.placer.reset()
 
@@ -256,7 +257,7 @@ class Executor:
         peaks, moved = self.memory.peaks(), self.memory.moved()
         delta = {d: moved[d] - self._moved_base.get(d, 0) for d in moved}
         kv = self.placer.traffic()
-        busy = self.engine.link_busy_s()
+        busy = {d: s - self._busy_base[d] for d, s in self.engine.link_busy_s().items()}
         out: dict[str, int | float] = {
             "peak_gpu_pool_bytes": peaks["gpu"], "peak_cpu_pool_bytes": peaks["cpu"],
             "peak_disk_bytes": peaks["disk"], "bytes_gpu_from_cpu": delta["gpu<-cpu"],

@@ -35,6 +35,7 @@ class KVPlacer:
         self.split = policy.kv_placement is KVPlacement.SEQUENCE and policy.cache_gpu_percent < 100
         self._check_kv()
         self.slots: WorkingSlots | None = None
+        self.max_new = 0  # tokens generated per block: a cache's prompt width is its capacity minus this
         self.caches: list[Any] = []
         self.done = KVTraffic()  # traffic of caches already freed
 
@@ -54,13 +55,14 @@ class KVPlacer:
         return bool(self.split or self.phases)
 
     # ---- planning ------------------------------------------------------------------------------
-    def plan(self, shapes: list[tuple[int, int]]) -> dict[Tier, dict[str, int]]:
-        """Bytes per tier and part for GPU batches of (rows, max_len) each."""
+    def plan(self, shapes: list[tuple[int, int]], max_new: int) -> dict[Tier, dict[str, int]]:
+        """Bytes per tier and part for GPU batches of (rows, max_len) each, max_new of them generated."""
         c, kv = self.cfg, self.kv
         need: dict[Tier, dict[str, int]] = {t: {} for t in Tier}
         for k, (b, n) in enumerate(shapes):
             if self.phases:
-                gpu, cpu = TokenTieredKV.plan_bytes(c, b, n, self.dtype, self.phases, kv.bits, kv.group_size)
+                gpu, cpu = TokenTieredKV.plan_bytes(c, b, n, self.dtype, self.phases, kv.bits, kv.group_size,
+                                                    min_len=n - max_new)
                 need[Tier.GPU][f"KV window and activations of GPU batch {k}"] = gpu
                 need[Tier.CPU][f"KV home of GPU batch {k}"] = cpu
             elif self.split:
@@ -87,7 +89,8 @@ class KVPlacer:
         return (max(b for b, _ in shapes), self.cfg.num_kv_heads, max(n for _, n in shapes), self.cfg.head_dim)
 
     # ---- caches --------------------------------------------------------------------------------
-    def begin_block(self, shapes: list[tuple[int, int]]) -> None:
+    def begin_block(self, shapes: list[tuple[int, int]], max_new: int) -> None:
+        self.max_new = max_new
         if self.split:
             self.slots = WorkingSlots(self.memory, self._slot_shape(shapes), self.dtype)
 
@@ -99,7 +102,8 @@ class KVPlacer:
         def make(batch: int, capacity: int) -> Any:
             if self.phases:
                 cache = TokenTieredKV(self.cfg, batch, capacity, self.dtype, phases=self.phases, memory=self.memory,
-                                      engine=self.engine, bits=self.kv.bits, group_size=self.kv.group_size)
+                                      engine=self.engine, bits=self.kv.bits, group_size=self.kv.group_size,
+                                      min_len=capacity - self.max_new)
             else:
                 split = split_rows(batch, self.policy.cache_gpu_percent, self.policy.cache_cpu_percent)
                 cache = SequenceSplitKV(self.cfg, batch, capacity, self.dtype, split=split, memory=self.memory,

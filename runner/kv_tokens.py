@@ -69,9 +69,10 @@ class TokenPhases:
     def phase(self, n: int) -> int:
         return 1 if n < self.p1 else 2 if n < self.p2 else 3
 
-    def window(self, max_len: int) -> int:
-        """Gpu window slots: the most tokens ever on gpu at once, plus a chunk of slack for sliding."""
-        return min(max_len, max(n - self.gpu_from(n) for n in range(1, max_len + 1)) + self.chunk)
+    def window(self, max_len: int, min_len: int = 1) -> int:
+        """Gpu window slots: the most tokens on gpu at once at lengths min_len..max_len (min_len: the
+        prompt, written first), plus a chunk of slack for sliding."""
+        return min(max_len, max(n - self.gpu_from(n) for n in range(min_len, max_len + 1)) + self.chunk)
 
 
 @dataclass
@@ -88,14 +89,15 @@ class TokenTieredKV:
     """KVCache interface over a gpu window, a cpu home and gpu activations (see module docstring)."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, *, phases: TokenPhases,
-                 memory: Memory, engine: CopyEngine, bits: int = 16, group_size: int = 64):
+                 memory: Memory, engine: CopyEngine, bits: int = 16, group_size: int = 64, min_len: int = 1):
+        """min_len: the prompt width (the first write); no shorter length is ever held."""
         self.cfg, self.b, self.max_len, self.dtype = cfg, batch, max_len, dtype
         self.phases, self.memory, self.engine = phases, memory, engine
         self.bits, self.group_size = bits, group_size
         if bits != 16:
             check_params(bits, group_size, cfg.head_dim)
         kvh, d, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
-        self.win = phases.window(max_len)
+        self.win = phases.window(max_len, min_len)
         self.act_len = min(max_len, max((phases.recompute_below(n) for n in range(1, max_len + 1)), default=0))
         gpu, cpu = memory.gpu, memory.cpu
         self.wk = [gpu.alloc((batch, kvh, self.win, d), dtype, f"kv window k{j}") for j in range(L)]
@@ -126,12 +128,12 @@ class TokenTieredKV:
 
     @staticmethod
     def plan_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, phases: TokenPhases,
-                   bits: int, group_size: int) -> tuple[int, int]:
+                   bits: int, group_size: int, min_len: int = 1) -> tuple[int, int]:
         """(gpu bytes, cpu bytes) the cache allocates, for the up-front budget check."""
         probe = TokenTieredKV.__new__(TokenTieredKV)
         probe.cfg, probe.b, probe.max_len, probe.dtype = cfg, batch, max_len, dtype
         probe.bits, probe.group_size = bits, group_size
-        win = phases.window(max_len)
+        win = phases.window(max_len, min_len)
         act = min(max_len, max((phases.recompute_below(n) for n in range(1, max_len + 1)), default=0))
         per_layer_gpu = 2 * batch * cfg.num_kv_heads * win * cfg.head_dim + batch * act * cfg.hidden_size
         home = sum(math.prod(s) * dt.itemsize for s, dt in probe._home_shapes())
@@ -157,7 +159,7 @@ class TokenTieredKV:
 
     def bytes_per_token(self) -> int:
         """Bytes of one token's K and V over all layers in its cpu home form (per sequence)."""
-        return 2 * self.cfg.num_layers * sum(math.prod(s[2:]) * dt.itemsize for s, dt in self._home_shapes())
+        return 2 * self.cfg.num_layers * sum(s[1] * s[3] * dt.itemsize for s, dt in self._home_shapes())
 
     def rows(self, rows: slice) -> TokenTieredKV:
         if rows.indices(self.b) != (0, self.b, 1):

@@ -82,8 +82,10 @@ OFFLOAD_COLUMNS: tuple[str, ...] = (
     "bytes_gpu_from_cpu", "bytes_cpu_from_gpu", "bytes_disk_read", "bytes_disk_write",
     # time: compute thread blocked on copies, computing, recomputing KV; emulated link time per direction
     "transfer_wait_s", "compute_s", "recompute_s", "link_busy_gpu_from_cpu_s", "link_busy_cpu_from_gpu_s",
-    # ALISA's three KV phases: time in each, and KV bytes moved per link direction
+    # ALISA's three KV phases: decode time in each, KV bytes moved per link direction, (token, layer)
+    # K/V pairs recomputed and the cpu bytes fetching them would have moved
     "phase1_s", "phase2_s", "phase3_s", "kv_bytes_gpu_from_cpu", "kv_bytes_cpu_from_gpu",
+    "recomputed_tokens", "recompute_saved_bytes",
 )
 
 THROUGHPUT_COLUMNS: tuple[str, ...] = _BASE_COLUMNS + OFFLOAD_COLUMNS + ("notes",)

@@ -165,6 +165,8 @@ def test_phase_boundaries():
     assert ph.recompute_below(199) == 0 and ph.recompute_below(200) == 50
     assert all(ph.gpu_from(n) <= ph.gpu_from(n + 1) for n in range(1, 500))
     assert ph.window(500) == max(n - ph.gpu_from(n) for n in range(1, 501)) + 16
+    assert ph.window(120) == 99 + 16  # the longest phase I length: everything on gpu
+    assert ph.window(120, min_len=100) == 120 - 48 + 16  # a prompt of 100 never holds a phase I length
 
 
 def test_split_rows_rounds_cumulatively():
