@@ -88,6 +88,18 @@ def offloaded(cfg, weights, prompts, policy, budgets, gbs, ngb, steps, kv=None, 
     return logits, tokens, stats
 
 
+def check_against_plain(model, tmp_path, policy, ngb, kv, atol) -> dict:
+    """PROMPTS in ngb GPU batches through the plain path and the executor: same tokens, logits within
+    atol; returns the executor's stats."""
+    cfg, weights = model
+    gbs = len(PROMPTS) // ngb
+    ref = plain(cfg, weights, PROMPTS, gbs, STEPS, kv)
+    logits, tokens, stats = offloaded(cfg, weights, PROMPTS, policy, TierBudgets(offload_dir=str(tmp_path)),
+                                      gbs, ngb, STEPS, kv)
+    _assert_same(ref, (logits, tokens), atol)
+    return stats
+
+
 def _policy(placement: str, overlap: bool = True) -> OffloadPolicy:
     gpu, cpu = PLACEMENTS[placement]
     return OffloadPolicy(w_gpu_percent=gpu, w_cpu_percent=cpu, overlap=overlap)
@@ -106,12 +118,7 @@ def _assert_same(ref, got, atol):
     *itertools.product(["opt"], ["gpu", "mixed"], [True, False], [1, 4], ["dense"]),
 ])
 def test_tiny_matches_plain_path(tiny, tmp_path, family, placement, overlap, ngb, kv):
-    cfg, weights = tiny[family]
-    gbs = len(PROMPTS) // ngb
-    ref = plain(cfg, weights, PROMPTS, gbs, STEPS, KVS[kv])
-    logits, tokens, stats = offloaded(cfg, weights, PROMPTS, _policy(placement, overlap),
-                                      TierBudgets(offload_dir=str(tmp_path)), gbs, ngb, STEPS, KVS[kv])
-    _assert_same(ref, (logits, tokens), TINY_ATOL)
+    stats = check_against_plain(tiny[family], tmp_path, _policy(placement, overlap), ngb, KVS[kv], TINY_ATOL)
     # Placement really happened: weights that live off the gpu were copied up every step.
     assert (stats["bytes_gpu_from_cpu"] > 0) == (placement != "gpu")
     assert (stats["bytes_disk_read"] > 0) == (placement in ("disk", "mixed"))

@@ -26,7 +26,8 @@ from runner.lm import LM, Batch
 from runner.memory import Memory, TierBudgets
 from runner.offload_policy import KVPlacement
 from runner.spec import JobError
-from test_executor import PROMPTS, STEPS, TINY_ATOL, _assert_same, offloaded, plain, tiny  # noqa: F401 (fixture)
+from test_executor import (PROMPTS, STEPS, TINY_ATOL, _assert_same, check_against_plain, offloaded, plain,  # noqa: F401
+                           tiny)  # tiny: the fixture
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,12 +53,8 @@ def _policy(placement: str, overlap: bool = True, **weights) -> OffloadPolicy:
     *itertools.product(["opt"], ["seq-mixed", "tok-III"], [True], [1, 4], KVS),
 ])
 def test_kv_placements_match_plain_path(tiny, tmp_path, family, placement, overlap, ngb, kv):
-    cfg, weights = tiny[family]
-    gbs = len(PROMPTS) // ngb
-    ref = plain(cfg, weights, PROMPTS, gbs, STEPS, KVS[kv])
-    logits, tokens, stats = offloaded(cfg, weights, PROMPTS, _policy(placement, overlap),
-                                      TierBudgets(offload_dir=str(tmp_path)), gbs, ngb, STEPS, KVS[kv])
-    _assert_same(ref, (logits, tokens), RECOMPUTE_ATOL if placement == "tok-III" else TINY_ATOL)
+    atol = RECOMPUTE_ATOL if placement == "tok-III" else TINY_ATOL
+    stats = check_against_plain(tiny[family], tmp_path, _policy(placement, overlap), ngb, KVS[kv], atol)
     moved_up, moved_down = stats["kv_bytes_gpu_from_cpu"], stats["kv_bytes_cpu_from_gpu"]
     if placement.startswith("seq"):
         assert moved_up > 0 and moved_down > 0 and stats["bytes_gpu_from_cpu"] >= moved_up
