@@ -23,7 +23,7 @@ from runner.kv_sequences import split_rows
 from runner.kv_store import KVSettings
 from runner.kv_tokens import TokenPhases, TokenTieredKV
 from runner.lm import LM, Batch
-from runner.memory import Memory, TierBudgets
+from runner.memory import BudgetError, Memory, TierBudgets
 from runner.offload_policy import KVPlacement
 from runner.spec import JobError
 from test_executor import (PROMPTS, STEPS, TINY_ATOL, _assert_same, check_against_plain, offloaded, plain,  # noqa: F401
@@ -184,3 +184,22 @@ def test_bad_token_placement_is_refused_by_name(settings, field):
     with pytest.raises(JobError, match=rf"^offload\.{field}:") as e:
         OffloadPolicy(**settings)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("placement", ["seq-mixed", "tok-III"])
+def test_kv_placements_fit_budgets_set_to_their_own_peaks(tiny, tmp_path, placement):
+    """Every KV tier allocation is planned and accounted: budgets equal to an unlimited run's peaks are
+    enough for the same run, its peaks never pass them, and one byte less of gpu fails up front."""
+    cfg, weights = tiny["llama"]
+    args = (cfg, weights, PROMPTS, _policy(placement))
+    _, _, free = offloaded(*args, TierBudgets(offload_dir=str(tmp_path)), 2, 4, STEPS, KVS["swa0.8"])
+    peaks = {t: free[f"peak_{t}_pool_bytes" if t != "disk" else "peak_disk_bytes"] for t in ("gpu", "cpu", "disk")}
+    assert peaks["cpu"] > 0
+    tight = TierBudgets(gpu_bytes=peaks["gpu"], cpu_bytes=peaks["cpu"], disk_bytes=peaks["disk"],
+                        offload_dir=str(tmp_path))
+    _, _, stats = offloaded(*args, tight, 2, 4, STEPS, KVS["swa0.8"])
+    assert stats["peak_gpu_pool_bytes"] <= peaks["gpu"] and stats["peak_cpu_pool_bytes"] <= peaks["cpu"]
+    short = TierBudgets(gpu_bytes=peaks["gpu"], cpu_bytes=peaks["cpu"] - 1, disk_bytes=peaks["disk"],
+                        offload_dir=str(tmp_path))
+    with pytest.raises(BudgetError, match=r"^cpu: plan \(KV"):
+        offloaded(*args, short, 2, 4, STEPS, KVS["swa0.8"])
