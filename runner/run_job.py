@@ -88,9 +88,13 @@ def _offload_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dty
                                   disk_page_cache=hw.disk_page_cache)
     link = LinkEmulation(gbps=hw.link.gbps) if hw.link is not None and hw.link.emulate else None
     with _budget_errors():
-        return Executor(loaded.config, loaded.weights, loaded.tokenizer, policy=job.offload, budgets=budgets,
-                        device=device, dtype=dtype, kv=job.kv.settings(), gpu_batch_size=job.batch.gpu_batch_size,
-                        num_gpu_batches=job.batch.num_gpu_batches, link=link)
+        executor = Executor(loaded.config, loaded.weights, loaded.tokenizer, policy=job.offload, budgets=budgets,
+                            device=device, dtype=dtype, kv=job.kv.settings(), gpu_batch_size=job.batch.gpu_batch_size,
+                            num_gpu_batches=job.batch.num_gpu_batches, link=link)
+    # The executor copied every weight into its tiers; the loaded copies would only double the resident
+    # weights (measured +0.34 GB peak RSS on SmolLM2 in executor-overhead).
+    loaded.weights.clear()
+    return executor
 
 
 def _link_columns(job: JobSpec) -> dict:
