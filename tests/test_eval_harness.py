@@ -90,7 +90,12 @@ def test_mc_points_are_per_file_and_shipped_jobs_load():
     want = {("dense", None, b) for b in (16, 8)} | {
         (p, s, b) for p in ("local", "strided", "streaming", "h2o", "swa") for s in (0.5, 0.8, 0.9) for b in (16, 8)}
     assert have == want and len(grid_points(ppl.eval)) == 32 + 7  # decay x 3, per-head x 3, long window
-    assert mc.eval.shots > 0 and len(mc.eval.data) >= 2 and len(grid_points(mc.eval)) == 64
+    # MC: 16-bit KV only (INT8 is covered by the perplexity grid), every policy x sparsity, per task file.
+    mc_have = {(p.kv.policy, p.kv.sparsity, p.kv.bits) for p in grid_points(mc.eval)}
+    mc_want = {("dense", None, 16)} | {
+        (p, s, 16) for p in ("local", "strided", "streaming", "h2o", "swa") for s in (0.5, 0.8, 0.9)}
+    assert mc.eval.shots > 0 and len(mc.eval.data) >= 2 and mc_have == mc_want
+    assert len(grid_points(mc.eval)) == 16 * len(mc.eval.data)
 
 
 def test_missing_data_file_is_named(tmp_path):
