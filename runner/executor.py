@@ -29,7 +29,9 @@ from runner.generate import BatchOutput, StopTracker, TextDecoder
 from runner.kv_placement import KVPlacer
 from runner.kv_store import KVSettings
 from runner.layers import Attention, ForwardState, build_units
-from runner.lm import Batch, set_rope
+from runner.kv_cache import KVCache
+from runner.kv_quant import QuantizedKVCache
+from runner.lm import PREFILL_GROUP_TOKENS, Batch, set_rope
 from runner.memory import BudgetError, Memory, Reservation, Tier, TierBudgets, format_bytes
 from runner.offload import ScheduledLayer, WeightRead, plan_bytes
 from runner.offload_policy import OffloadPolicy
@@ -37,6 +39,8 @@ from runner.sampling import SamplingParams, next_tokens
 
 __all__ = ["Executor", "OffloadPolicy", "ScheduledLayer"]
 
+# Plain KV stores take a prefill in row groups (faster at big batches, see runner.lm); tiered ones whole.
+_GROUPABLE = (KVCache, QuantizedKVCache)
 SLOTS = 2  # weight staging slots: the running layer's and the prefetched one's (double buffering)
 COPY_THREADS = 2  # overlap on: background copy threads (torch copies release the GIL)
 
@@ -55,16 +59,37 @@ class _GpuBatch:
     def __init__(self, frame: _Frame, prompts: list[list[int]], max_new_tokens: int, kv: KVSettings | None,
                  make_cache: Callable[[int, int], object] | None):
         self.batch = Batch(frame, prompts, max_new_tokens, kv, make_cache)  # type: ignore[arg-type]
-        self.state: ForwardState | None = None
-        self.hidden: Tensor | None = None  # ids in, hidden states between layers, logits out
+        self.states: list[ForwardState] = []
+        self.hidden: list[Tensor] = []  # per row group: ids in, hidden states between layers, logits out
         self.tokens: Tensor | None = None
 
+    @property
+    def state(self) -> ForwardState:
+        """The decode step's forward state (a decode step is one row group)."""
+        return self.states[0]
+
     def begin(self, i: int, rope: tuple[Tensor, Tensor] | None) -> None:
-        """Token i's forward state: the prompt at i == 0, then the token sampled last step."""
+        """Token i's forward states: the prompt at i == 0 (in row groups, as `runner.lm.Batch.prefill`
+        runs it, when the KV store takes partial writes), then the token sampled last step."""
         b = self.batch
-        self.state = b.prefill_state(slice(None)) if i == 0 else b.decode_state()
-        self.hidden = b.ids if i == 0 else self.tokens[:, None]
-        set_rope(self.state, rope)
+        if i == 0:
+            rows = b.ids.shape[0]
+            per = max(1, PREFILL_GROUP_TOKENS // b.prompt_width) if type(b.kv.cache) in _GROUPABLE else rows
+            groups = [slice(r, r + per) for r in range(0, rows, per)]
+            self.states = [b.prefill_state(g) for g in groups]
+            self.hidden = [b.ids[g] for g in groups]
+        else:
+            self.states, self.hidden = [b.decode_state()], [self.tokens[:, None]]
+        for state in self.states:
+            set_rope(state, rope)
+
+    def forward(self, layer: ScheduledLayer, w: dict[str, Tensor]) -> None:
+        self.hidden = [layer.forward(w, h, state) for h, state in zip(self.hidden, self.states)]
+
+    @property
+    def logits(self) -> Tensor:
+        """(rows, v) after the head."""
+        return self.hidden[0] if len(self.hidden) == 1 else torch.cat(self.hidden)
 
     def end(self, i: int) -> None:
         b = self.batch
@@ -187,13 +212,13 @@ class Executor:
                     b = block[k]
                     if i > 0:
                         self._load_next_cache(block, j, k)  # (j, k+1), or the next attention layer's (j', 0)
-                    b.hidden = layer.forward(w, b.hidden, b.state)
+                    b.forward(layer, w)
                     if i > 0:
                         layer.store_cache(b.state)  # this batch's new KV back to its home (in the background)
             if observe is not None:
-                observe(i, torch.cat([b.hidden for b in block]))  # (rows, v): the head's output
+                observe(i, torch.cat([b.logits for b in block]))  # (rows, v): the head's output
             for b in block:
-                b.tokens = next_tokens(b.hidden, params, generator)
+                b.tokens = next_tokens(b.logits, params, generator)
                 b.end(i)
             all_done = tracker.add(torch.cat([b.tokens for b in block]).tolist())
             if i == 0:
