@@ -25,9 +25,9 @@ fi
 "$PY" -c 'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")'
 
 # Budget: at most 190 s of tests + 90 s of job (timeout kills either), under 5 minutes in all.
-# (a) Tests. test_kv_tiers.py arrives with the KV-offloading increment: run whichever files exist.
+# (a) Tests: the copy engine (CUDA side streams) and the executor / KV placement equivalence tests.
 tests=()
-for f in tests/test_copy_engine.py tests/test_executor.py tests/test_kv_tiers.py; do
+for f in tests/test_copy_engine.py tests/test_executor.py tests/test_kv_placement.py; do
     if [[ -f "$f" ]]; then tests+=("$f"); fi
 done
 echo "== (a) ALISA_TEST_DEVICE=cuda pytest ${tests[*]}"
