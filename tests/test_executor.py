@@ -62,9 +62,9 @@ def tiny() -> dict[str, tuple[ModelConfig, dict]]:
     return {name: (cfg, _weights(cfg)) for name, cfg in CONFIGS.items()}
 
 
-def plain(cfg, weights, prompts, gbs, steps, kv=None, dtype=torch.float32):
-    """Greedy with `runner.lm.Batch`, one GPU batch at a time -> (per-step logits of all rows, tokens)."""
-    lm = LM(cfg, weights, torch.device("cpu"), dtype)
+def plain(cfg, weights, prompts, gbs, steps, kv=None, dtype=torch.float32, device=torch.device("cpu")):
+    """Greedy with `runner.lm.Batch`, one GPU batch at a time -> (per-step logits of all rows, tokens), on cpu."""
+    lm = LM(cfg, {k: w.to(device) for k, w in weights.items()}, device, dtype)
     per_batch = []
     for r in range(0, len(prompts), gbs):
         batch = Batch(lm, prompts[r:r + gbs], steps, kv)
@@ -72,30 +72,31 @@ def plain(cfg, weights, prompts, gbs, steps, kv=None, dtype=torch.float32):
         for _ in range(steps - 1):
             logits.append(batch.decode(logits[-1].argmax(-1)))
         per_batch.append(logits)
-    logits = [torch.cat(step) for step in zip(*per_batch)]
+    logits = [torch.cat(step).cpu() for step in zip(*per_batch)]
     return logits, torch.stack([lg.argmax(-1) for lg in logits], 1)
 
 
-def offloaded(cfg, weights, prompts, policy, budgets, gbs, ngb, steps, kv=None, tokenizer=None):
-    """Greedy with the executor -> (per-step logits, tokens, stats); the executor is closed after."""
+def offloaded(cfg, weights, prompts, policy, budgets, gbs, ngb, steps, kv=None, tokenizer=None,
+              device=torch.device("cpu")):
+    """Greedy with the executor -> (per-step logits on cpu, tokens, stats); the executor is closed after."""
     logits = []
     params = SamplingParams(max_new_tokens=steps, ignore_eos=True)
     with Executor(cfg, weights, tokenizer or ByteTokenizer(), policy=policy, budgets=budgets, kv=kv,
-                  gpu_batch_size=gbs, num_gpu_batches=ngb) as ex:
-        out = ex.generate(prompts, params, observe=lambda i, lg: logits.append(lg.clone()))
+                  gpu_batch_size=gbs, num_gpu_batches=ngb, device=device) as ex:
+        out = ex.generate(prompts, params, observe=lambda i, lg: logits.append(lg.cpu().clone()))
         stats = ex.stats()
     tokens = torch.tensor([s.token_ids for s in out.sequences])
     return logits, tokens, stats
 
 
-def check_against_plain(model, tmp_path, policy, ngb, kv, atol) -> dict:
-    """PROMPTS in ngb GPU batches through the plain path and the executor: same tokens, logits within
-    atol; returns the executor's stats."""
+def check_against_plain(model, tmp_path, policy, ngb, kv, atol, device=torch.device("cpu")) -> dict:
+    """PROMPTS in ngb GPU batches through the plain path and the executor, both on `device`: same tokens,
+    logits within atol; returns the executor's stats."""
     cfg, weights = model
     gbs = len(PROMPTS) // ngb
-    ref = plain(cfg, weights, PROMPTS, gbs, STEPS, kv)
+    ref = plain(cfg, weights, PROMPTS, gbs, STEPS, kv, device=device)
     logits, tokens, stats = offloaded(cfg, weights, PROMPTS, policy, TierBudgets(offload_dir=str(tmp_path)),
-                                      gbs, ngb, STEPS, kv)
+                                      gbs, ngb, STEPS, kv, device=device)
     _assert_same(ref, (logits, tokens), atol)
     return stats
 
@@ -117,8 +118,9 @@ def _assert_same(ref, got, atol):
     *itertools.product(["llama"], PLACEMENTS, [True, False], [1, 4], KVS),
     *itertools.product(["opt"], ["gpu", "mixed"], [True, False], [1, 4], ["dense"]),
 ])
-def test_tiny_matches_plain_path(tiny, tmp_path, family, placement, overlap, ngb, kv):
-    stats = check_against_plain(tiny[family], tmp_path, _policy(placement, overlap), ngb, KVS[kv], TINY_ATOL)
+def test_tiny_matches_plain_path(tiny, tmp_path, compute_device, family, placement, overlap, ngb, kv):
+    stats = check_against_plain(tiny[family], tmp_path, _policy(placement, overlap), ngb, KVS[kv], TINY_ATOL,
+                                compute_device)
     # Placement really happened: weights that live off the gpu were copied up every step.
     assert (stats["bytes_gpu_from_cpu"] > 0) == (placement != "gpu")
     assert (stats["bytes_disk_read"] > 0) == (placement in ("disk", "mixed"))

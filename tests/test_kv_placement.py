@@ -52,9 +52,10 @@ def _policy(placement: str, overlap: bool = True, **weights) -> OffloadPolicy:
     *itertools.product(["llama"], PLACEMENTS, [True, False], [1, 4], KVS),
     *itertools.product(["opt"], ["seq-mixed", "tok-III"], [True], [1, 4], KVS),
 ])
-def test_kv_placements_match_plain_path(tiny, tmp_path, family, placement, overlap, ngb, kv):
+def test_kv_placements_match_plain_path(tiny, tmp_path, compute_device, family, placement, overlap, ngb, kv):
     atol = RECOMPUTE_ATOL if placement == "tok-III" else TINY_ATOL
-    stats = check_against_plain(tiny[family], tmp_path, _policy(placement, overlap), ngb, KVS[kv], atol)
+    stats = check_against_plain(tiny[family], tmp_path, _policy(placement, overlap), ngb, KVS[kv], atol,
+                                compute_device)
     moved_up, moved_down = stats["kv_bytes_gpu_from_cpu"], stats["kv_bytes_cpu_from_gpu"]
     if placement.startswith("seq"):
         assert moved_up > 0 and moved_down > 0 and stats["bytes_gpu_from_cpu"] >= moved_up
