@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from runner import model as M
+from runner.activations import ActivationHome
 from runner.config import Family, ModelConfig
 from runner.copy_engine import CopyEngine, LinkEmulation
 from runner.generate import BatchOutput, StopTracker, TextDecoder
@@ -120,6 +121,8 @@ class Executor:
             self._place(weights)
             self.engine = CopyEngine(self.memory, threads=COPY_THREADS if policy.overlap else 0, link=link)
             self.placer = KVPlacer(cfg, policy, kv or KVSettings(), self.memory, self.engine, dtype)
+            self.acts = None if policy.act_tier is Tier.GPU else ActivationHome(self.memory, self.engine,
+                                                                                 policy.act_tier, dtype)
         except BaseException:
             self.close()
             raise
@@ -186,6 +189,8 @@ class Executor:
         finally:
             self.engine.sync()
             self.placer.end_block()
+            if self.acts is not None:
+                self.acts.end_block()
             for r in reservations:
                 self.memory.gpu.release(r)
         phases: dict[str, float] = {}
@@ -212,7 +217,7 @@ class Executor:
                     b = block[k]
                     if i > 0:
                         self._load_next_cache(block, j, k)  # (j, k+1), or the next attention layer's (j', 0)
-                    b.forward(layer, w)
+                    self._forward(layer, w, b, j, k, n_batches)
                     if i > 0:
                         layer.store_cache(b.state)  # this batch's new KV back to its home (in the background)
             if observe is not None:
@@ -228,6 +233,22 @@ class Executor:
             if all_done:
                 break
         return first_done
+
+    def _forward(self, layer: ScheduledLayer, w: dict[str, Tensor], b: _GpuBatch, j: int, k: int, n: int) -> None:
+        """Layer j on GPU batch k; with activations off the gpu, its input comes up from their home (the
+        next (layer, batch)'s is prefetched meanwhile) and its output goes back, except the head's logits."""
+        if self.acts is None:
+            b.forward(layer, w)
+            return
+        nj, nk = (j, k + 1) if k + 1 < n else (j + 1, 0)
+        if 0 < nj < len(self.layers) and (nj, nk) != (j, k) and nk != k:
+            self.acts.prefetch(nk)
+        if j > 0:
+            b.hidden = self.acts.take(k)
+        b.forward(layer, w)
+        if j < len(self.layers) - 1:
+            self.acts.store(k, b.hidden)
+            b.hidden = []
 
     def _load_next_cache(self, block: list[_GpuBatch], j: int, k: int) -> None:
         if k + 1 < len(block):
@@ -254,17 +275,26 @@ class Executor:
         c, itemsize = self.cfg, self.dtype.itemsize
         shapes = [(len(g), max(len(p) for p in g) + max_new) for g in groups]
         need = self.placer.plan(shapes, max_new)
-        for k, (g, (rows, length)) in enumerate(zip(groups, shapes)):
-            # Hidden states between layers: the prompt's (widest) pass, plus the head's logits.
-            width = length - max_new
-            need[Tier.GPU][f"activations of GPU batch {k}"] = rows * (width * max(c.hidden_size, c.embed_dim)
-                                                                      + c.vocab_size) * itemsize
+        acts = []  # elements of each GPU batch's hidden states at their largest: the prompt's pass
+        for rows, length in shapes:
+            acts.append(rows * (length - max_new) * max(c.hidden_size, c.embed_dim))
+        logits = [rows * c.vocab_size * itemsize for rows, _ in shapes]
+        if self.acts is None:
+            for k, n in enumerate(acts):
+                need[Tier.GPU][f"activations of GPU batch {k}"] = n * itemsize + logits[k]
+        else:  # homes on the act tier; on the gpu the running and the prefetched batch's, and the logits
+            for k, n in enumerate(acts):
+                need[self.acts.tier][f"activations of GPU batch {k}"] = n * itemsize
+            need[Tier.GPU]["activations of 2 GPU batches"] = 2 * max(acts) * itemsize
+            need[Tier.GPU]["logits"] = sum(logits)
         for tier, parts in need.items():
             _check_fits(self.memory, tier, parts)
         held = {label: n for label, n in need[Tier.GPU].items()
-                if label.startswith(("activations", "SWA picks")) or not self.placer.offloaded}
+                if label.startswith(("activations", "logits", "SWA picks")) or not self.placer.offloaded}
         reservations = [self.memory.gpu.reserve(n, label) for label, n in held.items()]
         self.placer.begin_block(shapes, max_new)
+        if self.acts is not None:
+            self.acts.begin_block(acts)
         return reservations
 
     def reset_stats(self) -> None:
@@ -303,6 +333,8 @@ class Executor:
         placer = getattr(self, "placer", None)
         if placer is not None:
             placer.end_block()
+        if getattr(self, "acts", None) is not None:
+            self.acts.end_block()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()

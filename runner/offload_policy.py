@@ -11,7 +11,10 @@ KV placement (`kv_placement`):
   on cpu `offload_ratio` and the share recomputed from activations `recompute_ratio`
   (runner/kv_tokens.py). The cache percents are FlexGen's and must stay at their defaults.
 
-Settings not implemented yet (activation placement, cpu_cache_compute, compression) are refused by name
+Activations (the hidden states between layers) live on one tier, as in FlexGen: `act_gpu_percent: 100`,
+`act_cpu_percent: 100`, or both 0 for disk (runner/activations.py).
+
+Settings not implemented yet (cpu_cache_compute, compression) are refused by name
 rather than silently ignored.
 """
 from __future__ import annotations
@@ -19,12 +22,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from runner.pools import Tier
 from runner.spec import _bad, _Spec
 
 # Fields whose non-default values the executor cannot honour yet: (field, required value, why).
 _NOT_YET: tuple[tuple[str, object, str], ...] = (
-    ("act_gpu_percent", 100.0, "activations stay on the gpu pool"),
-    ("act_cpu_percent", 0.0, "activations stay on the gpu pool"),
     ("cpu_cache_compute", False, "attention always runs on the gpu pool"),
     ("compress_weight", False, "weights are stored uncompressed"),
     ("compress_cache", False, "KV compression is kv.bits, not offload"),
@@ -67,6 +69,10 @@ class OffloadPolicy(_Spec):
             if total > 100 + 1e-9:
                 raise _bad(f"offload.{cpu}", f"{gpu} + {cpu} must be <= 100 (the rest goes to disk), got {total:g}")
         self._validate_placement()
+        if (self.act_gpu_percent, self.act_cpu_percent) not in ((100.0, 0.0), (0.0, 100.0), (0.0, 0.0)):
+            raise _bad("offload.act_gpu_percent", "activations live on one tier, as in FlexGen: act_gpu_percent "
+                       "100 (gpu), act_cpu_percent 100 (cpu) or both 0 (disk), got "
+                       f"{self.act_gpu_percent:g} / {self.act_cpu_percent:g}")
         for name, required, why in _NOT_YET:
             if getattr(self, name) != required:
                 raise _bad(f"offload.{name}", f"not implemented yet ({why}); must be {_show(required)}, "
@@ -93,6 +99,10 @@ class OffloadPolicy(_Spec):
         if not 0 <= self.recompute_ratio <= self.offload_ratio:
             raise _bad("offload.recompute_ratio", f"must be in [0, offload_ratio = {self.offload_ratio:g}], "
                        f"got {self.recompute_ratio:g}")
+
+    @property
+    def act_tier(self) -> Tier:
+        return Tier.GPU if self.act_gpu_percent == 100 else Tier.CPU if self.act_cpu_percent == 100 else Tier.DISK
 
     @property
     def cache_disk_percent(self) -> float:

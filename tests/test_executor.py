@@ -234,7 +234,6 @@ def test_disk_files_exist_during_a_run_and_are_removed_after_success_and_failure
 
 
 @pytest.mark.parametrize("settings, field", [
-    (dict(act_gpu_percent=0), "act_gpu_percent"), (dict(act_gpu_percent=0, act_cpu_percent=100), "act_gpu_percent"),
     (dict(cpu_cache_compute=True), "cpu_cache_compute"), (dict(compress_weight=True), "compress_weight"),
     (dict(compress_cache=True), "compress_cache"),
 ])
@@ -291,3 +290,24 @@ def test_run_job_with_offload_section_matches_the_plain_job(tmp_path, monkeypatc
     assert 0 < int(written[0]["peak_gpu_pool_bytes"]) <= budget and int(written[0]["bytes_gpu_from_cpu"]) > 0
     assert int(written[0]["bytes_disk_read"]) > 0 and written[0]["bytes_disk_write"] == "0"
     assert written[1]["peak_gpu_pool_bytes"] == "" and rows[1].get("bytes_disk_read") is None
+
+
+@pytest.mark.parametrize("act, ngb, overlap", list(itertools.product(["cpu", "disk"], [1, 4], [True, False])))
+def test_activations_off_the_gpu_match_plain_path(tiny, tmp_path, act, ngb, overlap):
+    """FlexGen's act_* placement: hidden states between layers go to cpu or disk and come back for the next
+    layer; same tokens and logits, and every layer's output (but the head's) crosses the link both ways."""
+    percents = dict(act_gpu_percent=0, act_cpu_percent=100 if act == "cpu" else 0)
+    policy = OffloadPolicy(overlap=overlap, **percents)
+    stats = check_against_plain(tiny["llama"], tmp_path, policy, ngb, KVS["swa0.8"], TINY_ATOL)
+    assert stats["bytes_gpu_from_cpu"] == stats["bytes_cpu_from_gpu"] > 0
+    assert (stats["bytes_disk_read"] > 0) == (act == "disk")
+    cfg = tiny["llama"][0]
+    width, units = max(len(p) for p in PROMPTS), 2 * cfg.num_layers + 1  # stored outputs: all but the head's
+    per_step = [len(PROMPTS) * (width if i == 0 else 1) * cfg.hidden_size * 4 * units for i in range(STEPS)]
+    if ngb == 1:  # one GPU batch: one width for all rows
+        assert stats["bytes_cpu_from_gpu"] == sum(per_step)
+
+
+def test_split_activation_percentages_are_refused():
+    with pytest.raises(JobError, match=r"^offload\.act_gpu_percent: activations live on one tier"):
+        OffloadPolicy(act_gpu_percent=50, act_cpu_percent=50)

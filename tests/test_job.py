@@ -281,7 +281,7 @@ def test_offload_section_parses_round_trips_and_defaults_to_absent(tmp_path):
     ({"offload": {"w_gpu_percent": 70, "w_cpu_percent": 40}}, "offload.w_cpu_percent", "must be <= 100"),
     ({"offload": {"kv_placement": "token", "p1": 64}}, "offload.p2", "needs a phase switch length"),
     ({"offload": {"kv_placement": "rows"}}, "offload.kv_placement", "sequence"),
-    ({"offload": {"act_cpu_percent": 0, "act_gpu_percent": 0}}, "offload.act_gpu_percent", "not implemented yet"),
+    ({"offload": {"act_cpu_percent": 30, "act_gpu_percent": 70}}, "offload.act_gpu_percent", "live on one tier"),
     ({"offload": {"compress_cache": True}}, "offload.compress_cache", "not implemented yet"),
     ({"offload": {"overlap": "yes"}}, "offload.overlap", "must be true or false"),
     ({"hardware": {"gpu_gb": -1}, "offload": {}}, "hardware.gpu_gb", "must be >= 0"),
