@@ -22,6 +22,9 @@ from runner.memory import Memory, Tier
 from runner.offload_policy import KVPlacement, OffloadPolicy
 
 
+COMPRESS_GROUP = 64  # FlexGen's CompressionConfig for the cache: 4 bits, group 64
+
+
 class KVPlacer:
     """KV storage of the block's GPU batches under an offload policy."""
 
@@ -32,7 +35,10 @@ class KVPlacer:
         if policy.kv_placement is KVPlacement.TOKEN:
             self.phases = TokenPhases(p1=policy.p1, p2=policy.p2, offload_ratio=policy.offload_ratio,
                                       recompute_ratio=policy.recompute_ratio)
-        self.split = policy.kv_placement is KVPlacement.SEQUENCE and policy.cache_gpu_percent < 100
+        self.split = policy.kv_placement is KVPlacement.SEQUENCE and (policy.cache_gpu_percent < 100
+                                                                       or policy.compress_cache)
+        # FlexGen's compress_cache: 4-bit groups of 64 (of the head dim, when a head is smaller).
+        self.compress = min(COMPRESS_GROUP, cfg.head_dim) if policy.compress_cache else None
         self._check_kv()
         self.slots: WorkingSlots | None = None
         self.max_new = 0  # tokens generated per block: a cache's prompt width is its capacity minus this
@@ -45,8 +51,8 @@ class KVPlacer:
         if self.kv.mode is KVMode.EVICT:
             raise ValueError("kv.mode: evict frees KV for good; offloading it is not supported, use retain")
         if self.split and self.kv.bits != 16:
-            raise ValueError("kv.bits: FlexGen's per-sequence split moves the compute dtype (its compress_cache "
-                             "is not implemented); use kv_placement: token for INT8 KV on cpu")
+            raise ValueError("kv.bits: FlexGen's per-sequence split stores the compute dtype, or 4 bits with "
+                             "offload.compress_cache; use kv_placement: token for INT8 KV on cpu")
         if self.phases and self.kv.bits != 16 and self.kv.quant_axis is not QuantAxis.HIDDEN:
             raise ValueError("kv.quant_axis: token placement fetches single tokens; use hidden")
 
@@ -67,7 +73,7 @@ class KVPlacer:
                 need[Tier.CPU][f"KV home of GPU batch {k}"] = cpu
             elif self.split:
                 split = split_rows(b, self.policy.cache_gpu_percent, self.policy.cache_cpu_percent)
-                for tier, nbytes in SequenceSplitKV.plan_bytes(c, split, n, self.dtype).items():
+                for tier, nbytes in SequenceSplitKV.plan_bytes(c, split, n, self.dtype, self.compress).items():
                     need[tier][f"KV of GPU batch {k} ({tier.value} rows)"] = nbytes
             else:
                 need[Tier.GPU][f"KV cache of GPU batch {k}"] = kv_bytes(c, kv, b, n, self.dtype)
@@ -107,7 +113,7 @@ class KVPlacer:
             else:
                 split = split_rows(batch, self.policy.cache_gpu_percent, self.policy.cache_cpu_percent)
                 cache = SequenceSplitKV(self.cfg, batch, capacity, self.dtype, split=split, memory=self.memory,
-                                        engine=self.engine, slots=self.slots)
+                                        engine=self.engine, slots=self.slots, compress=self.compress)
             self.caches.append(cache)
             return cache
         return make

@@ -20,6 +20,7 @@ from torch import Tensor
 from runner.config import ModelConfig
 from runner.copy_engine import CopyEngine, Handle
 from runner.kv_cache import Scratch, take_slots
+from runner.kv_quant import QTensor, dequantize, quantize
 from runner.kv_tokens import KVTraffic
 from runner.memory import Memory, Tier
 
@@ -71,8 +72,11 @@ class SequenceSplitKV:
     """KVCache interface over per-tier homes of whole sequences and a shared working slot."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, *, split: tuple[int, int, int],
-                 memory: Memory, engine: CopyEngine, slots: WorkingSlots):
+                 memory: Memory, engine: CopyEngine, slots: WorkingSlots, compress: int | None = None):
+        """compress: FlexGen's compress_cache, the group size of 4-bit group-wise storage along the head
+        dim (None: the compute dtype). The working slot always holds the dequantized values."""
         self.cfg, self.b, self.max_len, self.dtype, self.split = cfg, batch, max_len, dtype, split
+        self.group = compress
         self.memory, self.engine, self.slots = memory, engine, slots
         kvh, d = cfg.num_kv_heads, cfg.head_dim
         self.parts: list[tuple[slice, Tier]] = []
@@ -86,16 +90,21 @@ class SequenceSplitKV:
             layer = []
             for rows, tier in self.parts:
                 pool = memory.pool(tier)
-                shape = (rows.stop - rows.start, kvh, max_len, d)
-                layer.append(tuple(pool.alloc(shape, dtype, f"kv {tier.value} {kv}{j}") for kv in "kv"))
+                n = rows.stop - rows.start
+                layer.append(tuple([pool.alloc((n, kvh, max_len, w), t, f"kv {tier.value} {kv}{j}.{i}")
+                                    for i, (w, t) in enumerate(_stored(d, dtype, compress))] for kv in "kv"))
             self.homes.append(layer)
         self.loaded: dict[int, tuple[int, list[Handle]]] = {}  # layer -> (slot, copies in flight)
+        self.staged: dict[int, list] = {}  # layer -> compressed parts on the gpu to dequantize into the slot
+        self.new: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # layer -> the new token's stored K, V
         self.scratch = Scratch()
         self.traffic = KVTraffic()  # link bytes of the cpu and disk rows (gpu rows cross no link)
 
     @staticmethod
-    def plan_bytes(cfg: ModelConfig, split: tuple[int, int, int], max_len: int, dtype: torch.dtype) -> dict[Tier, int]:
-        per_seq = 2 * cfg.num_layers * cfg.num_kv_heads * max_len * cfg.head_dim * dtype.itemsize
+    def plan_bytes(cfg: ModelConfig, split: tuple[int, int, int], max_len: int, dtype: torch.dtype,
+                   compress: int | None = None) -> dict[Tier, int]:
+        per_head_token = sum(w * t.itemsize for w, t in _stored(cfg.head_dim, dtype, compress))
+        per_seq = 2 * cfg.num_layers * cfg.num_kv_heads * max_len * per_head_token
         return {tier: n * per_seq for n, tier in zip(split, (Tier.GPU, Tier.CPU, Tier.DISK))}
 
     # ---- loading -------------------------------------------------------------------------------
@@ -104,14 +113,23 @@ class SequenceSplitKV:
         if layer in self.loaded:
             return
         slot = self.slots.acquire()
-        handles = []
+        handles, staged = [], []
+        span = (slice(None), slice(None), slice(0, n))
         for (rows, tier), homes in zip(self.parts, self.homes[layer]):
             for work, home in zip((self.slots.k[slot], self.slots.v[slot]), homes):
-                dst = (slice(rows.start, rows.stop), slice(None), slice(0, n))
-                handles.append(self.engine.submit(work, dst, home, (slice(None), slice(None), slice(0, n))))
+                if self.group is None:
+                    dst = (slice(rows.start, rows.stop), slice(None), slice(0, n))
+                    handles.append(self.engine.submit(work, dst, home[0], span))
+                    stage = None
+                else:  # the codes cross the link; dequantized into the slot once they are there
+                    stage = [torch.empty((rows.stop - rows.start, h.shape[1], n, h.shape[3]), dtype=h.dtype,
+                                         device=work.device) for h in home]
+                    handles += [self.engine.submit(t, None, h, span) for t, h in zip(stage, home)]
+                    staged.append((work, rows, stage))
                 if tier is not Tier.GPU:
                     self.traffic.up_bytes += self._bytes(rows, n)
         self.loaded[layer] = (slot, handles)
+        self.staged[layer] = staged
 
     def _slot(self, layer: int, n: int) -> int:
         if layer not in self.loaded:
@@ -120,6 +138,9 @@ class SequenceSplitKV:
         for h in handles:
             h.wait()
         self.loaded[layer] = (slot, [])
+        for work, rows, stage in self.staged.pop(layer, ()):
+            n = stage[0].shape[2]
+            work[rows, :, :n] = self._decode(stage)
         return slot
 
     def _view(self, layer: int, n: int) -> tuple[Tensor, Tensor]:
@@ -127,36 +148,54 @@ class SequenceSplitKV:
         return self.slots.k[slot][:self.b], self.slots.v[slot][:self.b]
 
     def _bytes(self, rows: slice, tokens: int) -> int:
-        """Bytes of K (or V) of `tokens` positions of sequences `rows`."""
-        c = self.cfg
-        return (rows.stop - rows.start) * c.num_kv_heads * tokens * c.head_dim * self.dtype.itemsize
+        """Stored bytes of K (or V) of `tokens` positions of sequences `rows`."""
+        per = sum(w * t.itemsize for w, t in _stored(self.cfg.head_dim, self.dtype, self.group))
+        return (rows.stop - rows.start) * self.cfg.num_kv_heads * tokens * per
+
+    def _encode(self, x: Tensor) -> list[Tensor]:
+        """x (b, kvh, s, d) as stored: itself, or 4-bit codes with their group scales and minimums."""
+        if self.group is None:
+            return [x]
+        q = quantize(x, 4, self.group, dim=3)
+        return [q.data, q.scale, q.mn]
+
+    def _decode(self, parts: list[Tensor]) -> Tensor:
+        data, scale, mn = parts
+        shape = torch.Size((*data.shape[:3], self.cfg.head_dim))
+        return dequantize(QTensor(data, scale, mn, 4, self.group, 3, shape), self.dtype)
 
     # ---- KVCache interface ---------------------------------------------------------------------
     def write(self, layer: int, k: Tensor, v: Tensor, start: int) -> None:
         end = start + k.shape[2]
         if end > self.max_len:
             raise IndexError(f"KV cache overflow: slot {end} > capacity {self.max_len}")
+        stored = self._encode(k), self._encode(v)
         if start == 0:  # the prompt: straight to the homes (prefill attention uses k, v directly)
             pos = (slice(None), slice(None), slice(0, end))
             for (rows, tier), homes in zip(self.parts, self.homes[layer]):
-                for home, x in zip(homes, (k, v)):
-                    self.engine.submit(home, pos, x, (rows,))
+                for home, parts in zip(homes, stored):
+                    for h, x in zip(home, parts):
+                        self.engine.submit(h, pos, x, (rows,))
                     if tier is not Tier.GPU:
                         self.traffic.down_bytes += self._bytes(rows, end)
             return
         wk, wv = self._view(layer, start)
-        wk[:, :, start:end] = k
-        wv[:, :, start:end] = v
+        # Compressed: attention sees the new token as it will be read back, as the plain quantized cache does.
+        wk[:, :, start:end] = k if self.group is None else self._decode(stored[0])
+        wv[:, :, start:end] = v if self.group is None else self._decode(stored[1])
+        self.new[layer] = stored
 
     def flush(self, layer: int, start: int, end: int) -> None:
         """Write positions start..end of the layer's working slot back to the homes, release it."""
         slot, _ = self.loaded.pop(layer)
         self.slots.held[slot] = False
         pos = (slice(None), slice(None), slice(start, end))
+        stored = self.new.pop(layer)
         for (rows, tier), homes in zip(self.parts, self.homes[layer]):
-            for work, home in zip((self.slots.k[slot], self.slots.v[slot]), homes):
-                src = (rows, slice(None), slice(start, end))
-                self.slots.busy[slot].append(self.engine.submit(home, pos, work, src))
+            for home, parts in zip(homes, stored):
+                for h, x in zip(home, parts):
+                    # x is the new token's own tensor (not the slot), so the slot is free once released.
+                    self.engine.submit(h, pos, x, (rows,))
                 if tier is not Tier.GPU:
                     self.traffic.down_bytes += self._bytes(rows, end - start)
 
@@ -197,12 +236,20 @@ class SequenceSplitKV:
             for h in handles:
                 h.wait()
             self.slots.held[slot] = False
-        self.loaded = {}
+        self.loaded, self.staged, self.new = {}, {}, {}
         self.engine.sync()
         for layer in self.homes:
             for (_, tier), homes in zip(self.parts, layer):
                 pool = self.memory.pool(tier)
-                for h in homes:
+                for h in (t for home in homes for t in home):
                     if pool.owns(h):
                         pool.free(h)
         self.homes = []
+
+
+def _stored(head_dim: int, dtype: torch.dtype, group: int | None) -> list[tuple[int, torch.dtype]]:
+    """(last dim, dtype) of each tensor one head's K (or V) is stored as: the values, or FlexGen's
+    compress_cache format (4-bit codes two per byte, one scale and one minimum per group)."""
+    if group is None:
+        return [(head_dim, dtype)]
+    return [(head_dim // 2, torch.uint8), (head_dim // group, dtype), (head_dim // group, dtype)]

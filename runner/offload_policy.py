@@ -14,7 +14,10 @@ KV placement (`kv_placement`):
 Activations (the hidden states between layers) live on one tier, as in FlexGen: `act_gpu_percent: 100`,
 `act_cpu_percent: 100`, or both 0 for disk (runner/activations.py).
 
-Settings not implemented yet (cpu_cache_compute, compression) are refused by name
+`compress_cache` stores FlexGen-placed KV as 4-bit codes in groups of 64 along the head dim (or the
+whole head dim when smaller), min/max per group, on every tier; attention reads the dequantized values.
+
+Settings not implemented yet (cpu_cache_compute, compress_weight) are refused by name
 rather than silently ignored.
 """
 from __future__ import annotations
@@ -29,7 +32,6 @@ from runner.spec import _bad, _Spec
 _NOT_YET: tuple[tuple[str, object, str], ...] = (
     ("cpu_cache_compute", False, "attention always runs on the gpu pool"),
     ("compress_weight", False, "weights are stored uncompressed"),
-    ("compress_cache", False, "KV compression is kv.bits, not offload"),
 )
 
 
@@ -80,6 +82,9 @@ class OffloadPolicy(_Spec):
 
     def _validate_placement(self) -> None:
         token_fields = ("p1", "p2", "offload_ratio", "recompute_ratio")
+        if self.compress_cache and self.kv_placement is KVPlacement.TOKEN:
+            raise _bad("offload.compress_cache", "FlexGen's 4-bit cache is for kv_placement: sequence; "
+                       "token placement compresses with kv.bits: 8")
         if self.kv_placement is KVPlacement.SEQUENCE:
             for name in token_fields:
                 if getattr(self, name) not in (None, 0.0):

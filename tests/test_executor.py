@@ -235,7 +235,6 @@ def test_disk_files_exist_during_a_run_and_are_removed_after_success_and_failure
 
 @pytest.mark.parametrize("settings, field", [
     (dict(cpu_cache_compute=True), "cpu_cache_compute"), (dict(compress_weight=True), "compress_weight"),
-    (dict(compress_cache=True), "compress_cache"),
 ])
 def test_unimplemented_policy_settings_are_refused_by_name(settings, field):
     with pytest.raises(JobError, match=rf"^offload\.{field}: not implemented yet") as e:

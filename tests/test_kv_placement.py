@@ -204,3 +204,22 @@ def test_kv_placements_fit_budgets_set_to_their_own_peaks(tiny, tmp_path, placem
                         offload_dir=str(tmp_path))
     with pytest.raises(BudgetError, match=r"^cpu: plan \(KV"):
         offloaded(*args, short, 2, 4, STEPS, KVS["swa0.8"])
+
+
+@pytest.mark.parametrize("placement, ngb", [("seq-mixed", 1), ("seq-mixed", 4), ("seq-gpu", 1)])
+def test_flexgen_compress_cache_equals_the_plain_4bit_cache(tiny, tmp_path, placement, ngb):
+    """compress_cache stores 4-bit groups (of the head dim, 16 here) on every tier, and attention reads them
+    dequantized, new token included: exactly what the plain path's kv.bits 4 cache computes."""
+    splits = {"seq-mixed": PLACEMENTS["seq-mixed"], "seq-gpu": {}}
+    policy = OffloadPolicy(**splits[placement], compress_cache=True)
+    plain4 = KVSettings(policy=SWA, bits=4, group_size=tiny["llama"][0].head_dim)
+    cfg, weights = tiny["llama"]
+    gbs = len(PROMPTS) // ngb
+    ref = plain(cfg, weights, PROMPTS, gbs, STEPS, plain4)
+    logits, tokens, stats = offloaded(cfg, weights, PROMPTS, policy, TierBudgets(offload_dir=str(tmp_path)),
+                                      gbs, ngb, STEPS, KVS["swa0.8"])
+    _assert_same(ref, (logits, tokens), TINY_ATOL)
+    if placement == "seq-mixed":  # 4-bit codes plus an fp32 scale and min per 16 values: 1/4 of fp32's bytes
+        _, _, full = offloaded(cfg, weights, PROMPTS, _policy("seq-mixed"), TierBudgets(offload_dir=str(tmp_path)),
+                               gbs, ngb, STEPS, KVS["swa0.8"])
+        assert stats["kv_bytes_gpu_from_cpu"] * 4 == full["kv_bytes_gpu_from_cpu"]
