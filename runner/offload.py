@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from runner.copy_engine import CopyEngine, Handle
+from runner.kv_quant import QTensor, dequantize, quantize
 from runner.layers import Attention, ForwardState, Shapes, Unit
 from runner.memory import DiskTensor, Memory, Tier
 from runner.offload_policy import OffloadPolicy
@@ -58,12 +59,32 @@ class WeightRead:
     """A layer's weights on the gpu tier, some still arriving: `wait()` before computing with them."""
     weights: dict[str, Tensor]
     handles: list[Handle]
+    decode: list[tuple[Tensor, QTensor]] = field(default_factory=list)  # compressed: (slot view, codes)
 
     def wait(self) -> dict[str, Tensor]:
         for h in self.handles:
             h.wait()
         self.handles = []
+        for view, q in self.decode:  # compress_weight: dequantize on the gpu once the codes are there
+            dequantize(q, view.dtype, out=view)
+        self.decode = []
         return self.weights
+
+
+def compress_group(shape: tuple[int, ...], policy: OffloadPolicy) -> int | None:
+    """Group size of FlexGen's compress_weight (4 bits, groups of 64 along dim 0) for a weight of `shape`,
+    smaller when dim 0 is not a multiple of 64; None for vectors (norms, biases stay uncompressed, as
+    FlexGen's) and when not compressing."""
+    if not policy.compress_weight or len(shape) < 2:
+        return None
+    return next((g for g in (64, 32, 16, 8, 4, 2) if shape[0] % g == 0), None)
+
+
+def _parts(shape: tuple[int, ...], group: int, dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes and dtypes of a compressed weight: 4-bit codes (two per byte), scales, minimums."""
+    rest = tuple(shape[1:])
+    return [((shape[0] // 2, *rest), torch.uint8), ((shape[0] // group, *rest), dtype),
+            ((shape[0] // group, *rest), dtype)]
 
 
 def plan_bytes(shapes: Shapes, policy: OffloadPolicy, itemsize: int) -> tuple[dict[Tier, int], int]:
@@ -71,9 +92,14 @@ def plan_bytes(shapes: Shapes, policy: OffloadPolicy, itemsize: int) -> tuple[di
     tiers = split_by_size(shapes, policy)
     per_tier = {t: 0 for t in Tier}
     staging = 0
+    dtype = {2: torch.float16, 4: torch.float32, 8: torch.float64}.get(itemsize, torch.float32)
     for name, shape in shapes.items():
-        per_tier[tiers[name]] += math.prod(shape) * itemsize
-        if tiers[name] is not Tier.GPU:
+        group = compress_group(shape, policy)
+        if group is None:
+            per_tier[tiers[name]] += math.prod(shape) * itemsize
+        else:
+            per_tier[tiers[name]] += sum(math.prod(s) * t.itemsize for s, t in _parts(shape, group, dtype))
+        if tiers[name] is not Tier.GPU or group is not None:
             staging = _aligned(staging, itemsize) + math.prod(shape)
     return per_tier, staging
 
@@ -94,13 +120,21 @@ class ScheduledLayer:
         if missing:
             raise KeyError(f"weights missing for {unit.prefix}: {missing}")
         tiers = split_by_size(shapes, policy)
-        self.homes: dict[str, Tensor | DiskTensor] = {}
+        self.homes: dict[str, Tensor | DiskTensor | list] = {}  # a list: a compressed weight's parts
         self.staged: list[_Staged] = []
         offset = 0
+        self.groups: dict[str, int] = {}  # compressed weights: their group size
         for name, shape in shapes.items():
             src, label = weights[f"{unit.prefix}.{name}"], f"{unit.prefix}.{name}"
-            self.homes[name] = self._place(tiers[name], shape, dtype, src, label)
-            if tiers[name] is not Tier.GPU:
+            group = compress_group(shape, policy)
+            if group is None:
+                self.homes[name] = self._place(tiers[name], shape, dtype, src, label)
+            else:
+                q = quantize(src.to(device="cpu", dtype=dtype), 4, group, dim=0)
+                self.homes[name] = [self._place(tiers[name], t.shape, t.dtype, t, f"{label}.{i}")
+                                    for i, t in enumerate((q.data, q.scale, q.mn))]
+                self.groups[name] = group
+            if tiers[name] is not Tier.GPU or group is not None:
                 offset = _aligned(offset, dtype.itemsize)
                 self.staged.append(_Staged(name, offset, tuple(shape)))
                 offset += math.prod(shape)
@@ -121,12 +155,23 @@ class ScheduledLayer:
     def load_weight(self, slot: Tensor | None, engine: CopyEngine) -> WeightRead:
         """Start copying the non-gpu weights into `slot` (a gpu-pool buffer of >= staging_numel elements)."""
         weights = {n: h for n, h in self.homes.items() if isinstance(h, Tensor) and self.memory.gpu.owns(h)}
-        handles = []
+        handles, decode = [], []
         for s in self.staged:
             view = slot[s.offset:s.offset + s.numel].view(s.shape)
-            handles.append(engine.submit(view, None, self.homes[s.name], None))
             weights[s.name] = view
-        return WeightRead(weights, handles)
+            home = self.homes[s.name]
+            if s.name not in self.groups:
+                handles.append(engine.submit(view, None, home, None))
+                continue
+            parts = []  # the codes cross the link (gpu-home codes are read in place)
+            for h in home:
+                if isinstance(h, Tensor) and self.memory.gpu.owns(h):
+                    parts.append(h)
+                else:
+                    parts.append(torch.empty(h.shape, dtype=h.dtype, device=view.device))
+                    handles.append(engine.submit(parts[-1], None, h, None))
+            decode.append((view, QTensor(*parts, 4, self.groups[s.name], 0, torch.Size(s.shape))))
+        return WeightRead(weights, handles, decode)
 
     def load_cache(self, state: ForwardState | None) -> None:
         """Start bringing this layer's KV of one GPU batch (a decode step's) to the gpu tier. Only
@@ -153,7 +198,8 @@ class ScheduledLayer:
     def free(self) -> None:
         """Return every home allocation to its pool (idempotent)."""
         for home in self.homes.values():
-            pool = self.memory.pool(self.memory.tier_of(home))
-            if pool.owns(home):
-                pool.free(home)
+            for h in (home if isinstance(home, list) else [home]):
+                pool = self.memory.pool(self.memory.tier_of(h))
+                if pool.owns(h):
+                    pool.free(h)
         self.homes = {}

@@ -17,7 +17,10 @@ Activations (the hidden states between layers) live on one tier, as in FlexGen: 
 `compress_cache` stores FlexGen-placed KV as 4-bit codes in groups of 64 along the head dim (or the
 whole head dim when smaller), min/max per group, on every tier; attention reads the dequantized values.
 
-Settings not implemented yet (cpu_cache_compute, compress_weight) are refused by name
+`compress_weight` stores every weight matrix as 4-bit codes in groups of 64 along dim 0 (norms and biases
+as they are), in whichever tier is its home, dequantized into the gpu staging slot when its layer runs.
+
+Settings not implemented yet (cpu_cache_compute) are refused by name
 rather than silently ignored.
 """
 from __future__ import annotations
@@ -31,7 +34,6 @@ from runner.spec import _bad, _Spec
 # Fields whose non-default values the executor cannot honour yet: (field, required value, why).
 _NOT_YET: tuple[tuple[str, object, str], ...] = (
     ("cpu_cache_compute", False, "attention always runs on the gpu pool"),
-    ("compress_weight", False, "weights are stored uncompressed"),
 )
 
 

@@ -282,7 +282,7 @@ def test_offload_section_parses_round_trips_and_defaults_to_absent(tmp_path):
     ({"offload": {"kv_placement": "token", "p1": 64}}, "offload.p2", "needs a phase switch length"),
     ({"offload": {"kv_placement": "rows"}}, "offload.kv_placement", "sequence"),
     ({"offload": {"act_cpu_percent": 30, "act_gpu_percent": 70}}, "offload.act_gpu_percent", "live on one tier"),
-    ({"offload": {"compress_weight": True}}, "offload.compress_weight", "not implemented yet"),
+    ({"offload": {"cpu_cache_compute": True}}, "offload.cpu_cache_compute", "not implemented yet"),
     ({"offload": {"compress_cache": True, "kv_placement": "token", "p1": 8, "p2": 8}}, "offload.compress_cache",
      "for kv_placement: sequence"),
     ({"offload": {"overlap": "yes"}}, "offload.overlap", "must be true or false"),
