@@ -46,6 +46,9 @@ class KVPlacer:
         self.done = KVTraffic()  # traffic of caches already freed
 
     def _check_kv(self) -> None:
+        if self.policy.cpu_cache_compute and (self.kv.policy.name != "dense" or self.compress is not None):
+            raise ValueError("offload.cpu_cache_compute: attention on the cpu rows' home runs dense over "
+                             "uncompressed KV; use kv.policy: dense and compress_cache: false")
         if not (self.split or self.phases):
             return
         if self.kv.mode is KVMode.EVICT:
@@ -113,7 +116,8 @@ class KVPlacer:
             else:
                 split = split_rows(batch, self.policy.cache_gpu_percent, self.policy.cache_cpu_percent)
                 cache = SequenceSplitKV(self.cfg, batch, capacity, self.dtype, split=split, memory=self.memory,
-                                        engine=self.engine, slots=self.slots, compress=self.compress)
+                                        engine=self.engine, slots=self.slots, compress=self.compress,
+                                        cpu_compute=self.policy.cpu_cache_compute)
             self.caches.append(cache)
             return cache
         return make

@@ -22,7 +22,8 @@ from runner.copy_engine import CopyEngine, Handle
 from runner.kv_cache import Scratch, take_slots
 from runner.kv_quant import QTensor, dequantize, quantize
 from runner.kv_tokens import KVTraffic
-from runner.memory import Memory, Tier
+from runner import model as M
+from runner.memory import Direction, Memory, Tier
 
 
 def split_rows(batch: int, gpu_percent: float, cpu_percent: float) -> tuple[int, int, int]:
@@ -72,11 +73,14 @@ class SequenceSplitKV:
     """KVCache interface over per-tier homes of whole sequences and a shared working slot."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, *, split: tuple[int, int, int],
-                 memory: Memory, engine: CopyEngine, slots: WorkingSlots, compress: int | None = None):
+                 memory: Memory, engine: CopyEngine, slots: WorkingSlots, compress: int | None = None,
+                 cpu_compute: bool = False):
         """compress: FlexGen's compress_cache, the group size of 4-bit group-wise storage along the head
         dim (None: the compute dtype). The working slot always holds the dequantized values."""
         self.cfg, self.b, self.max_len, self.dtype, self.split = cfg, batch, max_len, dtype, split
         self.group = compress
+        # FlexGen's cpu_cache_compute: the cpu rows' KV stays home, their attention runs there (`attend`).
+        self.cpu_compute = cpu_compute
         self.memory, self.engine, self.slots = memory, engine, slots
         kvh, d = cfg.num_kv_heads, cfg.head_dim
         self.parts: list[tuple[slice, Tier]] = []
@@ -116,6 +120,8 @@ class SequenceSplitKV:
         handles, staged = [], []
         span = (slice(None), slice(None), slice(0, n))
         for (rows, tier), homes in zip(self.parts, self.homes[layer]):
+            if self._computed_home(tier):
+                continue
             for work, home in zip((self.slots.k[slot], self.slots.v[slot]), homes):
                 if self.group is None:
                     dst = (slice(rows.start, rows.stop), slice(None), slice(0, n))
@@ -146,6 +152,29 @@ class SequenceSplitKV:
     def _view(self, layer: int, n: int) -> tuple[Tensor, Tensor]:
         slot = self._slot(layer, n)
         return self.slots.k[slot][:self.b], self.slots.v[slot][:self.b]
+
+    def _computed_home(self, tier: Tier) -> bool:
+        return self.cpu_compute and tier is Tier.CPU
+
+    def attend(self, layer: int, q: Tensor, n: int, bias: Tensor | None) -> Tensor:
+        """Dense decode attention over positions 0..n (cpu_cache_compute): rows whose KV is on the gpu
+        (or was loaded there) against the working slot, cpu rows on the cpu against their home, with only
+        their queries and outputs crossing the link. q (b, nh, 1, d); bias (b, 1, 1, n) or None."""
+        wk, wv = self._view(layer, n)
+        out = torch.empty_like(q)
+        for rows, tier in self.parts:
+            part_bias = None if bias is None else bias[rows]
+            if not self._computed_home(tier):
+                out[rows] = M.attention_decode(q[rows], wk[rows, :, :n], wv[rows, :, :n], part_bias)[0]
+                continue
+            home_k, home_v = (h[0] for h in self.homes[layer][self.parts.index((rows, tier))])
+            q_cpu = q[rows].to(home_k.device)
+            self.memory.count(Direction.CPU_FROM_GPU, q_cpu.numel() * q_cpu.element_size())
+            res = M.attention_decode(q_cpu, home_k[:, :, :n], home_v[:, :, :n],
+                                     None if part_bias is None else part_bias.to(home_k.device))[0]
+            out[rows] = res.to(q.device)
+            self.memory.count(Direction.GPU_FROM_CPU, res.numel() * res.element_size())
+        return out
 
     def _bytes(self, rows: slice, tokens: int) -> int:
         """Stored bytes of K (or V) of `tokens` positions of sequences `rows`."""
@@ -179,6 +208,13 @@ class SequenceSplitKV:
                     if tier is not Tier.GPU:
                         self.traffic.down_bytes += self._bytes(rows, end)
             return
+        if self.cpu_compute:  # the new token goes straight home for the cpu rows: their attention reads it there
+            pos = (slice(None), slice(None), slice(start, end))
+            for (rows, tier), homes in zip(self.parts, self.homes[layer]):
+                if self._computed_home(tier):
+                    for home, parts in zip(homes, stored):
+                        self.engine.submit(home[0], pos, parts[0], (rows,)).wait()
+                    self.traffic.down_bytes += self._bytes(rows, end - start)
         wk, wv = self._view(layer, start)
         # Compressed: attention sees the new token as it will be read back, as the plain quantized cache does.
         wk[:, :, start:end] = k if self.group is None else self._decode(stored[0])
@@ -192,6 +228,8 @@ class SequenceSplitKV:
         pos = (slice(None), slice(None), slice(start, end))
         stored = self.new.pop(layer)
         for (rows, tier), homes in zip(self.parts, self.homes[layer]):
+            if self._computed_home(tier):
+                continue  # written at `write`
             for home, parts in zip(homes, stored):
                 for h, x in zip(home, parts):
                     # x is the new token's own tensor (not the slot), so the slot is free once released.

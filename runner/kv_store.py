@@ -216,6 +216,10 @@ class KVStore:
         """One new token per row: store its KV, select, attend, update scores. -> (b, nh, 1, d)"""
         if self.evict:
             return self._decode_evict(layer, q, k, v)
+        if getattr(self.cache, "cpu_compute", False):  # FlexGen's cpu_cache_compute: dense, attention by tier
+            self.cache.write(layer, k, v, self.length)
+            bias = self.bias[..., :self.length + 1].unsqueeze(2) if self.padded else None
+            return self.cache.attend(layer, q, self.length + 1, bias)
         n, clock = self.length + 1, self.clock
         clock.start()
         self.cache.write(layer, k, v, n - 1)

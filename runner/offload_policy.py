@@ -20,7 +20,8 @@ whole head dim when smaller), min/max per group, on every tier; attention reads 
 `compress_weight` stores every weight matrix as 4-bit codes in groups of 64 along dim 0 (norms and biases
 as they are), in whichever tier is its home, dequantized into the gpu staging slot when its layer runs.
 
-Settings not implemented yet (cpu_cache_compute) are refused by name
+`cpu_cache_compute` (dense attention, uncompressed KV) computes the attention of the sequences whose KV
+is on `cpu` there, against their home, instead of loading it to the gpu: only queries and outputs move. are refused by name
 rather than silently ignored.
 """
 from __future__ import annotations
@@ -30,12 +31,6 @@ import enum
 
 from runner.pools import Tier
 from runner.spec import _bad, _Spec
-
-# Fields whose non-default values the executor cannot honour yet: (field, required value, why).
-_NOT_YET: tuple[tuple[str, object, str], ...] = (
-    ("cpu_cache_compute", False, "attention always runs on the gpu pool"),
-)
-
 
 class KVPlacement(str, enum.Enum):
     SEQUENCE = "sequence"  # FlexGen: whole sequences by percent
@@ -77,13 +72,11 @@ class OffloadPolicy(_Spec):
             raise _bad("offload.act_gpu_percent", "activations live on one tier, as in FlexGen: act_gpu_percent "
                        "100 (gpu), act_cpu_percent 100 (cpu) or both 0 (disk), got "
                        f"{self.act_gpu_percent:g} / {self.act_cpu_percent:g}")
-        for name, required, why in _NOT_YET:
-            if getattr(self, name) != required:
-                raise _bad(f"offload.{name}", f"not implemented yet ({why}); must be {_show(required)}, "
-                           f"got {_show(getattr(self, name))}")
 
     def _validate_placement(self) -> None:
         token_fields = ("p1", "p2", "offload_ratio", "recompute_ratio")
+        if self.cpu_cache_compute and self.kv_placement is KVPlacement.TOKEN:
+            raise _bad("offload.cpu_cache_compute", "FlexGen's setting for kv_placement: sequence")
         if self.compress_cache and self.kv_placement is KVPlacement.TOKEN:
             raise _bad("offload.compress_cache", "FlexGen's 4-bit cache is for kv_placement: sequence; "
                        "token placement compresses with kv.bits: 8")
@@ -118,9 +111,3 @@ class OffloadPolicy(_Spec):
     @property
     def w_disk_percent(self) -> float:
         return 100.0 - self.w_gpu_percent - self.w_cpu_percent
-
-
-def _show(value: object) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    return f"{value:g}" if isinstance(value, float) else str(value)

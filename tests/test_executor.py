@@ -233,15 +233,6 @@ def test_disk_files_exist_during_a_run_and_are_removed_after_success_and_failure
     assert os.listdir(offload_dir) == []
 
 
-@pytest.mark.parametrize("settings, field", [
-    (dict(cpu_cache_compute=True), "cpu_cache_compute"),
-])
-def test_unimplemented_policy_settings_are_refused_by_name(settings, field):
-    with pytest.raises(JobError, match=rf"^offload\.{field}: not implemented yet") as e:
-        OffloadPolicy(**settings)
-    assert "\n" not in str(e.value)
-
-
 def test_bad_percentages_are_refused():
     with pytest.raises(JobError, match=r"offload\.w_gpu_percent: must be in \[0, 100\]"):
         OffloadPolicy(w_gpu_percent=120)

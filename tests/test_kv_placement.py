@@ -223,3 +223,20 @@ def test_flexgen_compress_cache_equals_the_plain_4bit_cache(tiny, tmp_path, plac
         _, _, full = offloaded(cfg, weights, PROMPTS, _policy("seq-mixed"), TierBudgets(offload_dir=str(tmp_path)),
                                gbs, ngb, STEPS, KVS["swa0.8"])
         assert stats["kv_bytes_gpu_from_cpu"] * 4 == full["kv_bytes_gpu_from_cpu"]
+
+
+@pytest.mark.parametrize("placement, ngb, overlap", [("seq-cpu", 1, True), ("seq-mixed", 4, True),
+                                                     ("seq-mixed", 1, False)])
+def test_cpu_cache_compute_matches_plain_path_and_moves_no_cpu_kv(tiny, tmp_path, placement, ngb, overlap):
+    """FlexGen's cpu_cache_compute: the cpu rows' attention runs against their home, so their KV never
+    crosses the link (only disk rows are loaded); queries go down and outputs come up instead."""
+    policy = OffloadPolicy(**PLACEMENTS[placement], overlap=overlap, cpu_cache_compute=True)
+    stats = check_against_plain(tiny["llama"], tmp_path, policy, ngb, KVS["dense"], TINY_ATOL)
+    _, _, loaded = offloaded(*tiny["llama"], PROMPTS, _policy(placement), TierBudgets(offload_dir=str(tmp_path)),
+                             len(PROMPTS) // ngb, ngb, STEPS, KVS["dense"])
+    if placement == "seq-cpu":
+        assert stats["kv_bytes_gpu_from_cpu"] == 0 < stats["bytes_gpu_from_cpu"]  # outputs, not KV
+        assert stats["bytes_gpu_from_cpu"] < loaded["bytes_gpu_from_cpu"] / 3
+    assert stats["kv_bytes_gpu_from_cpu"] < loaded["kv_bytes_gpu_from_cpu"]  # disk rows are still loaded
+    with pytest.raises(ValueError, match=r"^offload\.cpu_cache_compute: .* kv\.policy: dense"):
+        offloaded(*tiny["llama"], PROMPTS, policy, TierBudgets(offload_dir=str(tmp_path)), 8, 1, 2, KVS["swa0.8"])
