@@ -24,7 +24,7 @@ if [[ ! -f "$JOB" ]]; then
 fi
 "$PY" -c 'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")'
 
-# Budget: at most 190 s of tests + 90 s of job (timeout kills either), under 5 minutes in all.
+# Budget: at most 150 s of tests + 140 s of job (three sweep points; timeout kills either), under 5 minutes.
 # (a) Tests: the copy engine (CUDA side streams) and the executor / KV placement equivalence tests.
 tests=()
 for f in tests/test_copy_engine.py tests/test_executor.py tests/test_kv_placement.py; do
@@ -32,7 +32,7 @@ for f in tests/test_copy_engine.py tests/test_executor.py tests/test_kv_placemen
 done
 echo "== (a) ALISA_TEST_DEVICE=cuda pytest ${tests[*]}"
 start=$SECONDS
-ALISA_TEST_DEVICE=cuda timeout 190 "$PY" -m pytest -q "${tests[@]}"
+ALISA_TEST_DEVICE=cuda timeout 150 "$PY" -m pytest -q "${tests[@]}"
 echo "   tests: $((SECONDS - start)) s"
 
 # (b) Throughput on CUDA. The CSV is appended to (one row per run), so print only this run's rows.
@@ -42,7 +42,7 @@ if [[ -f "$CSV" ]]; then
     before=$("$PY" -c 'import csv, sys; print(sum(1 for _ in csv.DictReader(open(sys.argv[1], newline=""))))' "$CSV")
 fi
 start=$SECONDS
-timeout 90 "$PY" run.py "$JOB" "$@"
+timeout 140 "$PY" run.py "$JOB" "$@"
 echo "   job: $((SECONDS - start)) s"
 echo "== rows in $CSV"
 "$PY" - "$CSV" "$before" <<'EOF' | column -s, -t
