@@ -208,6 +208,7 @@ class Executor:
         pending = self.load_weight(0)  # weights of (token 0, layer 0)
         for i in range(params.max_new_tokens):  # token i
             step_start = time.perf_counter()
+            self._step_marks = (self.engine.transfer_wait_s, self.placer.traffic().recompute_s)
             for b in block:
                 b.begin(i, self.rope)
             for j, layer in enumerate(self.layers):  # layer j: its weights serve every GPU batch
@@ -257,10 +258,16 @@ class Executor:
             self.layers[nj].load_cache(block[0].state)
 
     def _time_step(self, length: int, seconds: float) -> None:
-        """Decode step time by the ALISA phase of the sequence length the step ended at."""
+        """Decode step time, and the part of it blocked on copies and spent recomputing K/V, by the ALISA
+        phase of the sequence length the step ended at (compute is the rest)."""
         phases = self.placer.phases
         phase = phases.phase(length) if phases is not None else 1
-        self._phase_s[phase - 1] += seconds
+        wait, recompute = self.engine.transfer_wait_s, self.placer.traffic().recompute_s
+        totals = self._phase_s[phase - 1]
+        totals[0] += seconds
+        totals[1] += wait - self._step_marks[0]
+        totals[2] += recompute - self._step_marks[1]
+        self._step_marks = (wait, recompute)
 
     def load_weight(self, j: int) -> WeightRead:
         """Start loading layer j's weights into the staging slot the running layer does not use: loads
@@ -304,7 +311,8 @@ class Executor:
         self._moved_base = self.memory.moved()
         self._wait_base = self.engine.transfer_wait_s
         self._busy_base = self.engine.link_busy_s()
-        self._phase_s = [0.0, 0.0, 0.0]
+        self._phase_s = [[0.0, 0.0, 0.0] for _ in range(3)]  # per phase: step time, transfer wait, recompute
+        self._step_marks = (0.0, 0.0)
         self.placer.reset()
 
     def stats(self) -> dict[str, int | float]:
@@ -323,7 +331,10 @@ class Executor:
             "link_busy_gpu_from_cpu_s": round(busy["gpu<-cpu"], 4),
             "link_busy_cpu_from_gpu_s": round(busy["cpu<-gpu"], 4)}
         if self.placer.phases is not None:
-            out.update({f"phase{p + 1}_s": round(sec, 4) for p, sec in enumerate(self._phase_s)})
+            for p, (sec, wait, recompute) in enumerate(self._phase_s, start=1):
+                out.update({f"phase{p}_s": round(sec, 4), f"phase{p}_wait_s": round(wait, 4),
+                            f"phase{p}_recompute_s": round(recompute, 4),
+                            f"phase{p}_compute_s": round(sec - wait - recompute, 4)})
             out.update(recompute_s=round(kv.recompute_s, 4), recomputed_tokens=kv.recomputed,
                        recompute_saved_bytes=kv.recompute_saved_bytes)
         return out

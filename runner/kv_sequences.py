@@ -101,6 +101,7 @@ class SequenceSplitKV:
         self.loaded: dict[int, tuple[int, list[Handle]]] = {}  # layer -> (slot, copies in flight)
         self.staged: dict[int, list] = {}  # layer -> compressed parts on the gpu to dequantize into the slot
         self.new: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # layer -> the new token's stored K, V
+        self.writing: dict[int, list[Handle]] = {}  # layer -> writes to its homes still in flight
         self.scratch = Scratch()
         self.traffic = KVTraffic()  # link bytes of the cpu and disk rows (gpu rows cross no link)
 
@@ -116,6 +117,8 @@ class SequenceSplitKV:
         """Start copying positions 0..n of `layer` into a working slot (no-op if already loaded)."""
         if layer in self.loaded:
             return
+        for h in self.writing.pop(layer, ()):  # copies are unordered: the homes must hold the last token first
+            h.wait()
         slot = self.slots.acquire()
         handles, staged = [], []
         span = (slice(None), slice(None), slice(0, n))
@@ -204,7 +207,7 @@ class SequenceSplitKV:
             for (rows, tier), homes in zip(self.parts, self.homes[layer]):
                 for home, parts in zip(homes, stored):
                     for h, x in zip(home, parts):
-                        self.engine.submit(h, pos, x, (rows,))
+                        self.writing.setdefault(layer, []).append(self.engine.submit(h, pos, x, (rows,)))
                     if tier is not Tier.GPU:
                         self.traffic.down_bytes += self._bytes(rows, end)
             return
@@ -233,7 +236,7 @@ class SequenceSplitKV:
             for home, parts in zip(homes, stored):
                 for h, x in zip(home, parts):
                     # x is the new token's own tensor (not the slot), so the slot is free once released.
-                    self.engine.submit(h, pos, x, (rows,))
+                    self.writing.setdefault(layer, []).append(self.engine.submit(h, pos, x, (rows,)))
                 if tier is not Tier.GPU:
                     self.traffic.down_bytes += self._bytes(rows, end - start)
 
@@ -274,7 +277,10 @@ class SequenceSplitKV:
             for h in handles:
                 h.wait()
             self.slots.held[slot] = False
-        self.loaded, self.staged, self.new = {}, {}, {}
+        for handles in self.writing.values():
+            for h in handles:
+                h.wait()
+        self.loaded, self.staged, self.new, self.writing = {}, {}, {}, {}
         self.engine.sync()
         for layer in self.homes:
             for (_, tier), homes in zip(self.parts, layer):

@@ -85,6 +85,9 @@ OFFLOAD_COLUMNS: tuple[str, ...] = (
     # ALISA's three KV phases: decode time in each, KV bytes moved per link direction, (token, layer)
     # K/V pairs recomputed and the cpu bytes fetching them would have moved
     "phase1_s", "phase2_s", "phase3_s", "kv_bytes_gpu_from_cpu", "kv_bytes_cpu_from_gpu",
+    # per phase: decode step time blocked on copies, recomputing K/V, and the rest (computing)
+    "phase1_wait_s", "phase1_recompute_s", "phase1_compute_s", "phase2_wait_s", "phase2_recompute_s",
+    "phase2_compute_s", "phase3_wait_s", "phase3_recompute_s", "phase3_compute_s",
     "recomputed_tokens", "recompute_saved_bytes",
 )
 

@@ -65,7 +65,10 @@ def test_kv_placements_match_plain_path(tiny, tmp_path, compute_device, family, 
         assert moved_down > 0 and moved_up > 0
         phase3 = placement == "tok-III"  # prompts of 30 columns: every decode step is past p2 = 16
         assert (stats["phase3_s"] > 0) == phase3 and (stats["phase2_s"] > 0) != phase3
-        assert (stats["recomputed_tokens"] > 0) == phase3
+        assert (stats["recomputed_tokens"] > 0) == phase3 == (stats["phase3_recompute_s"] > 0)
+        for p in (2, 3):  # the per-phase breakdown adds up to the phase's step time
+            parts = stats[f"phase{p}_wait_s"] + stats[f"phase{p}_recompute_s"] + stats[f"phase{p}_compute_s"]
+            assert abs(parts - stats[f"phase{p}_s"]) < 1e-3
 
 
 def test_weights_and_kv_offloaded_together(tiny, tmp_path):
