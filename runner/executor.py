@@ -137,7 +137,7 @@ class Executor:
         need = {t: {} for t in Tier}
         staging = 0
         for u in units:
-            per_tier, numel = plan_bytes(u.weight_shapes(), self.policy, itemsize)
+            per_tier, numel = plan_bytes(u.weight_shapes(), self.policy, self.dtype)
             for t, n in per_tier.items():
                 need[t][f"{t.value} weights"] = need[t].get(f"{t.value} weights", 0) + n
             staging = max(staging, numel)

@@ -129,7 +129,6 @@ class SequenceSplitKV:
                 if self.group is None:
                     dst = (slice(rows.start, rows.stop), slice(None), slice(0, n))
                     handles.append(self.engine.submit(work, dst, home[0], span))
-                    stage = None
                 else:  # the codes cross the link; dequantized into the slot once they are there
                     stage = [torch.empty((rows.stop - rows.start, h.shape[1], n, h.shape[3]), dtype=h.dtype,
                                          device=work.device) for h in home]

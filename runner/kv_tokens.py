@@ -33,6 +33,7 @@ from torch import Tensor
 
 from runner.config import ModelConfig
 from runner.copy_engine import CopyEngine, Handle
+from runner.kv_cache import flat_rows
 from runner.kv_quant import QTensor, check_params, dequantize, quantize
 from runner.memory import Memory
 
@@ -253,7 +254,6 @@ class TokenTieredKV:
 
     def gather(self, layer: int, index: Tensor) -> tuple[Tensor, Tensor]:
         """The selected positions packed dense: (b, kvh, m, d); index (m,) or (b, g, m)."""
-        from runner.kv_cache import flat_rows
         kvh, d = self.cfg.num_kv_heads, self.cfg.head_dim
         k, v = self.take_rows(layer, flat_rows(index, self.b, kvh, self.max_len))
         m = index.shape[-1]

@@ -87,12 +87,12 @@ def _parts(shape: tuple[int, ...], group: int, dtype: torch.dtype) -> list[tuple
             ((shape[0] // group, *rest), dtype)]
 
 
-def plan_bytes(shapes: Shapes, policy: OffloadPolicy, itemsize: int) -> tuple[dict[Tier, int], int]:
+def plan_bytes(shapes: Shapes, policy: OffloadPolicy, dtype: torch.dtype) -> tuple[dict[Tier, int], int]:
     """(bytes per home tier, staging elements) the layer with `shapes` needs under `policy`."""
     tiers = split_by_size(shapes, policy)
     per_tier = {t: 0 for t in Tier}
     staging = 0
-    dtype = {2: torch.float16, 4: torch.float32, 8: torch.float64}.get(itemsize, torch.float32)
+    itemsize = dtype.itemsize
     for name, shape in shapes.items():
         group = compress_group(shape, policy)
         if group is None:
