@@ -109,6 +109,34 @@ def test_shots_are_seeded_and_exclude_the_question(smollm2_loaded, tmp_path):
         prompts_of(path, tok, shots=3)
 
 
+def test_prompts_do_not_depend_on_how_the_path_is_written(tmp_path, monkeypatch):
+    """Shots and choice order are seeded by file name and line: the same file through a relative
+    path, an absolute one, and a copy in another directory gives the same prompts; `where` (for
+    error messages) keeps the path as given."""
+    lines = [json.dumps({"input": f"question {i}", "choices": [f"right {i}", f"wrong {i}", f"other {i}", f"else {i}"],
+                         "label": 0, "task_prefix": PREFIX}) for i in range(12)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in "ab":
+        (tmp_path / d / "task.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+
+    def encode(text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def prompts(path: str):
+        pool = load_questions(path)
+        return build_prompts(pool, pool, encode, shots=3, seed=0, add_bos=False)
+
+    spellings = ["a/task.jsonl", str(tmp_path / "a" / "task.jsonl"), "./a/../a/task.jsonl", "b/task.jsonl"]
+    got = [prompts(s) for s in spellings]
+    want = [(p.context_ids, p.choice_ids, p.label) for p in got[0]]
+    assert len({p.label for p in got[0]}) > 1  # the shuffle moved the right choice off the first place
+    for spelling, ps in zip(spellings, got):
+        assert [(p.context_ids, p.choice_ids, p.label) for p in ps] == want, spelling
+        assert [p.where for p in ps] == [f"{spelling}:{n}" for n in range(1, 13)]
+
+
 @pytest.mark.parametrize("line, problem", [
     ("{not json", "invalid JSON"),
     ('["a list"]', "expected a JSON object"),

@@ -21,7 +21,9 @@ The continuation scored is " " + choice. Context and continuation are tokenized 
 context tokens; for SmolLM2's byte-level BPE this equals tokenizing the joined text, because
 " word" always starts a new pre-token. Choice order is shuffled per question with the seed
 (the cause_and_effect files list the right choice first), for the listing and for ties in the
-argmax, so nothing depends on the file's order.
+argmax, so nothing depends on the file's order. The shuffle and the shot draw are seeded with
+`seed` and the question's file name and line, not the path as written, so a relative and an
+absolute path to the same file (or a copy under another directory) give the same prompts.
 
 Scoring runs as generation does: the contexts are prefilled densely (all but their last
 `decode_context` tokens, which are then fed one at a time with the policy active), the batch is
@@ -56,7 +58,8 @@ class Question:
     choices: tuple[str, ...]
     label: int  # index of the correct choice
     task_prefix: str
-    where: str  # "file:line", for error messages
+    where: str  # "path:line" with the path as given, for error messages
+    key: str  # "file name:line", the seed of its shuffle and shot draw (not the path as written)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,13 +94,13 @@ def load_questions(path: str | Path) -> list[Question]:
     with Path(path).open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
-                out.append(_question(line, f"{path}:{n}"))
+                out.append(_question(line, f"{path}:{n}", f"{Path(path).name}:{n}"))
     if not out:
         raise MCDataError(f"{path}: no questions")
     return out
 
 
-def _question(line: str, where: str) -> Question:
+def _question(line: str, where: str, key: str) -> Question:
     d = json_object(line, where, MCDataError)
     inp, choices, label, prefix = d.get("input"), d.get("choices"), d.get("label"), d.get("task_prefix", "")
     if not isinstance(inp, str) or not isinstance(prefix, str):
@@ -107,7 +110,7 @@ def _question(line: str, where: str) -> Question:
     if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
         raise MCDataError(f"{where}: 'label' must be an integer in [0, {len(choices)}), got {label!r}")
     return Question(input=inp.strip(), choices=tuple(c.strip() for c in choices), label=label,
-                    task_prefix=prefix.strip(), where=where)
+                    task_prefix=prefix.strip(), where=where, key=key)
 
 
 def _shuffled(q: Question, rng: random.Random) -> tuple[list[str], int]:
@@ -128,9 +131,9 @@ def build_context(q: Question, shots: Sequence[Question], seed: int,
     """(context text, the question's choices in shuffled order, its label in that order)."""
     blocks = [q.task_prefix] if q.task_prefix else []
     for s in shots:
-        choices, label = _shuffled(s, random.Random(f"{seed}:{s.where}"))
+        choices, label = _shuffled(s, random.Random(f"{seed}:{s.key}"))
         blocks.append(_block(s, choices, choices[label], list_choices))
-    choices, label = _shuffled(q, random.Random(f"{seed}:{q.where}"))
+    choices, label = _shuffled(q, random.Random(f"{seed}:{q.key}"))
     blocks.append(_block(q, choices, None, list_choices))
     return "\n\n".join(blocks), choices, label
 
@@ -142,8 +145,8 @@ def build_prompts(questions: Sequence[Question], pool: Sequence[Question], encod
         raise ValueError(f"eval.shots: {shots} shots need {shots + 1} questions, the file has {len(pool)}")
     out = []
     for q in questions:
-        others = [p for p in pool if p.where != q.where]
-        drawn = random.Random(f"shots:{seed}:{q.where}").sample(others, shots)
+        others = [p for p in pool if p.key != q.key]
+        drawn = random.Random(f"shots:{seed}:{q.key}").sample(others, shots)
         text, choices, label = build_context(q, drawn, seed, list_choices)
         # The continuation never gets a BOS: it is scored after the context, not as a new text.
         conts = [encode(" " + c)[1 if add_bos else 0:] for c in choices]
