@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Command line: `python run.py JOB.yaml [--set section.key=value ...]`.
+"""Command line: `python run.py JOB.yaml [--set section.key=value ...]`, or
+`python run.py calibrate [--out PROFILE.yaml] ...` to measure this machine into a hardware profile.
 
 The only place with argparse and printing. A job with a `sweep` runs each grid point in its
 own subprocess (so each row's peak memory is that point's alone), all rows in one CSV. A job
@@ -11,8 +12,13 @@ import argparse
 import json
 import os
 import re
+import shlex
+import socket
 import subprocess
 import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 from runner.job import JobError, load_job
 
@@ -67,7 +73,80 @@ def _run_eval(job) -> int:
     return 0
 
 
+def _calibrate(argv: list[str]) -> int:
+    """`python run.py calibrate`: measure this machine, print each measurement, write the profile YAML."""
+    parser = argparse.ArgumentParser(prog="run.py calibrate",
+                                     description="measure this machine into a hardware profile (runner/calibrate.py)")
+    parser.add_argument("--out", default=None, help="profile YAML to write (default results/calibration/<hostname>.yaml)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--offload-dir", default=None,
+                        help="existing directory for the disk measurements (default offload/, created if missing)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds: checks the tool, not the machine")
+    parser.add_argument("--note", default="", help="a line for the profile's header (e.g. what else the machine ran)")
+    args = parser.parse_args(argv)
+    out = Path(args.out or f"results/calibration/{socket.gethostname()}.yaml")
+    offload_dir = args.offload_dir or "offload/"
+    import torch  # heavy imports only when actually running
+    from runner.calibrate import calibrate, describe_machine
+    from runner.hardware_profile import dump_profile
+    try:  # fail before a minute of measuring, not after
+        device = torch.device(_calibration_device(args.device, torch.cuda.is_available()))
+        _check_calibration_paths(out, offload_dir, create_offload_dir=args.offload_dir is None)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads: must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        print(f"calibrating {device} with {torch.get_num_threads()} torch threads "
+              f"({'a few seconds' if args.quick else 'about a minute'})", flush=True)
+        start = time.perf_counter()
+        profile, rows = calibrate(device=device, offload_dir=offload_dir, quick=args.quick, name=out.stem)
+        header = [f"Measured by `python run.py calibrate {shlex.join(argv)}` on "
+                  f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in {time.perf_counter() - start:.0f} s, "
+                  f"torch {torch.__version__}", describe_machine(device)] + ([args.note] if args.note else [])
+        header += ["Figures (median of repeats; field <- measurement, shape: value):"] + [_row_text(r) for r in rows]
+        try:
+            out.write_text(dump_profile(profile, "\n".join(header)))
+        except OSError as e:
+            raise OSError(f"--out {out}: cannot write: {e.strerror}") from None
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(_row_text(r) for r in rows))
+    print(f"calibration done in {time.perf_counter() - start:.1f} s; profile: {out}")
+    return 0
+
+
+def _calibration_device(name: str, has_cuda: bool) -> str:
+    if name == "cuda" and not has_cuda:
+        raise ValueError("--device cuda: torch sees no CUDA device")
+    return "cuda" if name == "cuda" or (name == "auto" and has_cuda) else "cpu"
+
+
+def _check_calibration_paths(out: Path, offload_dir: str, *, create_offload_dir: bool) -> None:
+    if create_offload_dir:
+        os.makedirs(offload_dir, exist_ok=True)
+    if not os.path.isdir(offload_dir):
+        raise ValueError(f"--offload-dir {offload_dir}: no such directory")
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--out {out}: cannot create {out.parent}: {e.strerror}") from None
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"--out {out}: not writable")
+
+
+def _row_text(r: dict) -> str:
+    seconds = "" if r["seconds"] is None else f" in {r['seconds'] * 1e3:.3f} ms"
+    return f"{r['field'] or '-':<28} {r['name']}, {r['shape']}{seconds}: {r['value']:g} {r['unit']}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["calibrate"]:
+        return _calibrate(argv[1:])
     parser = argparse.ArgumentParser(description="alisa-runner: offline batch generation with sparse KV caching")
     parser.add_argument("job", help="job YAML file (see README)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
