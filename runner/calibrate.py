@@ -189,7 +189,7 @@ def _profile(name: str, rows: list[Row], device: torch.device) -> HardwareProfil
 
     return HardwareProfile(name=name, memory_gb=TierMemory(**section("memory_gb")),
                            bandwidth_gbps=Bandwidth(**section("bandwidth_gbps")), tflops=Compute(**section("tflops")),
-                           overhead_us=Overheads(**section("overhead_us")))
+                           overhead_us=Overheads(**section("overhead_us")), accelerator=device.type == "cuda")
 
 
 def describe_machine(device: torch.device) -> str:

@@ -61,6 +61,10 @@ def test_t4_uses_flexgens_fitted_constants_converted_from_gib():
     assert (t4.memory_gb.cpu, t4.memory_gb.disk, t4.usable_fraction) == (208, 1500, 0.8)
 
 
+def test_only_the_cpu_only_profile_computes_on_the_cpu():
+    assert {name for name in EXPECTED if not load_profile(name).accelerator} == {"cpu-only"}
+
+
 def test_alisa_machines_have_the_papers_link_and_host():
     for name in ("v100-32g", "h100-80g"):
         p = load_profile(name)
