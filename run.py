@@ -143,6 +143,40 @@ def _row_text(r: dict) -> str:
     return f"{r['field'] or '-':<28} {r['name']}, {r['shape']}{seconds}: {r['value']:g} {r['unit']}"
 
 
+def _plan(job) -> int:
+    """`--plan`: the job's plan, and the searched ALISA and FlexGen plans, predicted side by side."""
+    import yaml
+    from runner.planner import plan_job, plan_sections
+    if job.sweep:
+        print("error: sweep: --plan plans one job; run it on a single point (--set sweep={} ...)", file=sys.stderr)
+        return 2
+    try:
+        report = plan_job(job)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    gb = 1e9
+    budgets = ", ".join(f"{t} {b / gb:.2f} GB" for t, b in report.budgets.items())
+    print(f"# profile {report.profile.name}; budgets {budgets}")
+    rows = [("job's own plan", report.job_plan, report.job_prediction, None)]
+    rows += [(f"{name} (searched)", r.plan if r else None, r.prediction if r else None, r)
+             for name, r in (("alisa", report.alisa), ("flexgen", report.flexgen))]
+    for title, plan, pred, result in rows:
+        print(f"\n## {title}")
+        if pred is None:
+            why = "offload: auto" if job.auto_offload and plan is report.job_plan else "no plan fits the budgets"
+            print(f"# {why}")
+            continue
+        extra = f" ({result.evaluated} plans evaluated in {result.seconds:.2f} s)" if result else ""
+        print(f"# predicted tokens/s: prefill {pred.prefill_throughput:.2f}, decode {pred.decode_throughput:.2f}, "
+              f"total {pred.total_throughput:.2f}; bound by {pred.bound}{extra}")
+        print("# peak memory: " + ", ".join(f"{t} {n / gb:.3f} GB" for t, n in pred.peak_bytes.items()))
+        if any(pred.phase_s[1:]):
+            print("# decode seconds by phase: " + ", ".join(f"{p} {s:.2f}" for p, s in zip(("I", "II", "III"), pred.phase_s)))
+        print(yaml.safe_dump(plan_sections(plan), sort_keys=False).rstrip())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["calibrate"]:
@@ -151,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job", help="job YAML file (see README)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a job field, e.g. --set batch.gpu_batch_size=32")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the searched ALISA and FlexGen plans and the predictions on hardware.profile; "
+                             "loads no weights, runs nothing")
     parser.add_argument("--sweep-point", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
@@ -158,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.plan:
+        return _plan(job)
     if job.sweep:
         return _run_sweep(args, job)
     if job.eval is not None:

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from runner import model as M
 from runner.activations import ActivationHome
-from runner.config import Family, ModelConfig
+from runner.config import ModelConfig
 from runner.copy_engine import CopyEngine, LinkEmulation
 from runner.generate import BatchOutput, StopTracker, TextDecoder
 from runner.kv_placement import KVPlacer
@@ -34,15 +33,15 @@ from runner.kv_cache import KVCache
 from runner.kv_quant import QuantizedKVCache
 from runner.lm import PREFILL_GROUP_TOKENS, Batch, set_rope
 from runner.memory import BudgetError, Memory, Reservation, Tier, TierBudgets, format_bytes
-from runner.offload import ScheduledLayer, WeightRead, plan_bytes
+from runner.offload import ScheduledLayer, WeightRead
 from runner.offload_policy import OffloadPolicy
+from runner.plan_memory import SLOTS, activation_elems, block_need, rope_tables, weight_need
 from runner.sampling import SamplingParams, next_tokens
 
 __all__ = ["Executor", "OffloadPolicy", "ScheduledLayer"]
 
 # Plain KV stores take a prefill in row groups (faster at big batches, see runner.lm); tiered ones whole.
 _GROUPABLE = (KVCache, QuantizedKVCache)
-SLOTS = 2  # weight staging slots: the running layer's and the prefetched one's (double buffering)
 COPY_THREADS = 2  # overlap on: background copy threads (torch copies release the GIL)
 
 
@@ -132,31 +131,14 @@ class Executor:
 
     # ---- placement ---------------------------------------------------------------------------
     def _place(self, weights: Mapping[str, Tensor]) -> None:
-        units = build_units(self.cfg)
-        itemsize = self.dtype.itemsize
-        need = {t: {} for t in Tier}
-        staging = 0
-        for u in units:
-            per_tier, numel = plan_bytes(u.weight_shapes(), self.policy, self.dtype)
-            for t, n in per_tier.items():
-                need[t][f"{t.value} weights"] = need[t].get(f"{t.value} weights", 0) + n
-            staging = max(staging, numel)
-        need[Tier.GPU][f"{SLOTS} weight staging slots"] = SLOTS * staging * itemsize
-        rope = self._rope_tables()
-        if rope is not None:
-            need[Tier.GPU]["rotary tables"] = sum(t.numel() for t in rope) * itemsize
+        need, staging = weight_need(self.cfg, self.policy, self.dtype)
         for tier, parts in need.items():
             _check_fits(self.memory, tier, parts)
-        self.layers = [ScheduledLayer(u, weights, self.policy, self.memory, self.dtype) for u in units]
+        self.layers = [ScheduledLayer(u, weights, self.policy, self.memory, self.dtype) for u in build_units(self.cfg)]
         self.slots = [self.memory.gpu.alloc((staging,), self.dtype, f"weight staging slot {s}") for s in range(SLOTS)]
+        rope = rope_tables(self.cfg, self.dtype, self.device)
         if rope is not None:
             self.rope = tuple(self._gpu_copy(t, f"rotary table {name}") for t, name in zip(rope, ("cos", "sin")))
-
-    def _rope_tables(self) -> tuple[Tensor, Tensor] | None:
-        c = self.cfg
-        if c.family is not Family.LLAMA:
-            return None
-        return M.rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, self.dtype, self.device)
 
     def _gpu_copy(self, t: Tensor, label: str) -> Tensor:
         out = self.memory.gpu.alloc(t.shape, t.dtype, label)
@@ -279,21 +261,9 @@ class Executor:
     def _reserve_block(self, groups: Sequence[list[list[int]]], max_new: int) -> list[Reservation]:
         """Check the block's KV (every tier) and hidden states fit; hold the gpu parts the caches do
         not allocate themselves (the plain KV store, hidden states), and set up the KV placement."""
-        c, itemsize = self.cfg, self.dtype.itemsize
         shapes = [(len(g), max(len(p) for p in g) + max_new) for g in groups]
-        need = self.placer.plan(shapes, max_new)
-        acts = []  # elements of each GPU batch's hidden states at their largest: the prompt's pass
-        for rows, length in shapes:
-            acts.append(rows * (length - max_new) * max(c.hidden_size, c.embed_dim))
-        logits = [rows * c.vocab_size * itemsize for rows, _ in shapes]
-        if self.acts is None:
-            for k, n in enumerate(acts):
-                need[Tier.GPU][f"activations of GPU batch {k}"] = n * itemsize + logits[k]
-        else:  # homes on the act tier; on the gpu the running and the prefetched batch's, and the logits
-            for k, n in enumerate(acts):
-                need[self.acts.tier][f"activations of GPU batch {k}"] = n * itemsize
-            need[Tier.GPU]["activations of 2 GPU batches"] = 2 * max(acts) * itemsize
-            need[Tier.GPU]["logits"] = sum(logits)
+        need = block_need(self.cfg, self.placer, self.policy.act_tier, shapes, max_new, self.dtype)
+        acts = activation_elems(self.cfg, shapes, max_new)
         for tier, parts in need.items():
             _check_fits(self.memory, tier, parts)
         held = {label: n for label, n in need[Tier.GPU].items()

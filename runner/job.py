@@ -164,11 +164,18 @@ class JobSpec(_Spec):
     output: OutputSpec = dataclasses.field(default_factory=OutputSpec)
     sweep: tuple[tuple[str, tuple], ...] = ()  # (dotted key, values) pairs; YAML: a mapping
     eval: EvalSpec | None = None  # accuracy grid instead of generation (runner/eval/)
-    offload: OffloadPolicy | None = None  # generate through the block executor (runner/executor.py)
+    offload: OffloadPolicy | None = None  # generate through the block executor (runner/executor.py); or "auto"
+    auto_offload: typing.ClassVar[bool]  # per instance, set from `offload: auto` (see __post_init__)
 
     def __post_init__(self) -> None:
         if isinstance(self.sweep, Mapping):
             object.__setattr__(self, "sweep", _sweep_pairs(self.sweep))
+        # `offload: auto`: the plan search (runner.planner) picks the batch shape and the offload policy
+        # on `hardware.profile` before the run; the section stays empty until then.
+        auto = isinstance(self.offload, str) and self.offload == "auto"
+        object.__setattr__(self, "auto_offload", auto)
+        if auto:
+            object.__setattr__(self, "offload", OffloadPolicy())
         super().__post_init__()
 
     def _validate(self) -> None:
@@ -221,6 +228,9 @@ class JobSpec(_Spec):
                        "cpu_gb and disk_gb")
         if self.eval is not None:
             raise _bad("offload", "not used by an eval job")
+        if self.auto_offload and self.hardware.profile is None:
+            raise _bad("hardware.profile", "required with offload: auto (the plan search's hardware: a "
+                       "shipped profile name such as t4-16g, or a YAML path)")
 
     @property
     def output_dir(self) -> Path:
@@ -233,6 +243,8 @@ class JobSpec(_Spec):
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
         d["sweep"] = {key: _plain(values) for key, values in self.sweep}
+        if self.auto_offload:
+            d["offload"] = "auto"
         return d
 
     def sweep_points(self) -> list[tuple[dict[str, Any], JobSpec]]:

@@ -12,6 +12,8 @@ scoring policies get their first scores from the prompt's own attention rows.
 """
 from __future__ import annotations
 
+import functools
+
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,6 +95,7 @@ def kv_capacity(kv: KVSettings, max_len: int) -> int:
     return min(max_len, kv.policy.budget(max_len) + 1) if kv.mode is Mode.EVICT else max_len
 
 
+@functools.lru_cache(maxsize=4096)  # pure; the plan search asks for the same shapes many times
 def kv_bytes(cfg: ModelConfig, kv: KVSettings, batch: int, max_len: int, dtype: torch.dtype) -> int:
     """Bytes of KV storage a store for `batch` sequences of `max_len` tokens allocates: the cache
     (exact: the same class built on the meta device, which allocates nothing) plus, in retain

@@ -91,7 +91,13 @@ OFFLOAD_COLUMNS: tuple[str, ...] = (
     "recomputed_tokens", "recompute_saved_bytes",
 )
 
-THROUGHPUT_COLUMNS: tuple[str, ...] = _BASE_COLUMNS + OFFLOAD_COLUMNS + ("notes",)
+# The cost model's prediction for the run's own plan (runner.planner.predicted_columns), beside the
+# measured throughputs: on the job's hardware.profile, or on a CPU run the shipped cpu-only one.
+PREDICTED_COLUMNS: tuple[str, ...] = (
+    "predicted_profile", "predicted_prefill_throughput", "predicted_decode_throughput", "predicted_total_throughput",
+)
+
+THROUGHPUT_COLUMNS: tuple[str, ...] = _BASE_COLUMNS + OFFLOAD_COLUMNS + PREDICTED_COLUMNS + ("notes",)
 _COMPUTED = frozenset({"num_prompts", "prompt_len", "gen_len", "prefill_latency_s", "prefill_throughput",
                        "decode_latency_s", "decode_throughput", "total_latency_s", "total_throughput"})
 

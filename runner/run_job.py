@@ -164,6 +164,9 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "") -> di
         raise RunError("engine: hf needs real weights (a checkpoint directory, .gguf file or auto), not dummy")
     if job.engine is EngineKind.HF and job.kv != type(job.kv)():
         raise RunError("kv: the hf engine runs transformers' dense cache; remove the kv section or use engine: alisa")
+    if job.auto_offload:  # the plan search fills in the batch shape and the offload policy
+        from runner.planner import resolve_auto
+        job = resolve_auto(job)
     device = resolve_device(job.hardware.device)
     dtype = resolve_dtype(job.model.dtype, device)
     if job.hardware.num_threads:
@@ -212,9 +215,16 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "") -> di
         num_threads=torch.get_num_threads(), sweep_point=sweep_point, kv_mode=job.kv.mode.value,
         kv_sparsity=job.kv.sparsity, kv_budget_tokens=job.kv.budget_tokens, kv_bits=job.kv.bits,
         kv_peak_bytes=totals.kv_peak_bytes, **_link_columns(job), **offload_columns,
-        **{f"kv_{phase}_s": round(s, 4) for phase, s in totals.kv_phase_s.items()})
+        **{f"kv_{phase}_s": round(s, 4) for phase, s in totals.kv_phase_s.items()},
+        **_predicted(job, loaded, ids, device, dtype))
     append_csv_row(job.throughput_csv, row)
     return row
+
+
+def _predicted(job: JobSpec, loaded: LoadedModel, ids: list[list[int]], device: torch.device,
+               dtype: torch.dtype) -> dict:
+    from runner.planner import predicted_columns
+    return predicted_columns(job, loaded.config, (max(len(i) for i in ids), len(ids)), device, dtype)
 
 
 def _generate_all(engine: Engine, prompts: list[Prompt], ids: list[list[int]], job: JobSpec,

@@ -1,0 +1,286 @@
+"""Plan search: the fastest plan that fits every tier, found greedily over the cost model.
+
+Deterministic and quick (each candidate is one `runner.cost_model.predict` on a few sampled decode
+steps, so opt-175b takes well under 5 s):
+- batch shape: `gpu_batch_size` over powers of two and, for each, `num_gpu_batches` doubling until
+  throughput falls or nothing fits (either may be fixed by the job);
+- FlexGen's policy (`search_flexgen`): start with everything on the gpu, move 10-point steps of
+  weights, KV or the activations down a tier, cheapest time per byte freed first, until every tier
+  fits; then hill-climb with 5-point moves (and cpu_cache_compute) while throughput improves;
+- ALISA (`search_alisa`): weights and activations placed the same way; for the KV, the least offload
+  ratio alpha whose latest phase II start p1 fits the gpu, then the recompute ratio beta and phase
+  III start p2 that predict the most throughput (ALISA §V-A's greedy over its cost model).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from runner.cost_model import Plan, Prediction, Workload, peak_bytes, predict
+from runner.hardware_profile import HardwareProfile
+from runner.kv_store import KVSettings
+from runner.offload_policy import KVPlacement, OffloadPolicy
+
+SAMPLES = 16  # decode steps the search's estimates sample (the final prediction uses every step)
+BATCHES = tuple(2 ** i for i in range(11))  # gpu_batch_size candidates 1..1024
+MAX_GPU_BATCHES = 64
+TIERS = ("gpu", "cpu", "disk")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    plan: Plan
+    prediction: Prediction  # every decode step
+    workload: Workload  # as searched (num_prompts: one full block)
+    evaluated: int  # cost-model evaluations
+    seconds: float
+
+
+class _Eval:
+    """Memoised cost-model calls and budget checks for one workload (the search revisits plans)."""
+
+    def __init__(self, w: Workload, hw: HardwareProfile, budgets: dict[str, float]):
+        self.w, self.hw, self.budgets, self.count = w, hw, budgets, 0
+        self._peaks: dict[Plan, dict[str, int] | None] = {}
+        self._thr: dict[Plan, float] = {}
+
+    def workload(self, plan: Plan) -> Workload:
+        return dataclasses.replace(self.w, num_prompts=plan.gpu_batch_size * plan.num_gpu_batches)
+
+    def peaks(self, plan: Plan) -> dict[str, int] | None:
+        if plan not in self._peaks:
+            try:
+                self._peaks[plan] = peak_bytes(self.workload(plan), plan)
+            except ValueError:  # a policy the executor refuses (e.g. phases it cannot place)
+                self._peaks[plan] = None
+        return self._peaks[plan]
+
+    def fits(self, plan: Plan) -> bool:
+        need = self.peaks(plan)
+        return need is not None and all(need[t] <= self.budgets[t] for t in TIERS)
+
+    def over(self, plan: Plan, tier: str) -> float:
+        need = self.peaks(plan)
+        return float("inf") if need is None else need[tier] - self.budgets[tier]
+
+    def throughput(self, plan: Plan) -> float:
+        if plan not in self._thr:
+            self.count += 1
+            self._thr[plan] = predict(self.workload(plan), plan, self.hw, samples=SAMPLES).total_throughput
+        return self._thr[plan]
+
+
+def budgets_from(hw: HardwareProfile, gpu_gib: float | None = None, cpu_gib: float | None = None,
+                 disk_gib: float | None = None) -> dict[str, float]:
+    """Bytes per tier: a job's own budgets (GiB, as `hardware.gpu_gb`) where set, else the profile's."""
+    given = {"gpu": gpu_gib, "cpu": cpu_gib, "disk": disk_gib}
+    return {t: given[t] * 2 ** 30 if given[t] is not None else hw.budget_bytes(t) for t in TIERS}
+
+
+# ---------------------------------------------------------------- placement moves
+
+def _move(policy: OffloadPolicy, kind: str, src: str, dst: str, step: float) -> OffloadPolicy | None:
+    """`step` points of weights ('w') or KV ('cache') from tier src to dst; None if not possible."""
+    pct = {t: getattr(policy, f"{kind}_{t}_percent") for t in ("gpu", "cpu")}
+    pct["disk"] = 100 - pct["gpu"] - pct["cpu"]
+    step = min(step, pct[src])
+    if step <= 0:
+        return None
+    pct[src] -= step
+    pct[dst] += step
+    return dataclasses.replace(policy, **{f"{kind}_gpu_percent": pct["gpu"], f"{kind}_cpu_percent": pct["cpu"]})
+
+
+def _act(policy: OffloadPolicy, tier: str) -> OffloadPolicy | None:
+    pct = {"gpu": (100.0, 0.0), "cpu": (0.0, 100.0), "disk": (0.0, 0.0)}[tier]
+    if policy.act_tier.value == tier:
+        return None
+    return dataclasses.replace(policy, act_gpu_percent=pct[0], act_cpu_percent=pct[1])
+
+
+def _moves(policy: OffloadPolicy, step: float, kinds: tuple[str, ...], down_only: bool) -> Iterator[OffloadPolicy]:
+    pairs = [("gpu", "cpu"), ("cpu", "disk"), ("gpu", "disk")]
+    if not down_only:
+        pairs += [(b, a) for a, b in pairs]
+    for kind in kinds:
+        for src, dst in pairs:
+            if (moved := _move(policy, kind, src, dst, step)) is not None:
+                yield moved
+    for tier in ("cpu", "disk") if down_only else TIERS:
+        if (moved := _act(policy, tier)) is not None:
+            yield moved
+
+
+def _fit(ev: _Eval, plan: Plan, kinds: tuple[str, ...]) -> Plan | None:
+    """Move data down until every tier fits, each time the move costing least time per byte freed."""
+    for _ in range(200):
+        tier = next((t for t in TIERS if ev.over(plan, t) > 0), None)
+        if tier is None:
+            return plan
+        base_time, base_over = 1 / max(ev.throughput(plan), 1e-12), ev.over(plan, tier)
+        best, best_cost = None, float("inf")
+        for cand in _freeing(ev, plan, tier, kinds, base_over):
+            freed = base_over - ev.over(cand, tier)
+            cost = (1 / max(ev.throughput(cand), 1e-12) - base_time) / freed
+            if cost < best_cost:
+                best, best_cost = cand, cost
+        if best is None:
+            return None
+        plan = best
+    return None
+
+
+def _freeing(ev: _Eval, plan: Plan, tier: str, kinds: tuple[str, ...], over: float) -> Iterator[Plan]:
+    """For each way down, the smallest move in 10-point steps that frees bytes on `tier` (weights move
+    as whole tensors by FlexGen's midpoint rule, so a small step can move none)."""
+    policy = plan.offload
+    for kind in kinds:
+        for src, dst in (("gpu", "cpu"), ("cpu", "disk"), ("gpu", "disk")):
+            for step in range(10, 101, 10):
+                moved = _move(policy, kind, src, dst, float(step))
+                if moved is None:
+                    break
+                cand = dataclasses.replace(plan, offload=moved)
+                if ev.over(cand, tier) < over:
+                    yield cand
+                    break
+    for t in ("cpu", "disk"):
+        if (moved := _act(policy, t)) is not None and ev.over(cand := dataclasses.replace(plan, offload=moved),
+                                                                tier) < over:
+            yield cand
+
+
+def _climb(ev: _Eval, plan: Plan, kinds: tuple[str, ...], extra: Callable[[OffloadPolicy], list[OffloadPolicy]]
+           ) -> tuple[Plan, float]:
+    """Hill-climb with 5-point moves (and `extra` toggles) while predicted throughput rises."""
+    best = ev.throughput(plan)
+    for _ in range(100):
+        cands = [dataclasses.replace(plan, offload=p) for p in [*_moves(plan.offload, 5.0, kinds, False),
+                                                                 *extra(plan.offload)]]
+        scored = [(ev.throughput(c), c) for c in cands if ev.fits(c)]
+        if not scored:
+            break
+        top, cand = max(scored, key=lambda x: x[0])
+        if top <= best * (1 + 1e-6):
+            break
+        best, plan = top, cand
+    return plan, best
+
+
+def _ccc(policy: OffloadPolicy) -> list[OffloadPolicy]:
+    """FlexGen's cpu_cache_compute toggled, where KV sits on cpu."""
+    if policy.cache_cpu_percent == 0 and not policy.cpu_cache_compute:
+        return []
+    return [dataclasses.replace(policy, cpu_cache_compute=not policy.cpu_cache_compute)]
+
+
+# ---------------------------------------------------------------- per family
+
+def _flexgen_place(ev: _Eval, gbs: int, ngb: int) -> Plan | None:
+    return _fit(ev, Plan(gpu_batch_size=gbs, num_gpu_batches=ngb, offload=OffloadPolicy()), ("w", "cache"))
+
+
+def _flexgen_climb(ev: _Eval, plan: Plan) -> tuple[Plan, float]:
+    return _climb(ev, plan, ("w", "cache"), _ccc)
+
+
+def _grid(lo: int, hi: int, n: int = 16) -> list[int]:
+    """About n lengths from hi down to lo, multiples of 16 (the token cache moves 16-token chunks)."""
+    step = max(16, (hi - lo) // n // 16 * 16)
+    return sorted({hi, *range(max(16, lo // 16 * 16), hi, step)}, reverse=True)
+
+
+def _phases(ev: _Eval, plan: Plan) -> tuple[Plan, float] | None:
+    """ALISA's KV schedule for a fixed weight placement: the least offload ratio (at its latest p1)
+    that fits, then the recompute ratio and p2 that predict the most throughput."""
+    w = ev.w
+    end = w.prompt_len + w.gen_len  # p1 = end: phase I throughout
+    best: tuple[float, Plan] | None = None
+    for alpha in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        for p1 in ([end] if alpha == 0 else _grid(1, end - 1)):
+            cand = dataclasses.replace(plan, offload=dataclasses.replace(
+                plan.offload, p1=p1, p2=end, offload_ratio=alpha, recompute_ratio=0.0))
+            if ev.fits(cand):
+                thr = ev.throughput(cand)
+                if best is None or thr > best[0]:
+                    best = (thr, cand)
+                break
+        if best is not None and alpha == 0.0:
+            return best[1], best[0]  # everything stays on the gpu: nothing to schedule
+    if best is None:
+        return None
+    thr, plan = best
+    p1, alpha = plan.offload.p1, plan.offload.offload_ratio
+    for beta in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9):
+        if beta > alpha:
+            break
+        for p2 in _grid(p1, end - 1, 8):
+            cand = dataclasses.replace(plan, offload=dataclasses.replace(plan.offload, p2=p2, recompute_ratio=beta))
+            if ev.fits(cand) and (t := ev.throughput(cand)) > thr:
+                thr, best_plan = t, cand
+                plan = best_plan
+    return plan, thr
+
+
+def _alisa_place(ev: _Eval, gbs: int, ngb: int) -> Plan | None:
+    """Weights (and activations) placed to fit beside the smallest KV schedule; the schedule follows."""
+    end = ev.w.prompt_len + ev.w.gen_len
+    tight = OffloadPolicy(kv_placement=KVPlacement.TOKEN, p1=16, p2=end, offload_ratio=0.9)
+    plan = _fit(ev, Plan(gpu_batch_size=gbs, num_gpu_batches=ngb, offload=tight), ("w",))
+    if plan is None:
+        return None
+    found = _phases(ev, plan)
+    return None if found is None else found[0]
+
+
+def _alisa_climb(ev: _Eval, plan: Plan) -> tuple[Plan, float]:
+    return _climb(ev, plan, ("w",), lambda p: [])
+
+
+# ---------------------------------------------------------------- batch shape
+
+def _search(ev: _Eval, place: Callable[[_Eval, int, int], Plan | None], climb: Callable[[_Eval, Plan], tuple],
+            gbs: int | None, ngb: int | None) -> tuple[Plan, float] | None:
+    found: list[tuple[float, Plan]] = []
+    for b in [gbs] if gbs else BATCHES:
+        prev = 0.0
+        for k in [ngb] if ngb else [2 ** i for i in range(MAX_GPU_BATCHES.bit_length())]:
+            plan = place(ev, b, k)
+            if plan is None:
+                break
+            thr = ev.throughput(plan)
+            found.append((thr, plan))
+            if thr <= prev:
+                break
+            prev = thr
+        if not prev and not gbs:
+            break  # not even one GPU batch of b fits: larger ones will not either
+    if not found:
+        return None
+    found.sort(key=lambda x: -x[0])
+    return max((climb(ev, plan) for _, plan in found[:3]), key=lambda x: x[1])
+
+
+def _result(ev: _Eval, found: tuple[Plan, float] | None, t0: float) -> SearchResult | None:
+    if found is None:
+        return None
+    plan = found[0]
+    w = ev.workload(plan)
+    return SearchResult(plan=plan, prediction=predict(w, plan, ev.hw), workload=w, evaluated=ev.count,
+                        seconds=time.perf_counter() - t0)
+
+
+def search_alisa(w: Workload, hw: HardwareProfile, budgets: dict[str, float], *, gpu_batch_size: int | None = None,
+                 num_gpu_batches: int | None = None) -> SearchResult | None:
+    """The fastest token-placement plan for `w` (its own KV policy and bits), or None if none fits."""
+    t0, ev = time.perf_counter(), _Eval(w, hw, budgets)
+    return _result(ev, _search(ev, _alisa_place, _alisa_climb, gpu_batch_size, num_gpu_batches), t0)
+
+
+def search_flexgen(w: Workload, hw: HardwareProfile, budgets: dict[str, float], *, gpu_batch_size: int | None = None,
+                   num_gpu_batches: int | None = None) -> SearchResult | None:
+    """The fastest FlexGen plan (per-sequence KV split, dense 16-bit attention as FlexGen's) for `w`."""
+    t0, ev = time.perf_counter(), _Eval(dataclasses.replace(w, kv=KVSettings()), hw, budgets)
+    return _result(ev, _search(ev, _flexgen_place, _flexgen_climb, gpu_batch_size, num_gpu_batches), t0)

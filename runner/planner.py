@@ -1,0 +1,157 @@
+"""Jobs meet the cost model: a job's workload and plan, `--plan`'s report (ALISA's and FlexGen's
+searched plans side by side, and the job's own), `offload: auto`, and the predicted columns every
+run's CSV row carries beside the measured ones. No weights are loaded here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from runner.config import PRESETS, ModelConfig
+from runner.cost_model import Plan, Prediction, Workload, predict
+from runner.hardware_profile import HardwareProfile, PROFILE_DIR, load_profile
+from runner.job import DatasetFormat, DType, Engine, JobSpec
+from runner.kv_spec import KVMode, QuantAxis
+from runner.offload_policy import OffloadPolicy
+from runner.plan_search import SearchResult, budgets_from, search_alisa, search_flexgen
+
+_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
+CPU_PROFILE = "cpu-only"  # the profile a CPU run's predicted columns use when its job names none
+
+
+class PlanError(ValueError):
+    """A job the planner cannot plan; the message names the job field."""
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    profile: HardwareProfile
+    budgets: dict[str, float]
+    job_plan: Plan
+    job_prediction: Prediction | None  # None: the job's own plan does not fit the budgets
+    alisa: SearchResult | None
+    flexgen: SearchResult | None
+
+
+def model_config(job: JobSpec) -> ModelConfig:
+    """The architecture without weights: a preset by name, else the checkpoint's own config."""
+    if job.model.name in PRESETS and (job.model.path in ("auto", "dummy") or not Path(job.model.path).exists()):
+        return PRESETS[job.model.name]
+    from runner.weights import load_model
+    return load_model(name=job.model.name, path=job.model.path, dtype=torch.float32, with_weights=False).config
+
+
+def prompt_shape(job: JobSpec, cfg: ModelConfig) -> tuple[int, int]:
+    """(prompt length, prompt count): synthetic prompts as specified, others tokenized (longest)."""
+    ds = job.dataset
+    block = job.batch.gpu_batch_size * job.batch.num_gpu_batches
+    if ds.format is DatasetFormat.SYNTHETIC:
+        return ds.prompt_len, ds.num_prompts or block
+    from runner.dataset import load_prompts
+    from runner.weights import load_model
+    tok = load_model(name=job.model.name, path=job.model.path, dtype=torch.float32, with_weights=False).tokenizer
+    ids = [tok.encode(p.text) for p in load_prompts(ds, tok)]
+    return max(len(i) for i in ids), len(ids)
+
+
+def plan_dtype(job: JobSpec, profile: HardwareProfile) -> torch.dtype:
+    if job.model.dtype is DType.AUTO:  # as runs resolve it: fp16 on an accelerator, fp32 on a CPU
+        return torch.float16 if profile.accelerator else torch.float32
+    return _DTYPES[job.model.dtype]
+
+
+def job_workload(job: JobSpec, cfg: ModelConfig, profile: HardwareProfile,
+                 shape: tuple[int, int] | None = None) -> Workload:
+    prompt_len, count = shape or prompt_shape(job, cfg)
+    return Workload(cfg=cfg, prompt_len=prompt_len, gen_len=job.generation.max_new_tokens, num_prompts=count,
+                    dtype=plan_dtype(job, profile), kv=job.kv.settings())
+
+
+def job_plan(job: JobSpec) -> Plan:
+    return Plan(gpu_batch_size=job.batch.gpu_batch_size, num_gpu_batches=job.batch.num_gpu_batches,
+                offload=job.offload)
+
+
+def _budgets(job: JobSpec, profile: HardwareProfile) -> dict[str, float]:
+    hw = job.hardware
+    return budgets_from(profile, hw.gpu_gb, hw.cpu_gb, hw.disk_gb)
+
+
+def _alisa_ready(w: Workload) -> Workload | None:
+    """Token placement needs retained KV grouped along the head dim: the job's KV when it is so."""
+    kv = w.kv
+    if kv.mode is KVMode.EVICT or (kv.bits != 16 and kv.quant_axis is not QuantAxis.HIDDEN):
+        return None
+    return w
+
+
+def plan_job(job: JobSpec) -> PlanReport:
+    """The job's own plan predicted, and the searched ALISA and FlexGen plans, on its profile."""
+    if job.hardware.profile is None:
+        raise PlanError("hardware.profile: required to plan (a shipped profile such as t4-16g, or a YAML path)")
+    if job.engine is not Engine.ALISA:
+        raise PlanError("engine: the planner models the alisa engine")
+    profile = load_profile(job.hardware.profile)
+    cfg = model_config(job)
+    w = job_workload(job, cfg, profile)
+    budgets = _budgets(job, profile)
+    plan = job_plan(job)
+    own = None
+    if not job.auto_offload:
+        own = predict(w, plan, profile)
+        if any(own.peak_bytes[t] > budgets[t] for t in budgets):
+            own = None
+    aw = _alisa_ready(w)
+    return PlanReport(profile=profile, budgets=budgets, job_plan=plan, job_prediction=own,
+                      alisa=search_alisa(aw, profile, budgets) if aw is not None else None,
+                      flexgen=search_flexgen(w, profile, budgets))
+
+
+def plan_sections(plan: Plan) -> dict:
+    """The plan as job sections a user can paste: batch, and offload's non-default fields."""
+    out: dict = {"batch": {"gpu_batch_size": plan.gpu_batch_size, "num_gpu_batches": plan.num_gpu_batches}}
+    if plan.offload is not None:
+        defaults = OffloadPolicy()
+        full = plan.offload.to_dict()
+        out["offload"] = {k: v for k, v in full.items() if v != getattr(defaults, k) and
+                          not (hasattr(getattr(defaults, k), "value") and getattr(defaults, k).value == v)}
+    return out
+
+
+def resolve_auto(job: JobSpec) -> JobSpec:
+    """`offload: auto`: the job with the searched ALISA plan (FlexGen's when ALISA's cannot place its KV)."""
+    report = plan_job(job)
+    found = report.alisa or report.flexgen
+    if found is None:
+        raise PlanError("offload: auto: no plan fits the budgets of hardware.profile "
+                        f"{job.hardware.profile} (and hardware.*_gb); lower the prompt or generation length")
+    batch = dataclasses.replace(job.batch, gpu_batch_size=found.plan.gpu_batch_size,
+                                num_gpu_batches=found.plan.num_gpu_batches)
+    resolved = dataclasses.replace(job, batch=batch, offload=found.plan.offload)
+    object.__setattr__(resolved, "auto_offload", False)
+    return resolved
+
+
+def predicted_columns(job: JobSpec, cfg: ModelConfig, shape: tuple[int, int], device: torch.device,
+                      dtype: torch.dtype) -> dict:
+    """predicted_* throughput columns for a run: on the job's profile, or on a CPU run the shipped
+    cpu-only one; none for the hf engine or when there is no profile to use."""
+    name = job.hardware.profile
+    if name is None and device.type == "cpu" and (PROFILE_DIR / f"{CPU_PROFILE}.yaml").exists():
+        name = CPU_PROFILE
+    if name is None or job.engine is not Engine.ALISA:
+        return {}
+    profile = load_profile(name)
+    if job.hardware.link is not None:  # the run's link (real or emulated) is the gpu<->cpu bandwidth
+        bw = dataclasses.replace(profile.bandwidth_gbps, gpu_from_cpu=job.hardware.link.gbps,
+                                 cpu_from_gpu=job.hardware.link.gbps)
+        profile = dataclasses.replace(profile, bandwidth_gbps=bw)
+    w = Workload(cfg=cfg, prompt_len=shape[0], gen_len=job.generation.max_new_tokens, num_prompts=shape[1],
+                 dtype=dtype, kv=job.kv.settings())
+    p = predict(w, job_plan(job), profile)
+    return {"predicted_profile": profile.name, "predicted_prefill_throughput": round(p.prefill_throughput, 2),
+            "predicted_decode_throughput": round(p.decode_throughput, 2),
+            "predicted_total_throughput": round(p.total_throughput, 2)}

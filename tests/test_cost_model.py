@@ -1,0 +1,148 @@
+"""Cost model: step times against hand computations on a one-layer model and a profile with round
+figures, the overlap rule, ALISA's phases, and peak memory against a real executor's pools."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from policies import get_policy
+from runner.config import Activation, Family, ModelConfig, get_preset
+from runner.cost_model import PICK_CHURN, Plan, Workload, peak_bytes, predict
+from runner.executor import Executor
+from runner.hardware_profile import Bandwidth, Compute, HardwareProfile, TierMemory
+from runner.kv_store import KVSettings
+from runner.layers import weight_shapes
+from runner.memory import TierBudgets
+from runner.offload_policy import KVPlacement, OffloadPolicy
+from runner.sampling import SamplingParams
+from runner.tokenizer import ByteTokenizer
+
+# One OPT layer: hidden 64, ffn 256, 4 heads of 16, vocab 100.
+CFG = ModelConfig(name="one-layer", family=Family.OPT, vocab_size=100, hidden_size=64, intermediate_size=256,
+                  num_layers=1, num_heads=4, num_kv_heads=4, max_seq_len=256, norm_eps=1e-5,
+                  activation=Activation.RELU, tie_embeddings=True)
+ATTN_PARAMS = 64 * (64 + 2 * 64) + 64 * 64  # qkv + out
+MLP_PARAMS = 2 * 64 * 256
+HEAD_PARAMS = 100 * 64
+E = 4  # float32
+
+
+def _profile(**bw) -> HardwareProfile:
+    """1 GB/s everywhere and FLOP/s so high that every op is bound by bytes."""
+    figures = dict(gpu_from_cpu=1.0, cpu_from_gpu=1.0, cpu_from_disk=1.0, disk_from_cpu=1.0, gpu_memory=1.0,
+                   cpu_memory=1.0) | bw
+    return HardwareProfile(name="round", memory_gb=TierMemory(gpu=1, cpu=1, disk=1),
+                           bandwidth_gbps=Bandwidth(**figures),
+                           tflops=Compute(gpu_matmul=1e6, gpu_attention=1e6, gpu_recompute=1e6, cpu_matmul=1e6,
+                                          cpu_attention=1e6))
+
+
+def _workload(**kw) -> Workload:
+    return Workload(cfg=CFG, prompt_len=kw.pop("prompt_len", 10), gen_len=kw.pop("gen_len", 3),
+                    num_prompts=kw.pop("num_prompts", 2), dtype=torch.float32, **kw)
+
+
+def test_plain_decode_is_weight_and_kv_reads_by_hand():
+    w, hw = _workload(), _profile()
+    p = predict(w, Plan(gpu_batch_size=2), hw)
+    # Decode steps at lengths 11 and 12: every matmul reads its weight once (bytes-bound), the
+    # attention reads 2 rows x L tokens x (K+V) x hidden 64 x 4 bytes, at 1e9 B/s.
+    weights = (ATTN_PARAMS + MLP_PARAMS + HEAD_PARAMS) * E
+    kv = sum(2 * L * 2 * 64 * E for L in (11, 12))
+    assert p.decode_s == pytest.approx((2 * weights + kv) / 1e9, rel=1e-9)
+    assert p.decode_throughput == pytest.approx(2 * 2 / p.decode_s)
+    assert p.total_throughput == pytest.approx(2 * 3 / (p.prefill_s + p.decode_s))
+
+
+def test_prefill_is_flop_bound_when_flops_are_scarce():
+    hw = dataclasses.replace(_profile(gpu_memory=1e9), tflops=Compute(gpu_matmul=1e-3, gpu_attention=1e-3,
+                                                                       gpu_recompute=1e-3, cpu_matmul=1e-3,
+                                                                       cpu_attention=1e-3))
+    p = predict(_workload(), Plan(gpu_batch_size=2), hw)
+    rows = 2 * 10
+    flops = 2 * (ATTN_PARAMS + MLP_PARAMS) * rows + 4 * 2 * 4 * 10 * 10 * 16 + 2 * HEAD_PARAMS * 2
+    assert p.prefill_s == pytest.approx(flops / 1e9, rel=1e-6)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_weights_from_cpu_overlap_takes_the_max_else_the_sum(overlap):
+    policy = OffloadPolicy(w_gpu_percent=0, w_cpu_percent=100, overlap=overlap)
+    w = _workload(gen_len=2)
+    p = predict(w, Plan(gpu_batch_size=2, offload=policy), _profile(gpu_from_cpu=0.5))
+    # One decode step at length 11. Per unit: its weights (all bytes, norms and biases too) up at 0.5 GB/s.
+    units = {"attn": ATTN_PARAMS, "mlp": MLP_PARAMS, "head": HEAD_PARAMS, "embed": 0}
+    all_bytes = {u: sum(n for k, s in weight_shapes(CFG).items() if k.startswith(prefix)
+                        for n in [torch.Size(s).numel() * E])
+                 for u, prefix in (("attn", "layers.0.attn"), ("mlp", "layers.0.mlp"), ("head", "head"),
+                                   ("embed", "embed"))}
+    compute = {u: units[u] * E / 1e9 for u in units}
+    compute["attn"] += 2 * 11 * 2 * 64 * E / 1e9
+    up = {u: all_bytes[u] / 0.5e9 for u in units}
+    combine = max if overlap else (lambda a, b: a + b)
+    assert p.decode_s == pytest.approx(sum(combine(compute[u], up[u]) for u in units), rel=1e-9)
+
+
+def test_token_phases_split_the_decode_time_and_sparsity_cuts_the_fetches():
+    cfg = get_preset("opt-1.3b")
+    hw = _profile(gpu_memory=1000.0, gpu_from_cpu=1.0)
+    policy = OffloadPolicy(kv_placement=KVPlacement.TOKEN, p1=160, p2=320, offload_ratio=0.8, recompute_ratio=0.1)
+    times = {}
+    for kv in (KVSettings(), KVSettings(policy=get_policy("swa", sparsity=0.8), bits=8)):
+        w = Workload(cfg=cfg, prompt_len=128, gen_len=384, num_prompts=8, dtype=torch.float16, kv=kv)
+        p = predict(w, Plan(gpu_batch_size=8, offload=policy), hw)
+        assert sum(p.phase_s) == pytest.approx(p.decode_s)
+        assert p.phase_s[0] > 0 and p.phase_s[1] > 0 and p.phase_s[2] > 0
+        times[kv.policy.name] = p.decode_s
+    assert times["swa"] < times["dense"] / 5  # dense fetches every cpu token each step, SWA only new picks
+
+
+def test_sampled_decode_estimate_is_close_to_every_step():
+    cfg = get_preset("opt-6.7b")
+    w = Workload(cfg=cfg, prompt_len=512, gen_len=512, num_prompts=16, dtype=torch.float16,
+                 kv=KVSettings(policy=get_policy("swa", sparsity=0.8), bits=8))
+    policy = OffloadPolicy(kv_placement=KVPlacement.TOKEN, p1=600, p2=800, offload_ratio=0.5, recompute_ratio=0.1)
+    hw = _profile(gpu_memory=300.0, gpu_from_cpu=10.0)
+    exact = predict(w, Plan(gpu_batch_size=16, offload=policy), hw)
+    quick = predict(w, Plan(gpu_batch_size=16, offload=policy), hw, samples=16)
+    assert quick.decode_s == pytest.approx(exact.decode_s, rel=0.03)
+    assert 0 < PICK_CHURN < 1
+
+
+@pytest.mark.parametrize("policy", [
+    OffloadPolicy(w_gpu_percent=30, w_cpu_percent=50),
+    OffloadPolicy(cache_gpu_percent=50, cache_cpu_percent=50, act_gpu_percent=0, act_cpu_percent=100),
+    OffloadPolicy(kv_placement=KVPlacement.TOKEN, p1=20, p2=30, offload_ratio=0.5, recompute_ratio=0.2),
+], ids=["weights", "cache+acts", "token"])
+def test_peak_bytes_equal_a_real_executor_runs_pools(policy, tmp_path):
+    cfg = dataclasses.replace(CFG, num_layers=2)
+    gen = torch.Generator().manual_seed(0)
+    weights = {k: 0.1 * torch.randn(s, generator=gen) for k, s in weight_shapes(cfg).items()}
+    prompts = [[3 + (5 * i + r) % 90 for i in range(16)] for r in range(4)]
+    w = Workload(cfg=cfg, prompt_len=16, gen_len=24, num_prompts=4, dtype=torch.float32)
+    predicted = peak_bytes(w, Plan(gpu_batch_size=2, num_gpu_batches=2, offload=policy))
+    with Executor(cfg, weights, ByteTokenizer(), policy=policy, budgets=TierBudgets(offload_dir=str(tmp_path)),
+                  gpu_batch_size=2, num_gpu_batches=2) as ex:
+        ex.reset_stats()
+        ex.generate(prompts, SamplingParams(max_new_tokens=24, ignore_eos=True))
+        stats = ex.stats()
+    assert predicted["gpu"] == stats["peak_gpu_pool_bytes"]
+    assert predicted["cpu"] == stats["peak_cpu_pool_bytes"]
+    assert predicted["disk"] == stats["peak_disk_bytes"]
+
+
+@pytest.mark.parametrize("model, gbs, ngb, policy, published", [
+    ("opt-6.7b", 2, 1, OffloadPolicy(overlap=False), 25.26),
+    ("opt-30b", 48, 3, OffloadPolicy(w_gpu_percent=20, w_cpu_percent=80, cache_gpu_percent=0, cache_cpu_percent=100,
+                                     act_gpu_percent=0, act_cpu_percent=100, cpu_cache_compute=True), 7.32),
+    ("opt-175b", 32, 8, OffloadPolicy(w_gpu_percent=0, w_cpu_percent=50, cache_gpu_percent=0, cache_cpu_percent=0,
+                                      act_gpu_percent=0, act_cpu_percent=100, cpu_cache_compute=True), 0.69),
+], ids=["6.7b", "30b", "175b"])
+def test_flexgen_reference_policies_on_t4_land_within_35_percent_of_published(model, gbs, ngb, policy, published):
+    """FlexGen's README max-throughput runs (benchmark/flexgen/bench_suite.py policies, prompt 512, gen 32,
+    dummy weights) on the t4-16g profile, whose figures are FlexGen's fitted constants and paper specs."""
+    from runner.hardware_profile import load_profile
+    w = Workload(cfg=get_preset(model), prompt_len=512, gen_len=32, num_prompts=gbs * ngb, dtype=torch.float16)
+    p = predict(w, Plan(gpu_batch_size=gbs, num_gpu_batches=ngb, offload=policy), load_profile("t4-16g"))
+    assert abs(p.total_throughput / published - 1) <= 0.35

@@ -1,0 +1,73 @@
+"""Plan search: plans fit every budget, are deterministic, keep everything on the gpu when it fits,
+and come within 10% of the best plan of a brute-force grid under the same cost model."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from policies import get_policy
+from runner.config import get_preset
+from runner.cost_model import Plan, Workload, peak_bytes, predict
+from runner.hardware_profile import load_profile
+from runner.kv_store import KVSettings
+from runner.offload_policy import OffloadPolicy
+from runner.plan_search import budgets_from, search_alisa, search_flexgen
+
+T4 = load_profile("t4-16g")
+SWA8 = KVSettings(policy=get_policy("swa", sparsity=0.8), bits=8)
+
+
+def _workload(model: str, prompt: int = 512, gen: int = 32, kv: KVSettings = KVSettings()) -> Workload:
+    return Workload(cfg=get_preset(model), prompt_len=prompt, gen_len=gen, num_prompts=1, dtype=torch.float16, kv=kv)
+
+
+def _fits(result, budgets) -> bool:
+    need = peak_bytes(result.workload, result.plan)
+    return all(need[t] <= budgets[t] for t in budgets)
+
+
+@pytest.mark.parametrize("model", ["opt-6.7b", "opt-30b"])
+@pytest.mark.parametrize("search", [search_flexgen, search_alisa], ids=["flexgen", "alisa"])
+def test_searched_plans_fit_and_are_deterministic(model, search):
+    budgets = budgets_from(T4)
+    w = _workload(model, kv=SWA8)
+    a, b = search(w, T4, budgets), search(w, T4, budgets)
+    assert a is not None and a.plan == b.plan
+    assert _fits(a, budgets)
+    assert a.prediction.total_throughput > 0
+
+
+def test_everything_stays_on_the_gpu_when_it_fits():
+    budgets = budgets_from(T4)
+    r = search_flexgen(_workload("opt-125m", prompt=128, gen=32), T4, budgets, gpu_batch_size=4, num_gpu_batches=1)
+    policy = r.plan.offload
+    assert (policy.w_gpu_percent, policy.cache_gpu_percent, policy.act_tier.value) == (100, 100, "gpu")
+
+
+def test_impossible_budgets_give_no_plan():
+    budgets = {"gpu": 1e6, "cpu": 1e6, "disk": 1e6}  # 1 MB per tier: not even one layer of opt-1.3b
+    assert search_flexgen(_workload("opt-1.3b"), T4, budgets) is None
+    assert search_alisa(_workload("opt-1.3b", kv=SWA8), T4, budgets) is None
+
+
+def test_flexgen_search_is_within_10_percent_of_a_brute_force_grid():
+    """OPT-6.7B on a T4 with 8 GiB usable: every (w, cache) split in 10-point steps, activations on the
+    gpu, batch 8 x 1..4; the greedy plan predicts at least 90% of the grid's best."""
+    w = _workload("opt-6.7b")
+    budgets = budgets_from(T4, gpu_gib=8)
+    best = 0.0
+    for k, wg, wc, cg, cc in itertools.product((1, 2, 4), range(0, 101, 10), range(0, 101, 10), range(0, 101, 10),
+                                               range(0, 101, 10)):
+        if wg + wc > 100 or cg + cc > 100:
+            continue
+        plan = Plan(gpu_batch_size=8, num_gpu_batches=k, offload=OffloadPolicy(
+            w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc))
+        work = Workload(cfg=w.cfg, prompt_len=512, gen_len=32, num_prompts=8 * k, dtype=w.dtype)
+        need = peak_bytes(work, plan)
+        if all(need[t] <= budgets[t] for t in budgets):
+            best = max(best, predict(work, plan, T4, samples=16).total_throughput)
+    found = search_flexgen(w, T4, budgets, gpu_batch_size=8)
+    assert found is not None and _fits(found, budgets)
+    assert found.prediction.total_throughput >= 0.9 * best

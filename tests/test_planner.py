@@ -1,0 +1,68 @@
+"""Planner: `--plan` on a job whose weights are not here, its pasteable YAML, `offload: auto`, and the
+predicted columns of a real run's CSV row."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runner.job import JobError, load_job
+from runner.planner import plan_job, plan_sections, resolve_auto
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_plan_prints_both_searched_plans_for_opt30b_without_its_weights():
+    assert not (ROOT / "models/opt-30b").exists()
+    out = _run("jobs/opt30b.yaml", "--plan")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "## alisa (searched)" in text and "## flexgen (searched)" in text
+    assert "predicted tokens/s" in text and "peak memory" in text
+    # Each printed plan is YAML a user can paste into the job.
+    blocks = [b.split("\n", 3)[3] for b in text.split("## ")[2:]]
+    for block in blocks:
+        sections = yaml.safe_load(block)
+        job = load_job(ROOT / "jobs/opt30b.yaml", [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                                                   for k, v in sections.items()])
+        assert job.offload is not None and job.batch.gpu_batch_size == sections["batch"]["gpu_batch_size"]
+
+
+def test_plan_without_a_profile_is_a_one_line_error():
+    out = _run("jobs/smollm2-135m.yaml", "--plan")
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: hardware.profile:") and out.stderr.count("\n") == 1
+
+
+def test_unknown_profile_fails_when_the_job_loads():
+    with pytest.raises(JobError, match="hardware.profile: unknown profile 'no-such'"):
+        load_job(ROOT / "jobs/opt30b.yaml", ["hardware.profile=no-such"])
+
+
+def test_offload_auto_needs_a_profile_and_resolves_to_a_concrete_plan():
+    with pytest.raises(JobError, match="hardware.profile: required with offload: auto"):
+        load_job(ROOT / "jobs/offload-smollm2.yaml", ["offload=auto", "hardware.profile=null"])
+    job = load_job(ROOT / "jobs/opt30b.yaml", ["offload=auto"])
+    assert job.auto_offload and job.to_dict()["offload"] == "auto"
+    resolved = resolve_auto(job)
+    assert not resolved.auto_offload and resolved.offload is not None
+    report = plan_job(job)
+    best = report.alisa or report.flexgen
+    assert plan_sections(best.plan)["batch"]["gpu_batch_size"] == resolved.batch.gpu_batch_size
+
+
+def test_a_real_run_row_carries_the_prediction(tmp_path):
+    out = _run("jobs/smollm2-135m.yaml", "--set", f"output.dir={tmp_path}", "--set", "generation.max_new_tokens=4",
+               "--set", "dataset.limit=2", "--set", "batch.gpu_batch_size=2")
+    assert out.returncode == 0, out.stderr
+    import pandas as pd
+    row = pd.read_csv(tmp_path / "throughput.csv").iloc[-1]
+    assert row["predicted_profile"] == "cpu-only"
+    assert row["predicted_total_throughput"] > 0
