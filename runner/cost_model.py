@@ -266,6 +266,8 @@ def _step(hw: HardwareProfile, w: Workload, sh: _Shape, plan: Plan, lengths: np.
             st["compute"] += sh.k * _mm_s(hw, sh.mlp_params, sh.b * tokens, sh.e)
         elif kind == "head":  # logits of the last position only, and the step's fixed cost
             st["compute"] += sh.k * (_mm_s(hw, sh.head_params, sh.b, sh.e) + hw.overhead_us.step * 1e-6)
+        if not hw.accelerator:  # the "gpu" is the CPU: cpu-side attention runs on the same cores
+            st["compute"], st["cpu compute"] = st["compute"] + st["cpu compute"], np.zeros(n)
         total += count * _unit_time(st, overlap)
         for s in STREAMS:
             totals[s] += count * st[s]

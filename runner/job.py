@@ -166,6 +166,7 @@ class JobSpec(_Spec):
     eval: EvalSpec | None = None  # accuracy grid instead of generation (runner/eval/)
     offload: OffloadPolicy | None = None  # generate through the block executor (runner/executor.py); or "auto"
     auto_offload: typing.ClassVar[bool]  # per instance, set from `offload: auto` (see __post_init__)
+    auto_batch: typing.ClassVar[bool]  # per instance, set from `batch: auto`
 
     def __post_init__(self) -> None:
         if isinstance(self.sweep, Mapping):
@@ -176,6 +177,11 @@ class JobSpec(_Spec):
         object.__setattr__(self, "auto_offload", auto)
         if auto:
             object.__setattr__(self, "offload", OffloadPolicy())
+        # `batch: auto` (with offload: auto): the search picks gpu_batch_size and num_gpu_batches too.
+        auto_batch = isinstance(self.batch, str) and self.batch == "auto"
+        object.__setattr__(self, "auto_batch", auto_batch)
+        if auto_batch:
+            object.__setattr__(self, "batch", BatchSpec())
         super().__post_init__()
 
     def _validate(self) -> None:
@@ -186,6 +192,8 @@ class JobSpec(_Spec):
         if self.eval is not None:
             self._check_eval()
         self._check_offload()
+        if self.auto_batch and not self.auto_offload:
+            raise _bad("batch", "auto: the plan search picks the batch shape with offload: auto")
         for key, values in self.sweep:
             if not values:
                 raise _bad(f"sweep.{key}", "must be a non-empty list of values")
@@ -245,6 +253,8 @@ class JobSpec(_Spec):
         d["sweep"] = {key: _plain(values) for key, values in self.sweep}
         if self.auto_offload:
             d["offload"] = "auto"
+        if self.auto_batch:
+            d["batch"] = "auto"
         return d
 
     def sweep_points(self) -> list[tuple[dict[str, Any], JobSpec]]:

@@ -198,7 +198,7 @@ def _phases(ev: _Eval, plan: Plan) -> tuple[Plan, float] | None:
     w = ev.w
     end = w.prompt_len + w.gen_len  # p1 = end: phase I throughout
     best: tuple[float, Plan] | None = None
-    for alpha in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+    for alpha in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98):
         for p1 in ([end] if alpha == 0 else _grid(1, end - 1)):
             cand = dataclasses.replace(plan, offload=dataclasses.replace(
                 plan.offload, p1=p1, p2=end, offload_ratio=alpha, recompute_ratio=0.0))
@@ -227,7 +227,7 @@ def _phases(ev: _Eval, plan: Plan) -> tuple[Plan, float] | None:
 def _alisa_place(ev: _Eval, gbs: int, ngb: int) -> Plan | None:
     """Weights (and activations) placed to fit beside the smallest KV schedule; the schedule follows."""
     end = ev.w.prompt_len + ev.w.gen_len
-    tight = OffloadPolicy(kv_placement=KVPlacement.TOKEN, p1=16, p2=end, offload_ratio=0.9)
+    tight = OffloadPolicy(kv_placement=KVPlacement.TOKEN, p1=16, p2=end, offload_ratio=0.98)
     plan = _fit(ev, Plan(gpu_batch_size=gbs, num_gpu_batches=ngb, offload=tight), ("w",))
     if plan is None:
         return None
@@ -280,7 +280,8 @@ def search_alisa(w: Workload, hw: HardwareProfile, budgets: dict[str, float], *,
 
 
 def search_flexgen(w: Workload, hw: HardwareProfile, budgets: dict[str, float], *, gpu_batch_size: int | None = None,
-                   num_gpu_batches: int | None = None) -> SearchResult | None:
-    """The fastest FlexGen plan (per-sequence KV split, dense 16-bit attention as FlexGen's) for `w`."""
-    t0, ev = time.perf_counter(), _Eval(dataclasses.replace(w, kv=KVSettings()), hw, budgets)
+                   num_gpu_batches: int | None = None, keep_kv: bool = False) -> SearchResult | None:
+    """The fastest FlexGen plan (per-sequence KV split) for `w`: with FlexGen's dense 16-bit attention,
+    or with `keep_kv` the workload's own KV policy (16-bit, retained)."""
+    t0, ev = time.perf_counter(), _Eval(w if keep_kv else dataclasses.replace(w, kv=KVSettings()), hw, budgets)
     return _result(ev, _search(ev, _flexgen_place, _flexgen_climb, gpu_batch_size, num_gpu_batches), t0)

@@ -36,6 +36,17 @@ class PlanReport:
     flexgen: SearchResult | None
 
 
+def job_profile(job: JobSpec, name: str | None = None) -> HardwareProfile:
+    """The job's profile (or `name`), its gpu<->cpu bandwidth replaced by the job's `hardware.link`
+    (a real or emulated link) when it states one."""
+    profile = load_profile(name or job.hardware.profile)
+    if job.hardware.link is None:
+        return profile
+    bw = dataclasses.replace(profile.bandwidth_gbps, gpu_from_cpu=job.hardware.link.gbps,
+                             cpu_from_gpu=job.hardware.link.gbps)
+    return dataclasses.replace(profile, bandwidth_gbps=bw)
+
+
 def model_config(job: JobSpec) -> ModelConfig:
     """The architecture without weights: a preset by name, else the checkpoint's own config."""
     if job.model.name in PRESETS and (job.model.path in ("auto", "dummy") or not Path(job.model.path).exists()):
@@ -80,12 +91,10 @@ def _budgets(job: JobSpec, profile: HardwareProfile) -> dict[str, float]:
     return budgets_from(profile, hw.gpu_gb, hw.cpu_gb, hw.disk_gb)
 
 
-def _alisa_ready(w: Workload) -> Workload | None:
-    """Token placement needs retained KV grouped along the head dim: the job's KV when it is so."""
+def _alisa_ready(w: Workload) -> bool:
+    """Token placement needs retained KV grouped along the head dim."""
     kv = w.kv
-    if kv.mode is KVMode.EVICT or (kv.bits != 16 and kv.quant_axis is not QuantAxis.HIDDEN):
-        return None
-    return w
+    return kv.mode is KVMode.RETAIN and (kv.bits == 16 or kv.quant_axis is QuantAxis.HIDDEN)
 
 
 def plan_job(job: JobSpec) -> PlanReport:
@@ -94,7 +103,7 @@ def plan_job(job: JobSpec) -> PlanReport:
         raise PlanError("hardware.profile: required to plan (a shipped profile such as t4-16g, or a YAML path)")
     if job.engine is not Engine.ALISA:
         raise PlanError("engine: the planner models the alisa engine")
-    profile = load_profile(job.hardware.profile)
+    profile = job_profile(job)
     cfg = model_config(job)
     w = job_workload(job, cfg, profile)
     budgets = _budgets(job, profile)
@@ -104,10 +113,17 @@ def plan_job(job: JobSpec) -> PlanReport:
         own = predict(w, plan, profile)
         if any(own.peak_bytes[t] > budgets[t] for t in budgets):
             own = None
-    aw = _alisa_ready(w)
+    shape = _batch_shape(job)
     return PlanReport(profile=profile, budgets=budgets, job_plan=plan, job_prediction=own,
-                      alisa=search_alisa(aw, profile, budgets) if aw is not None else None,
-                      flexgen=search_flexgen(w, profile, budgets))
+                      alisa=search_alisa(w, profile, budgets, **shape) if _alisa_ready(w) else None,
+                      flexgen=search_flexgen(w, profile, budgets, **shape))
+
+
+def _batch_shape(job: JobSpec) -> dict:
+    """The batch shape the search keeps: the job's, unless it says `batch: auto`."""
+    if job.auto_batch:
+        return {}
+    return {"gpu_batch_size": job.batch.gpu_batch_size, "num_gpu_batches": job.batch.num_gpu_batches}
 
 
 def plan_sections(plan: Plan) -> dict:
@@ -122,17 +138,29 @@ def plan_sections(plan: Plan) -> dict:
 
 
 def resolve_auto(job: JobSpec) -> JobSpec:
-    """`offload: auto`: the job with the searched ALISA plan (FlexGen's when ALISA's cannot place its KV)."""
-    report = plan_job(job)
-    found = report.alisa or report.flexgen
-    if found is None:
+    """`offload: auto`: the job with the fastest predicted plan that keeps its KV policy: ALISA's token
+    placement, or FlexGen's per-sequence placement of the same KV."""
+    profile = job_profile(job)
+    w = job_workload(job, model_config(job), profile)
+    budgets = _budgets(job, profile)
+    shape = _batch_shape(job)
+    found = [r for r in (search_alisa(w, profile, budgets, **shape) if _alisa_ready(w) else None,
+                         search_flexgen(w, profile, budgets, keep_kv=True, **shape) if _sequence_ready(w) else None)
+             if r]
+    if not found:
         raise PlanError("offload: auto: no plan fits the budgets of hardware.profile "
-                        f"{job.hardware.profile} (and hardware.*_gb); lower the prompt or generation length")
-    batch = dataclasses.replace(job.batch, gpu_batch_size=found.plan.gpu_batch_size,
-                                num_gpu_batches=found.plan.num_gpu_batches)
-    resolved = dataclasses.replace(job, batch=batch, offload=found.plan.offload)
+                        f"{job.hardware.profile} (and hardware.*_gb); lower the batch, prompt or generation length")
+    best = max(found, key=lambda r: r.prediction.total_throughput)
+    batch = dataclasses.replace(job.batch, gpu_batch_size=best.plan.gpu_batch_size,
+                                num_gpu_batches=best.plan.num_gpu_batches)
+    resolved = dataclasses.replace(job, batch=batch, offload=best.plan.offload)
     object.__setattr__(resolved, "auto_offload", False)
     return resolved
+
+
+def _sequence_ready(w: Workload) -> bool:
+    """FlexGen's split stores retained KV in the compute dtype."""
+    return w.kv.mode is KVMode.RETAIN and w.kv.bits == 16
 
 
 def predicted_columns(job: JobSpec, cfg: ModelConfig, shape: tuple[int, int], device: torch.device,
@@ -144,11 +172,7 @@ def predicted_columns(job: JobSpec, cfg: ModelConfig, shape: tuple[int, int], de
         name = CPU_PROFILE
     if name is None or job.engine is not Engine.ALISA:
         return {}
-    profile = load_profile(name)
-    if job.hardware.link is not None:  # the run's link (real or emulated) is the gpu<->cpu bandwidth
-        bw = dataclasses.replace(profile.bandwidth_gbps, gpu_from_cpu=job.hardware.link.gbps,
-                                 cpu_from_gpu=job.hardware.link.gbps)
-        profile = dataclasses.replace(profile, bandwidth_gbps=bw)
+    profile = job_profile(job, name)
     w = Workload(cfg=cfg, prompt_len=shape[0], gen_len=job.generation.max_new_tokens, num_prompts=shape[1],
                  dtype=dtype, kv=job.kv.settings())
     p = predict(w, job_plan(job), profile)

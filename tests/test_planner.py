@@ -27,7 +27,8 @@ def test_plan_prints_both_searched_plans_for_opt30b_without_its_weights():
     assert "## alisa (searched)" in text and "## flexgen (searched)" in text
     assert "predicted tokens/s" in text and "peak memory" in text
     # Each printed plan is YAML a user can paste into the job.
-    blocks = [b.split("\n", 3)[3] for b in text.split("## ")[2:]]
+    blocks = [b.split("\n", 3)[3] for b in text.split("## ")[2:] if "no plan fits" not in b]
+    assert blocks
     for block in blocks:
         sections = yaml.safe_load(block)
         job = load_job(ROOT / "jobs/opt30b.yaml", [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
@@ -49,12 +50,16 @@ def test_unknown_profile_fails_when_the_job_loads():
 def test_offload_auto_needs_a_profile_and_resolves_to_a_concrete_plan():
     with pytest.raises(JobError, match="hardware.profile: required with offload: auto"):
         load_job(ROOT / "jobs/offload-smollm2.yaml", ["offload=auto", "hardware.profile=null"])
-    job = load_job(ROOT / "jobs/opt30b.yaml", ["offload=auto"])
-    assert job.auto_offload and job.to_dict()["offload"] == "auto"
+    with pytest.raises(JobError, match="batch: auto: the plan search picks the batch shape with offload: auto"):
+        load_job(ROOT / "jobs/opt30b.yaml", ["batch=auto"])
+    fixed = resolve_auto(load_job(ROOT / "jobs/opt30b.yaml", ["offload=auto"]))
+    assert (fixed.batch.gpu_batch_size, fixed.batch.num_gpu_batches) == (48, 3)  # the job's batch is kept
+    job = load_job(ROOT / "jobs/opt30b.yaml", ["offload=auto", "batch=auto"])
+    assert job.auto_offload and job.to_dict()["offload"] == "auto" and job.to_dict()["batch"] == "auto"
     resolved = resolve_auto(job)
     assert not resolved.auto_offload and resolved.offload is not None
     report = plan_job(job)
-    best = report.alisa or report.flexgen
+    best = max((r for r in (report.alisa, report.flexgen) if r), key=lambda r: r.prediction.total_throughput)
     assert plan_sections(best.plan)["batch"]["gpu_batch_size"] == resolved.batch.gpu_batch_size
 
 
