@@ -144,17 +144,32 @@ def _row_text(r: dict) -> str:
 
 
 def _plan(job) -> int:
-    """`--plan`: the job's plan, and the searched ALISA and FlexGen plans, predicted side by side."""
+    """`--plan`: for the job (or each sweep point), its own plan and the searched ALISA and FlexGen plans,
+    predicted side by side; printed, and one row per candidate in <output dir>/plan.csv."""
+    import pandas as pd
+    from runner.planner import plan_job, plan_rows
+    rows = []
+    for point, point_job in job.sweep_points():
+        label = _label(point)
+        if label:
+            print(f"\n# ==== sweep point {label}")
+        try:
+            report = plan_job(point_job)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        _print_plan(point_job, report)
+        rows += plan_rows(report, point_job, label)
+    path = job.output_dir / "plan.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    print(f"\nplan rows written to {path}")
+    return 0
+
+
+def _print_plan(job, report) -> None:
     import yaml
-    from runner.planner import plan_job, plan_sections
-    if job.sweep:
-        print("error: sweep: --plan plans one job; run it on a single point (--set sweep={} ...)", file=sys.stderr)
-        return 2
-    try:
-        report = plan_job(job)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from runner.planner import plan_sections
     gb = 1e9
     budgets = ", ".join(f"{t} {b / gb:.2f} GB" for t, b in report.budgets.items())
     print(f"# profile {report.profile.name}; budgets {budgets}")
@@ -164,17 +179,19 @@ def _plan(job) -> int:
     for title, plan, pred, result in rows:
         print(f"\n## {title}")
         if pred is None:
-            why = "offload: auto" if job.auto_offload and plan is report.job_plan else "no plan fits the budgets"
-            print(f"# {why}")
+            print("# offload: auto" if job.auto_offload and plan is report.job_plan else "# no plan fits the budgets")
             continue
+        if plan is report.job_plan and not report.job_fits:
+            need = ", ".join(f"{t} {n / gb:.2f} GB" for t, n in pred.peak_bytes.items() if n > report.budgets[t])
+            print(f"# does NOT fit the budgets: needs {need}")
         extra = f" ({result.evaluated} plans evaluated in {result.seconds:.2f} s)" if result else ""
         print(f"# predicted tokens/s: prefill {pred.prefill_throughput:.2f}, decode {pred.decode_throughput:.2f}, "
               f"total {pred.total_throughput:.2f}; bound by {pred.bound}{extra}")
         print("# peak memory: " + ", ".join(f"{t} {n / gb:.3f} GB" for t, n in pred.peak_bytes.items()))
         if any(pred.phase_s[1:]):
-            print("# decode seconds by phase: " + ", ".join(f"{p} {s:.2f}" for p, s in zip(("I", "II", "III"), pred.phase_s)))
+            print("# decode seconds by phase: " + ", ".join(f"{p} {s:.2f}" for p, s in zip(("I", "II", "III"),
+                                                                                          pred.phase_s)))
         print(yaml.safe_dump(plan_sections(plan), sort_keys=False).rstrip())
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

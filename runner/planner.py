@@ -31,7 +31,8 @@ class PlanReport:
     profile: HardwareProfile
     budgets: dict[str, float]
     job_plan: Plan
-    job_prediction: Prediction | None  # None: the job's own plan does not fit the budgets
+    job_prediction: Prediction | None  # None with offload: auto (the job has no plan of its own yet)
+    job_fits: bool  # the job's own plan within every budget
     alisa: SearchResult | None
     flexgen: SearchResult | None
 
@@ -108,13 +109,10 @@ def plan_job(job: JobSpec) -> PlanReport:
     w = job_workload(job, cfg, profile)
     budgets = _budgets(job, profile)
     plan = job_plan(job)
-    own = None
-    if not job.auto_offload:
-        own = predict(w, plan, profile)
-        if any(own.peak_bytes[t] > budgets[t] for t in budgets):
-            own = None
+    own = None if job.auto_offload else predict(w, plan, profile)
+    fits = own is not None and all(own.peak_bytes[t] <= budgets[t] for t in budgets)
     shape = _batch_shape(job)
-    return PlanReport(profile=profile, budgets=budgets, job_plan=plan, job_prediction=own,
+    return PlanReport(profile=profile, budgets=budgets, job_plan=plan, job_prediction=own, job_fits=fits,
                       alisa=search_alisa(w, profile, budgets, **shape) if _alisa_ready(w) else None,
                       flexgen=search_flexgen(w, profile, budgets, **shape))
 
@@ -179,3 +177,31 @@ def predicted_columns(job: JobSpec, cfg: ModelConfig, shape: tuple[int, int], de
     return {"predicted_profile": profile.name, "predicted_prefill_throughput": round(p.prefill_throughput, 2),
             "predicted_decode_throughput": round(p.decode_throughput, 2),
             "predicted_total_throughput": round(p.total_throughput, 2)}
+
+
+def plan_rows(report: PlanReport, job: JobSpec, sweep_point: str = "") -> list[dict]:
+    """One CSV row per candidate of a `--plan` report: the plan's fields and its prediction."""
+    rows = []
+    for name, plan, pred, result in (("job", report.job_plan, report.job_prediction, None),
+                                     ("alisa", *_found(report.alisa)), ("flexgen", *_found(report.flexgen))):
+        row = {"job": job.name, "sweep_point": sweep_point, "candidate": name, "profile": report.profile.name,
+               "model": model_config(job).name, "kv": job.kv.label(),
+               "fits": report.job_fits if name == "job" else pred is not None}
+        if plan is not None:
+            row.update(gpu_batch_size=plan.gpu_batch_size, num_gpu_batches=plan.num_gpu_batches)
+            row.update({f"offload.{k}": v for k, v in plan_sections(plan).get("offload", {}).items()})
+        if pred is not None:
+            row.update(predicted_prefill_throughput=round(pred.prefill_throughput, 3),
+                       predicted_decode_throughput=round(pred.decode_throughput, 3),
+                       predicted_total_throughput=round(pred.total_throughput, 3), bound=pred.bound,
+                       **{f"peak_{t}_bytes": n for t, n in pred.peak_bytes.items()},
+                       **{f"phase{i}_s": round(x, 3) for i, x in enumerate(pred.phase_s, start=1)})
+        if result is not None:
+            row.update(evaluated=result.evaluated, search_s=round(result.seconds, 3))
+        rows.append(row)
+    return rows
+
+
+def _found(result: SearchResult | None) -> tuple:
+    return (None, None, None) if result is None else (result.plan, result.prediction, result)
+

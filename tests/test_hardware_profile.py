@@ -59,7 +59,7 @@ def test_t4_uses_flexgens_fitted_link_and_compute_constants_converted_from_gib()
     assert (t4.bandwidth_gbps.cpu_from_disk, t4.bandwidth_gbps.disk_from_cpu) == (2.0, 1.0)
     assert (t4.tflops.gpu_matmul, t4.tflops.gpu_attention, t4.tflops.gpu_recompute) == (21.24, 0.079, 4.3)
     assert t4.tflops.cpu_attention == 0.0123
-    assert (t4.memory_gb.cpu, t4.memory_gb.disk, t4.usable_fraction) == (208, 1500, 0.8)
+    assert (t4.memory_gb.cpu, t4.memory_gb.disk, t4.usable_fraction) == (208, 1500, 0.9)
 
 
 def test_only_the_cpu_only_profile_computes_on_the_cpu():

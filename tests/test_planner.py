@@ -19,21 +19,25 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_plan_prints_both_searched_plans_for_opt30b_without_its_weights():
+def test_plan_prints_both_searched_plans_for_opt30b_without_its_weights(tmp_path):
     assert not (ROOT / "models/opt-30b").exists()
-    out = _run("jobs/opt30b.yaml", "--plan")
+    out = _run("jobs/opt30b.yaml", "--plan", "--set", f"output.dir={tmp_path}")
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "## alisa (searched)" in text and "## flexgen (searched)" in text
     assert "predicted tokens/s" in text and "peak memory" in text
     # Each printed plan is YAML a user can paste into the job.
-    blocks = [b.split("\n", 3)[3] for b in text.split("## ")[2:] if "no plan fits" not in b]
+    blocks = ["\n".join(line for line in b.splitlines()[1:] if not line.startswith(("#", "plan rows")))
+              for b in text.split("## ")[2:] if "no plan fits" not in b]
     assert blocks
     for block in blocks:
         sections = yaml.safe_load(block)
         job = load_job(ROOT / "jobs/opt30b.yaml", [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
                                                    for k, v in sections.items()])
         assert job.offload is not None and job.batch.gpu_batch_size == sections["batch"]["gpu_batch_size"]
+    import pandas as pd
+    rows = pd.read_csv(tmp_path / "plan.csv")
+    assert list(rows["candidate"]) == ["job", "alisa", "flexgen"] and rows["predicted_total_throughput"].notna().all()
 
 
 def test_plan_without_a_profile_is_a_one_line_error():
