@@ -75,10 +75,13 @@ class Prediction:
 # ---------------------------------------------------------------- compute
 
 def _mm_s(hw: HardwareProfile, params: float, rows: float, e: int, *, cpu: bool = False) -> float:
-    """A matmul of `rows` rows by a (params)-element weight: FLOP- or weight-read bound."""
+    """A matmul of `rows` rows by a (params)-element weight. On an accelerator FLOP- or weight-read
+    bound (the roofline); on a CPU the same cores read and multiply, and skinny decode GEMMs measure
+    as the sum of the two (runner/calibrate_compute.py::matvec)."""
     flops = hw.tflops.cpu_matmul if cpu else hw.tflops.gpu_matmul
     bw = hw.bandwidth_gbps.cpu_memory if cpu else hw.bandwidth_gbps.gpu_memory
-    return max(2 * params * rows / (flops * 1e12), params * e / (bw * 1e9))
+    compute, read = 2 * params * rows / (flops * 1e12), params * e / (bw * 1e9)
+    return max(compute, read) if hw.accelerator and not cpu else compute + read
 
 
 def _matrix_params(shapes: dict[str, tuple[int, ...]]) -> int:
@@ -234,6 +237,16 @@ def _attention_compute(hw: HardwareProfile, w: Workload, sh: _Shape, plan: Plan,
     return sh.k * t
 
 
+def _shared_cpu(hw: HardwareProfile, st: dict[str, np.ndarray], n: int) -> None:
+    """When the "gpu" is the CPU, cpu-side attention runs on the compute cores, and every gpu<->cpu
+    copy is a memcpy through the memory the compute streams from: both add to compute. (The link
+    streams stay: an emulated slow link still holds each copy for bytes / its bandwidth.)"""
+    bw = hw.bandwidth_gbps
+    copied = st["gpu<-cpu"] * bw.gpu_from_cpu + st["cpu<-gpu"] * bw.cpu_from_gpu  # GB (latency terms included)
+    st["compute"] = st["compute"] + st["cpu compute"] + copied / bw.cpu_memory
+    st["cpu compute"] = np.zeros(n)
+
+
 def _unit_time(streams: dict[str, np.ndarray], overlap: bool) -> np.ndarray:
     parts = np.stack([streams[s] for s in STREAMS])
     return parts.max(axis=0) if overlap else parts.sum(axis=0)
@@ -266,8 +279,8 @@ def _step(hw: HardwareProfile, w: Workload, sh: _Shape, plan: Plan, lengths: np.
             st["compute"] += sh.k * _mm_s(hw, sh.mlp_params, sh.b * tokens, sh.e)
         elif kind == "head":  # logits of the last position only, and the step's fixed cost
             st["compute"] += sh.k * (_mm_s(hw, sh.head_params, sh.b, sh.e) + hw.overhead_us.step * 1e-6)
-        if not hw.accelerator:  # the "gpu" is the CPU: cpu-side attention runs on the same cores
-            st["compute"], st["cpu compute"] = st["compute"] + st["cpu compute"], np.zeros(n)
+        if not hw.accelerator:
+            _shared_cpu(hw, st, n)
         total += count * _unit_time(st, overlap)
         for s in STREAMS:
             totals[s] += count * st[s]

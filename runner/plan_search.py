@@ -170,10 +170,17 @@ def _climb(ev: _Eval, plan: Plan, kinds: tuple[str, ...], extra: Callable[[Offlo
 
 
 def _ccc(policy: OffloadPolicy) -> list[OffloadPolicy]:
-    """FlexGen's cpu_cache_compute toggled, where KV sits on cpu."""
-    if policy.cache_cpu_percent == 0 and not policy.cpu_cache_compute:
-        return []
-    return [dataclasses.replace(policy, cpu_cache_compute=not policy.cpu_cache_compute)]
+    """Jumps 5-point moves cannot reach one at a time: the KV split in quarters between gpu and cpu (the
+    weights as they are), each with and without FlexGen's cpu_cache_compute, which pays off only once
+    much of the KV sits on cpu."""
+    out = []
+    for gpu in (0.0, 25.0, 50.0, 75.0, 100.0):
+        for ccc in (False, True):
+            if ccc and gpu == 100:
+                continue
+            out.append(dataclasses.replace(policy, cache_gpu_percent=gpu, cache_cpu_percent=100 - gpu,
+                                           cpu_cache_compute=ccc))
+    return [p for p in out if p != policy]
 
 
 # ---------------------------------------------------------------- per family
