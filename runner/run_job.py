@@ -164,9 +164,7 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "") -> di
         raise RunError("engine: hf needs real weights (a checkpoint directory, .gguf file or auto), not dummy")
     if job.engine is EngineKind.HF and job.kv != type(job.kv)():
         raise RunError("kv: the hf engine runs transformers' dense cache; remove the kv section or use engine: alisa")
-    if job.auto_offload:  # the plan search fills in the batch shape and the offload policy
-        from runner.planner import resolve_auto
-        job = resolve_auto(job)
+    job = _resolved(job)
     device = resolve_device(job.hardware.device)
     dtype = resolve_dtype(job.model.dtype, device)
     if job.hardware.num_threads:
@@ -219,6 +217,14 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "") -> di
         **_predicted(job, loaded, ids, device, dtype))
     append_csv_row(job.throughput_csv, row)
     return row
+
+
+def _resolved(job: JobSpec) -> JobSpec:
+    """`offload: auto`: the plan search fills in the offload policy (and with `batch: auto` the batch shape)."""
+    if not job.auto_offload:
+        return job
+    from runner.planner import resolve_auto
+    return resolve_auto(job)
 
 
 def _predicted(job: JobSpec, loaded: LoadedModel, ids: list[list[int]], device: torch.device,
