@@ -63,11 +63,16 @@ class _Eval:
 
     def fits(self, plan: Plan) -> bool:
         need = self.peaks(plan)
-        return need is not None and all(need[t] <= self.budgets[t] for t in TIERS)
+        return need is not None and all(self.over(plan, t) <= 0 for t in TIERS)
 
     def over(self, plan: Plan, tier: str) -> float:
         need = self.peaks(plan)
-        return float("inf") if need is None else need[tier] - self.budgets[tier]
+        if need is None:
+            return float("inf")
+        over = need[tier] - self.budgets[tier]
+        if tier == "cpu" and not self.hw.accelerator:  # one RAM holds both the gpu and the cpu tier
+            over = max(over, need["gpu"] + need["cpu"] - self.hw.budget_bytes("cpu"))
+        return over
 
     def throughput(self, plan: Plan) -> float:
         if plan not in self._thr:
@@ -259,7 +264,7 @@ def _search(ev: _Eval, place: Callable[[_Eval, int, int], Plan | None], climb: C
         prev = 0.0
         for k in [ngb] if ngb else [2 ** i for i in range(MAX_GPU_BATCHES.bit_length())]:
             plan = place(ev, b, k)
-            if plan is None:
+            if plan is None or not ev.fits(plan):
                 break
             thr = ev.throughput(plan)
             found.append((thr, plan))

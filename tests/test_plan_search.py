@@ -71,3 +71,16 @@ def test_flexgen_search_is_within_10_percent_of_a_brute_force_grid():
     found = search_flexgen(w, T4, budgets, gpu_batch_size=8)
     assert found is not None and _fits(found, budgets)
     assert found.prediction.total_throughput >= 0.9 * best
+
+
+def test_without_an_accelerator_gpu_and_cpu_tiers_share_one_ram():
+    """cpu-only: the 'gpu' is the CPU, so a plan's gpu and cpu bytes together must fit the RAM once."""
+    import dataclasses
+    from runner.hardware_profile import TierMemory
+    cpu_only = load_profile("cpu-only")
+    hw = dataclasses.replace(cpu_only, memory_gb=TierMemory(gpu=4.0, cpu=4.0, disk=100.0), usable_fraction=1.0)
+    w = Workload(cfg=get_preset("opt-1.3b"), prompt_len=128, gen_len=16, num_prompts=1, dtype=torch.float32)
+    r = search_flexgen(w, hw, budgets_from(hw), gpu_batch_size=4, num_gpu_batches=1)
+    assert r is not None  # 5.3 GB of weights: some must go to disk
+    need = peak_bytes(r.workload, r.plan)
+    assert need["gpu"] + need["cpu"] <= 4e9 and need["disk"] > 0
