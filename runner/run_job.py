@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from runner.outputs import GenerationRecord, append_csv_row, git_commit, peak_rs
     write_generations
 from runner.sampling import SamplingParams
 from runner.kv_store import kv_bytes
+from runner.reports import BatchLog, plot_report
 from runner.weights import LoadedModel, available_memory, load_model
 
 _DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
@@ -240,6 +242,7 @@ def _generate_all(engine: Engine, prompts: list[Prompt], ids: list[list[int]], j
     step = job.batch.gpu_batch_size * (job.batch.num_gpu_batches if job.offload is not None else 1)
     generator = torch.Generator().manual_seed(params.seed)
     bar = tqdm(total=len(prompts), unit="prompt", disable=not progress, dynamic_ncols=True)
+    log, started = BatchLog(gen_path.parent / "batches.csv"), time.perf_counter()
     # A block is num_gpu_batches GPU batches (FlexGen's effective batch); on one device
     # with everything resident the GPU batches simply run one after another.
     for start in range(0, len(prompts), step):
@@ -249,8 +252,25 @@ def _generate_all(engine: Engine, prompts: list[Prompt], ids: list[list[int]], j
                                     finish_reason=s.finish_reason)
                    for p, s in zip(prompts[start:start + step], out.sequences)]
         write_generations(gen_path, records, append=True)
+        log.append(_batch_row(engine, out, time.perf_counter() - started))
         bar.update(len(records))
         elapsed = totals.prefill_s + totals.decode_s
         bar.set_postfix(tok_s=f"{totals.generated_tokens / elapsed:.1f}" if elapsed else "-")
     bar.close()
+    plot_report(log.path, gen_path.parent / "report.png", f"{job.name}: {job.model.name or job.model.path}, "
+                f"{job.kv.label()}, batch {job.batch.gpu_batch_size} x {job.batch.num_gpu_batches}")
     return totals
+
+
+def _batch_row(engine: Engine, out: BatchOutput, elapsed: float) -> dict:
+    """One batches.csv row: the batch's tokens and seconds, and the run's memory peaks so far."""
+    seconds = out.prefill_s + out.decode_s
+    row = {"prompts": len(out.sequences), "prompt_tokens": out.prompt_tokens, "generated_tokens": out.generated_tokens,
+           "prefill_s": round(out.prefill_s, 6), "decode_s": round(out.decode_s, 6),
+           "tokens_per_s": round(out.generated_tokens / seconds, 3) if seconds else 0.0,
+           "elapsed_s": round(elapsed, 3), "peak_rss_bytes": peak_rss_bytes(),
+           "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0}
+    if hasattr(engine, "reset_stats"):  # the block executor: its tier pools' peaks
+        stats = engine.stats()
+        row.update({k: stats[k] for k in ("peak_gpu_pool_bytes", "peak_cpu_pool_bytes", "peak_disk_bytes")})
+    return row
