@@ -30,7 +30,8 @@ from runner.eval.spec import EvalSpec
 from runner.hardware_spec import Device, HardwareSpec, LinkSpec  # noqa: F401 (re-exported)
 from runner.kv_spec import KVSpec
 from runner.offload_policy import OffloadPolicy
-from runner.spec import JobError, _at_least, _bad, _build, _freeze, _hints, _plain, _Spec
+from runner.spec import (JobError, _at_least, _bad, _build, _freeze, _hints, _plain, _Spec,  # noqa: F401
+                         _UniqueKeyLoader, _yaml_error, parse_override)
 
 
 class Engine(str, enum.Enum):
@@ -332,18 +333,6 @@ def set_dotted(d: dict, dotted_key: str, value: Any) -> None:
         cls, target = sub_cls, sub
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """`section.key=value` -> (key, YAML-parsed value); text that isn't valid YAML stays a string."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise JobError(f"override {item!r}: expected KEY=VALUE, e.g. batch.gpu_batch_size=8")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw  # e.g. a template such as `{prompt} Answer:` that YAML reads as a broken mapping
-    return key.strip(), value
-
-
 def apply_overrides(d: dict, overrides: Sequence[str] | Mapping[str, Any]) -> dict:
     """Copy of raw job dict `d` with overrides applied: `KEY=VALUE` strings, or a {dotted key: value} map."""
     out = copy.deepcopy(d)
@@ -361,27 +350,6 @@ def apply_overrides(d: dict, overrides: Sequence[str] | Mapping[str, Any]) -> di
 
 
 # ---------------------------------------------------------------- loading
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (plain YAML silently keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _yaml_error(source: str, e: yaml.YAMLError) -> JobError:
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None) or str(e)
-    where = f"{source}:{mark.line + 1}" if mark is not None else source
-    return JobError(f"{where}: invalid YAML ({' '.join(problem.split())})")
-
 
 def job_from_dict(d: dict, source: str = "<dict>") -> JobSpec:
     """Validate a raw job dict; errors are prefixed with `source` (the file name) unless it is "<dict>"."""

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
+import yaml
+
 
 class JobError(ValueError):
     """Invalid job; `key` is the dotted key at fault when there is one."""
@@ -148,3 +150,38 @@ def _at_least(spec: _Spec, name: str, low: int) -> None:
     if value is not None and value < low:
         kind = "an integer" if isinstance(value, int) else "a number"
         raise _bad(spec._key(name), f"must be {kind} >= {low}, got {value}")
+
+
+# ---------------------------------------------------------------- YAML text
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`section.key=value` -> (key, YAML-parsed value); text that isn't valid YAML stays a string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise JobError(f"override {item!r}: expected KEY=VALUE, e.g. batch.gpu_batch_size=8")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw  # e.g. a template such as `{prompt} Answer:` that YAML reads as a broken mapping
+    return key.strip(), value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (plain YAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(source: str, e: yaml.YAMLError) -> JobError:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    where = f"{source}:{mark.line + 1}" if mark is not None else source
+    return JobError(f"{where}: invalid YAML ({' '.join(problem.split())})")
