@@ -44,7 +44,7 @@ class Sizes:
     copy_mib: int
     disk_mib: int
     matmul_n: int
-    matvec_mib: int
+    projection_mib: int
     decode: tuple[tuple[int, int, int, int], ...]  # attention (batch, heads, cached len, head dim)
     prefill: tuple[tuple[int, int, int, int], ...]  # attention (batch, heads, prompt len, head dim)
     recompute: tuple[int, int, int]  # hidden, stored rows, recomputed rows
@@ -53,13 +53,13 @@ class Sizes:
     steps: int  # decode steps per tiny-model run
 
 
-QUICK = Sizes(copy_mib=8, disk_mib=4, matmul_n=256, matvec_mib=8, decode=((1, 4, 256, 64),),
+QUICK = Sizes(copy_mib=8, disk_mib=4, matmul_n=256, projection_mib=8, decode=((1, 4, 256, 64),),
               prefill=((1, 4, 128, 64),), recompute=(256, 1024, 32), repeats=2, layers=3, steps=6)
-CPU_FULL = Sizes(copy_mib=512, disk_mib=1024, matmul_n=2048, matvec_mib=64,
+CPU_FULL = Sizes(copy_mib=512, disk_mib=1024, matmul_n=2048, projection_mib=64,
                  decode=((8, 16, 1024, 64), (32, 32, 512, 128), (64, 12, 2048, 64)),
                  prefill=((1, 16, 512, 64), (4, 32, 512, 128)), recompute=(1024, 16384, 256), repeats=7,
                  layers=8, steps=40)
-CUDA_FULL = Sizes(copy_mib=1024, disk_mib=1024, matmul_n=8192, matvec_mib=1024,
+CUDA_FULL = Sizes(copy_mib=1024, disk_mib=1024, matmul_n=8192, projection_mib=1024,
                   decode=((32, 32, 2048, 128), (64, 56, 640, 128), (64, 40, 4096, 128)),
                   prefill=((8, 32, 512, 128), (4, 56, 2048, 128)), recompute=(4096, 65536, 2048), repeats=5,
                   layers=8, steps=30)
@@ -95,7 +95,7 @@ def calibrate(*, device: torch.device, offload_dir: str, quick: bool = False,
 
 def _compute_rows(device: torch.device, dtype: torch.dtype, s: Sizes, side: str) -> list[Row]:
     rows = C.matmul(device, dtype, s.matmul_n, s.repeats, f"tflops.{side}_matmul")
-    rows += C.matvec(device, dtype, s.matvec_mib, s.repeats, f"bandwidth_gbps.{side}_memory")
+    rows += C.projection(device, dtype, s.projection_mib, s.repeats, f"bandwidth_gbps.{side}_memory")
     rows += C.attention(device, dtype, s.decode, s.prefill, s.repeats, f"tflops.{side}_attention")
     if side == "gpu":  # recomputation runs where the kept inputs are: on the compute device
         rows += C.recompute(device, dtype, *s.recompute, s.repeats, "tflops.gpu_recompute")

@@ -66,7 +66,7 @@ def matmul(device: torch.device, dtype: torch.dtype, n: int, repeats: int, field
                 "TFLOP/s")]
 
 
-def matvec(device: torch.device, dtype: torch.dtype, mib: int, repeats: int, field: str) -> list[Row]:
+def projection(device: torch.device, dtype: torch.dtype, mib: int, repeats: int, field: str) -> list[Row]:
     """Decode-shaped projections (8 and 32 rows) by a weight far larger than the caches. Their time is
     about a fixed cost of reading the weight plus a per-row FLOP cost (on a CPU the same cores do
     both), so weight bytes / the fixed part is the streaming rate a decode step's weight reads get.
@@ -83,7 +83,7 @@ def matvec(device: torch.device, dtype: torch.dtype, mib: int, repeats: int, fie
     fixed = t[8] - 8 * per_row
     if fixed < t[8] / 2:  # rows cost as much as the weight read: no clean split, take the whole time
         fixed = t[8]
-    return [row(f"matvec {device.type}", field, f"(8 and 32 x{cols}) @ ({cols}x{rows}) {_name(dtype)}, "
+    return [row(f"decode projection {device.type}", field, f"(8 and 32 x{cols}) @ ({cols}x{rows}) {_name(dtype)}, "
                 f"{nbytes // MIB} MiB: {t[8] * 1e3:.2f} / {t[32] * 1e3:.2f} ms, weight-read part", fixed,
                 nbytes / fixed / 1e9, "GB/s")]
 

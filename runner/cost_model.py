@@ -27,7 +27,7 @@ from runner.kv_placement import COMPRESS_GROUP
 from runner.kv_store import KVSettings, kv_bytes
 from runner.kv_tokens import TokenPhases
 from runner.kv_sequences import split_rows
-from runner.layers import Attention, Embedding, Head, build_units
+from runner.layers import MLP, Attention, Embedding, Head
 from runner.memory import Tier
 from runner.offload import plan_bytes
 from runner.offload_policy import KVPlacement, OffloadPolicy
@@ -74,14 +74,13 @@ class Prediction:
 
 # ---------------------------------------------------------------- compute
 
-def _mm_s(hw: HardwareProfile, params: float, rows: float, e: int, *, cpu: bool = False) -> float:
-    """A matmul of `rows` rows by a (params)-element weight. On an accelerator FLOP- or weight-read
-    bound (the roofline); on a CPU the same cores read and multiply, and skinny decode GEMMs measure
-    as the sum of the two (runner/calibrate_compute.py::matvec)."""
-    flops = hw.tflops.cpu_matmul if cpu else hw.tflops.gpu_matmul
-    bw = hw.bandwidth_gbps.cpu_memory if cpu else hw.bandwidth_gbps.gpu_memory
-    compute, read = 2 * params * rows / (flops * 1e12), params * e / (bw * 1e9)
-    return max(compute, read) if hw.accelerator and not cpu else compute + read
+def _mm_s(hw: HardwareProfile, params: float, rows: float, e: int) -> float:
+    """A matmul of `rows` rows by a (params)-element weight on the compute device. On an accelerator
+    FLOP- or weight-read bound (the roofline); on a CPU the same cores read and multiply, and skinny
+    decode GEMMs measure as the sum of the two (runner/calibrate_compute.py::projection)."""
+    compute = 2 * params * rows / (hw.tflops.gpu_matmul * 1e12)
+    read = params * e / (hw.bandwidth_gbps.gpu_memory * 1e9)
+    return max(compute, read) if hw.accelerator else compute + read
 
 
 def _matrix_params(shapes: dict[str, tuple[int, ...]]) -> int:
@@ -108,8 +107,8 @@ class _Shape:
 
 
 def _shape(w: Workload, plan: Plan) -> _Shape:
-    units = {"attn": next(u for u in build_units(w.cfg) if isinstance(u, Attention)),
-             "mlp": build_units(w.cfg)[2], "embed": Embedding(w.cfg), "head": Head(w.cfg)}
+    # Every layer has the same shapes: layer 0's units stand for all of them.
+    units = {"attn": Attention(w.cfg, 0), "mlp": MLP(w.cfg, 0), "embed": Embedding(w.cfg), "head": Head(w.cfg)}
     policy = plan.offload or OffloadPolicy()
     off, staged, copies = {}, {}, {}
     for kind, u in units.items():

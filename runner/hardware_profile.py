@@ -21,20 +21,26 @@ from runner.spec import JobError, _bad, _build, _Spec
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
 
+class _Positive(_Spec):
+    """A section whose every figure must be > 0."""
+
+    def _validate(self) -> None:
+        for f in dataclasses.fields(self):
+            if not getattr(self, f.name) > 0:
+                raise _bad(self._key(f.name), f"must be > 0, got {getattr(self, f.name):g}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TierMemory(_Spec):
+class TierMemory(_Positive):
     """Capacity of each tier (GB)."""
     _section = "memory_gb"
     gpu: float
     cpu: float
     disk: float
 
-    def _validate(self) -> None:
-        _positive(self, ("gpu", "cpu", "disk"))
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Bandwidth(_Spec):
+class Bandwidth(_Positive):
     """Sustained bandwidth (GB/s) of each transfer stream and of each compute side's memory."""
     _section = "bandwidth_gbps"
     gpu_from_cpu: float  # host -> device, pinned
@@ -44,12 +50,9 @@ class Bandwidth(_Spec):
     gpu_memory: float  # device memory (decode matmuls and attention are bound by it)
     cpu_memory: float  # host memory (cpu_cache_compute attention)
 
-    def _validate(self) -> None:
-        _positive(self, [f.name for f in dataclasses.fields(self)])
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Compute(_Spec):
+class Compute(_Positive):
     """Sustained throughput (TFLOP/s) at the operand dtype the runs use (fp16 on GPUs, fp32 on CPUs)."""
     _section = "tflops"
     gpu_matmul: float  # large GEMMs (prefill, big-batch decode)
@@ -57,9 +60,6 @@ class Compute(_Spec):
     gpu_recompute: float  # phase III K/V projection of scattered tokens (gather + small GEMM)
     cpu_matmul: float
     cpu_attention: float
-
-    def _validate(self) -> None:
-        _positive(self, [f.name for f in dataclasses.fields(self)])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -99,12 +99,6 @@ class HardwareProfile(_Spec):
     def budget_bytes(self, tier: str) -> float:
         """Bytes a plan may place on `tier` ('gpu', 'cpu' or 'disk')."""
         return getattr(self.memory_gb, tier) * 1e9 * self.usable_fraction
-
-
-def _positive(spec: _Spec, names) -> None:
-    for name in names:
-        if not getattr(spec, name) > 0:
-            raise _bad(spec._key(name), f"must be > 0, got {getattr(spec, name):g}")
 
 
 def shipped_profiles() -> list[str]:

@@ -31,6 +31,7 @@ MAX_GPU_BATCHES = 64
 # +0.02% ran 12% slower, search-quality-flexgen).
 MIN_GAIN = 0.01
 TIERS = ("gpu", "cpu", "disk")
+_DOWN = (("gpu", "cpu"), ("cpu", "disk"), ("gpu", "disk"))  # (from, to): moves to a slower tier
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,7 @@ def _act(policy: OffloadPolicy, tier: str) -> OffloadPolicy | None:
 
 
 def _moves(policy: OffloadPolicy, step: float, kinds: tuple[str, ...], down_only: bool) -> Iterator[OffloadPolicy]:
-    pairs = [("gpu", "cpu"), ("cpu", "disk"), ("gpu", "disk")]
-    if not down_only:
-        pairs += [(b, a) for a, b in pairs]
+    pairs = list(_DOWN) if down_only else [*_DOWN, *((b, a) for a, b in _DOWN)]
     for kind in kinds:
         for src, dst in pairs:
             if (moved := _move(policy, kind, src, dst, step)) is not None:
@@ -146,7 +145,7 @@ def _freeing(ev: _Eval, plan: Plan, tier: str, kinds: tuple[str, ...], over: flo
     as whole tensors by FlexGen's midpoint rule, so a small step can move none)."""
     policy = plan.offload
     for kind in kinds:
-        for src, dst in (("gpu", "cpu"), ("cpu", "disk"), ("gpu", "disk")):
+        for src, dst in _DOWN:
             for step in range(10, 101, 10):
                 moved = _move(policy, kind, src, dst, float(step))
                 if moved is None:
@@ -209,8 +208,8 @@ def _grid(lo: int, hi: int, n: int = 16) -> list[int]:
 
 
 def _phases(ev: _Eval, plan: Plan) -> tuple[Plan, float] | None:
-    """ALISA's KV schedule for a fixed weight placement: the least offload ratio (at its latest p1)
-    that fits, then the recompute ratio and p2 that predict the most throughput."""
+    """ALISA's KV schedule for a fixed weight placement: each offload ratio at the latest p1 that fits,
+    the fastest of them, then the recompute ratio and p2 that predict the most throughput."""
     w = ev.w
     end = w.prompt_len + w.gen_len  # p1 = end: phase I throughout
     best: tuple[float, Plan] | None = None
@@ -235,8 +234,7 @@ def _phases(ev: _Eval, plan: Plan) -> tuple[Plan, float] | None:
         for p2 in _grid(p1, end - 1, 8):
             cand = dataclasses.replace(plan, offload=dataclasses.replace(plan.offload, p2=p2, recompute_ratio=beta))
             if ev.fits(cand) and (t := ev.throughput(cand)) > thr:
-                thr, best_plan = t, cand
-                plan = best_plan
+                thr, plan = t, cand
     return plan, thr
 
 

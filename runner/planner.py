@@ -181,11 +181,11 @@ def predicted_columns(job: JobSpec, cfg: ModelConfig, shape: tuple[int, int], de
 
 def plan_rows(report: PlanReport, job: JobSpec, sweep_point: str = "") -> list[dict]:
     """One CSV row per candidate of a `--plan` report: the plan's fields and its prediction."""
-    rows = []
+    rows, model = [], model_config(job).name
     for name, plan, pred, result in (("job", report.job_plan, report.job_prediction, None),
                                      ("alisa", *_found(report.alisa)), ("flexgen", *_found(report.flexgen))):
         row = {"job": job.name, "sweep_point": sweep_point, "candidate": name, "profile": report.profile.name,
-               "model": model_config(job).name, "kv": job.kv.label(),
+               "model": model, "kv": job.kv.label(),
                "fits": report.job_fits if name == "job" else pred is not None}
         if plan is not None:
             row.update(gpu_batch_size=plan.gpu_batch_size, num_gpu_batches=plan.num_gpu_batches)
