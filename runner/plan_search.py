@@ -27,8 +27,8 @@ SAMPLES = 16  # decode steps the search's estimates sample (the final prediction
 BATCHES = tuple(2 ** i for i in range(11))  # gpu_batch_size candidates 1..1024
 MAX_GPU_BATCHES = 64
 # A hill-climbing move must predict this much more throughput: smaller gains are inside the model's error,
-# and such moves only add data on slower tiers (measured: 10% of the KV moved to disk for a predicted
-# +0.02% ran 12% slower, search-quality-flexgen).
+# and such moves only add data on slower tiers (a first search-quality-flexgen run moved 10% of the KV to
+# disk for a predicted +0.02%).
 MIN_GAIN = 0.01
 TIERS = ("gpu", "cpu", "disk")
 _DOWN = (("gpu", "cpu"), ("cpu", "disk"), ("gpu", "disk"))  # (from, to): moves to a slower tier
