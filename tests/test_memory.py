@@ -319,6 +319,10 @@ _CHILD = textwrap.dedent("""
     import torch
     from runner.memory import DiskPool
 
+    # A parent started in the background (nohup, `&` in a script) hands down SIGINT ignored: restore
+    # Python's handler so the signal this test sends arrives as KeyboardInterrupt wherever it runs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def fill(pool):
         pool.write(pool.alloc((256,), torch.float32, "kv"), torch.ones(256))
         print(pool.root, len(os.listdir(pool.root)), flush=True)
