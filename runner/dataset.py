@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from runner.job import DatasetFormat, DatasetSpec
+from runner.dataset_spec import DatasetFormat, DatasetSpec
 
 
 class DatasetError(ValueError):

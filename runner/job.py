@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from runner.dataset_spec import DatasetFormat, DatasetSpec  # noqa: F401 (re-exported)
 from runner.eval.spec import EvalSpec
 from runner.hardware_spec import Device, HardwareSpec, LinkSpec  # noqa: F401 (re-exported)
 from runner.kv_spec import KVSpec
@@ -53,14 +54,11 @@ class DType(str, enum.Enum):
 _DTYPE_ALIASES = {"fp32": DType.FLOAT32, "fp16": DType.FLOAT16, "bf16": DType.BFLOAT16}
 
 
-class DatasetFormat(str, enum.Enum):
-    JSONL = "jsonl"
-    CSV = "csv"
-    TXT = "txt"
-    SYNTHETIC = "synthetic"
+class OutputOrder(str, enum.Enum):
+    DATASET = "dataset"  # generations.jsonl in dataset order (with dataset.bucket: reordered at the end)
+    COMPLETION = "completion"  # as batches finish (with dataset.bucket: by length within each window)
 
 
-_SUFFIX_FORMATS = {".jsonl": DatasetFormat.JSONL, ".csv": DatasetFormat.CSV, ".txt": DatasetFormat.TXT}
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -111,45 +109,14 @@ class GenerationSpec(_Spec):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DatasetSpec(_Spec):
-    _section = "dataset"
-    path: str | None = None  # prompts file; for synthetic, the source text
-    format: DatasetFormat | None = None  # inferred from the path suffix when omitted; never None after init
-    field: str = "prompt"  # jsonl key / csv column holding the prompt
-    id_field: str = "id"  # records without it get their 1-based line (csv: data-row) number
-    limit: int | None = None  # keep only the first N prompts
-    template: str | None = None  # must contain {prompt}; not applied to synthetic prompts
-    prompt_len: int | None = None  # synthetic only: tokens per prompt
-    num_prompts: int | None = None  # synthetic only; default: one block (gpu_batch_size * num_gpu_batches)
-
-    def _validate(self) -> None:
-        if self.path is None:
-            raise _bad("dataset.path", "required (the prompts file, or the source text for synthetic)")
-        if self.format is None:
-            fmt = _SUFFIX_FORMATS.get(Path(self.path).suffix.lower())
-            if fmt is None:
-                raise _bad("dataset.format", f"cannot infer from {self.path!r}; set one of "
-                           + ", ".join(f.value for f in DatasetFormat))
-            object.__setattr__(self, "format", fmt)
-        _at_least(self, "limit", 1)
-        if self.template is not None and "{prompt}" not in self.template:
-            raise _bad("dataset.template", f"must contain {{prompt}}, got {self.template!r}")
-        synthetic = self.format is DatasetFormat.SYNTHETIC
-        if synthetic and self.prompt_len is None:
-            raise _bad("dataset.prompt_len", "required when dataset.format is synthetic")
-        for name in ("prompt_len", "num_prompts"):
-            if not synthetic and getattr(self, name) is not None:
-                raise _bad(f"dataset.{name}", "only allowed when dataset.format is synthetic")
-            _at_least(self, name, 1)
-        if synthetic and self.template is not None:
-            raise _bad("dataset.template", "not applied to synthetic prompts; remove it")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
 class OutputSpec(_Spec):
     _section = "output"
     dir: str | None = None  # default results/<job name>/ (see JobSpec.output_dir)
     csv: str | None = None  # default <dir>/throughput.csv (see JobSpec.throughput_csv)
+    # true: a run keeps state.json and fsyncs every batch; re-running the job into the same dir resumes
+    # (runner/resume.py). false: every run starts over (benchmarks that re-measure into one dir).
+    resume: bool = True
+    order: OutputOrder = OutputOrder.DATASET  # generations.jsonl in dataset order, or as batches finish; see OutputOrder
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
