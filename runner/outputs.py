@@ -30,6 +30,7 @@ class GenerationRecord:
     completion: str
     completion_token_ids: list[int]
     finish_reason: FinishReason  # a plain "eos" / "stop" / "length" is accepted and converted
+    index: int | None = None  # 0-based position of the record in the dataset (runner.dataset.Prompt.index)
 
     def __post_init__(self) -> None:
         try:
@@ -40,7 +41,7 @@ class GenerationRecord:
 
     def to_json(self) -> str:
         return json.dumps({
-            "id": self.id, "prompt": self.prompt, "completion": self.completion,
+            "id": self.id, **({} if self.index is None else {"index": self.index}), "prompt": self.prompt, "completion": self.completion,
             "completion_token_ids": [int(t) for t in self.completion_token_ids],
             "finish_reason": self.finish_reason.value,
         }, ensure_ascii=False)
@@ -68,6 +69,9 @@ _BASE_COLUMNS: tuple[str, ...] = (
     "kv_bytes_per_token", "num_threads", "sweep_point",
     "kv_mode", "kv_sparsity", "kv_budget_tokens", "kv_bits", "kv_peak_bytes",
     "kv_store_s", "kv_score_s", "kv_select_s", "kv_gather_s", "kv_attend_s",
+    # the run itself: complete | interrupted; prompts finished by earlier runs of the same job (resumed),
+    # dataset records rejected (rejects.jsonl) by this run; Ray workers (1 without a cluster)
+    "status", "resumed_prompts", "rejected_prompts", "workers",
 )
 
 # Columns of jobs with an `offload` section: the link the job states (run_job) and whatever
