@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -52,11 +53,29 @@ def _run_sweep(args: argparse.Namespace, job) -> int:
         sets = [f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in point.items()] + [
             f"output.dir={base_dir / 'points' / safe}", f"output.csv={job.throughput_csv}", "sweep={}"]
         cmd = [sys.executable, os.path.abspath(__file__), args.job, *sum((["--set", s] for s in args.set), []),
-               *sum((["--set", s] for s in sets), []), "--sweep-point", label]
+               *sum((["--set", s] for s in sets), []), "--sweep-point", label, *(["--fresh"] if args.fresh else [])]
         print(f"== sweep point {label}", flush=True)
-        failures += subprocess.run(cmd).returncode != 0
+        code = _run_point(cmd)
+        if code > 128 or code < 0:  # the point was stopped by SIGINT / SIGTERM (the whole process group gets it): stop too
+            print(f"sweep interrupted at point {label}; run the same command again to resume", file=sys.stderr)
+            return code
+        failures += code != 0
     print(f"sweep done: {len(job.sweep_points()) - failures} ok, {failures} failed; rows in {job.throughput_csv}")
     return 1 if failures else 0
+
+
+def _run_point(cmd: list[str]) -> int:
+    """Run one sweep point's process to its end. Ctrl-C reaches the point itself (the terminal signals the
+    whole process group), which finishes its batch and exits resumable: this process only waits for it.
+    SIGTERM (sent to this process alone) is passed on to the point, which does the same."""
+    child = subprocess.Popen(cmd)
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    try:
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
 
 
 def _run_eval(job) -> int:
@@ -70,6 +89,37 @@ def _run_eval(job) -> int:
     for r in report.rows:
         print(f"{r['data']:<40} {r['kv_label']:<{width}} {r['metric']:<10} {r['value']}")
     print(f"eval done: {report.computed} points run, {report.skipped} already in {report.csv}; plot: {report.png}")
+    return 0
+
+
+def _run_ray(args: argparse.Namespace, job) -> int:
+    """`--ray [ADDRESS]` or `cluster: ray`: the job sharded over Ray workers, outputs merged (runner/cluster.py)."""
+    if args.ray is not None:  # the flag becomes the job's cluster section, so sweep points (own processes) get it
+        args.set += ["cluster.backend=ray"] + ([f"cluster.address={json.dumps(args.ray)}"] if args.ray != "local" else [])
+        try:
+            job = load_job(args.job, args.set)
+        except JobError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if job.sweep:
+        return _run_sweep(args, job)
+    from runner.cluster import run_on_ray  # heavy imports (ray) only when actually running
+    try:
+        row = run_on_ray(job, sweep_point=args.sweep_point, fresh=args.fresh)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not row["num_prompts"] and row["status"] == "complete" and row["resumed_prompts"]:
+        print(f"{job.name}: already complete ({row['resumed_prompts']} prompts in {job.output_dir / 'shards'}); "
+              "nothing to do. --fresh starts over")
+        return 0
+    print(" ".join(f"{k}={row.get(k, '')}" for k in (*FIELDS, "workers", "status")))
+    where = f"{job.output_dir / 'generations.jsonl'} (merged from {row['workers']} shards in {job.output_dir / 'shards'})"
+    if row["status"] == "interrupted":
+        print(f"interrupted: what the shards finished is kept in {where}; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    print(f"outputs: {where}; throughput row appended to {job.throughput_csv}")
     return 0
 
 
@@ -205,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", action="store_true",
                         help="print the searched ALISA and FlexGen plans and the predictions on hardware.profile; "
                              "loads no weights, runs nothing")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over: delete this job's generations, rejects, batches and run state in its "
+                             "output dir (throughput.csv keeps its rows) instead of resuming")
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                        help="shard the job over Ray workers and merge their outputs (cluster.backend: ray); "
+                             "ADDRESS: auto, host:port or ray://host:port (default: a Ray instance on this machine)")
     parser.add_argument("--sweep-point", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
@@ -214,18 +270,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.plan:
         return _plan(job)
+    if args.ray is not None or job.cluster.on_ray:
+        return _run_ray(args, job)
     if job.sweep:
         return _run_sweep(args, job)
     if job.eval is not None:
         return _run_eval(job)
-    from runner.run_job import run_job  # heavy imports (torch) only when actually running
+    from runner.run_job import Interrupted, run_job  # heavy imports (torch) only when actually running
     try:
-        row = run_job(job, sweep_point=args.sweep_point)
+        row = run_job(job, sweep_point=args.sweep_point, fresh=args.fresh)
+    except Interrupted as e:
+        print(" ".join(f"{k}={e.row[k]}" for k in FIELDS))
+        print(f"{e}; partial-run row appended to {job.throughput_csv}", file=sys.stderr)
+        return 128 + e.signum  # the shell's convention for death by a signal
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not row["num_prompts"] and row["status"] == "complete" and row.get("resumed_prompts"):
+        print(f"{job.name}: already complete ({row['resumed_prompts']} prompts in {job.output_dir}); nothing to do. "
+              "--fresh starts over")
+        return 0
     print(" ".join(f"{k}={row[k]}" for k in FIELDS))
-    print(f"outputs: {job.output_dir / 'generations.jsonl'}; throughput row appended to {job.throughput_csv}")
+    rejected = f"; {row['rejected_prompts']} records rejected: {job.output_dir / 'rejects.jsonl'}" \
+        if row["rejected_prompts"] else ""
+    resumed = f" (resumed after {row['resumed_prompts']} prompts)" if row["resumed_prompts"] else ""
+    print(f"outputs: {job.output_dir / 'generations.jsonl'}{resumed}; throughput row appended to "
+          f"{job.throughput_csv}{rejected}")
     return 0
 
 

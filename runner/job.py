@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from runner.cluster_spec import ClusterSpec, cluster_section
 from runner.dataset_spec import DatasetFormat, DatasetSpec  # noqa: F401 (re-exported)
 from runner.eval.spec import EvalSpec
 from runner.hardware_spec import Device, HardwareSpec, LinkSpec  # noqa: F401 (re-exported)
@@ -133,12 +134,14 @@ class JobSpec(_Spec):
     sweep: tuple[tuple[str, tuple], ...] = ()  # (dotted key, values) pairs; YAML: a mapping
     eval: EvalSpec | None = None  # accuracy grid instead of generation (runner/eval/)
     offload: OffloadPolicy | None = None  # generate through the block executor (runner/executor.py); or "auto"
+    cluster: ClusterSpec = dataclasses.field(default_factory=ClusterSpec)  # this process, or Ray (runner/cluster.py)
     auto_offload: typing.ClassVar[bool]  # per instance, set from `offload: auto` (see __post_init__)
     auto_batch: typing.ClassVar[bool]  # per instance, set from `batch: auto`
 
     def __post_init__(self) -> None:
         if isinstance(self.sweep, Mapping):
             object.__setattr__(self, "sweep", _sweep_pairs(self.sweep))
+        object.__setattr__(self, "cluster", cluster_section(self.cluster))  # `cluster: ray` shorthand
         # `offload: auto`: the plan search (runner.planner) picks the batch shape and the offload policy
         # on `hardware.profile` before the run; the section stays empty until then.
         auto = isinstance(self.offload, str) and self.offload == "auto"
@@ -184,6 +187,8 @@ class JobSpec(_Spec):
             raise _bad("dataset", "not used by an eval job; its files are eval.data")
         if self.sweep:
             raise _bad("sweep", "not supported with eval (eval.policies x sparsities x bits is the grid)")
+        if self.cluster.on_ray:
+            raise _bad("cluster", "an eval job runs in one process; remove cluster or use backend: local")
 
     def _check_offload(self) -> None:
         if self.offload is None:

@@ -25,22 +25,29 @@ _MEMORY = {"peak_rss_bytes": "process RSS", "peak_gpu_bytes": "CUDA allocated",
 
 @dataclass
 class BatchLog:
-    """Appends one row per finished batch to `path` (a fresh file: the run's own series)."""
+    """Appends one row per finished batch to `path`, numbering batches from `start` (a resumed run goes
+    on where the last one stopped); the header is written only to a new or empty file."""
     path: Path
+    start: int = 0
 
     def __post_init__(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(",".join(BATCH_COLUMNS) + "\n")
-        self.count = 0
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            self.path.write_text(",".join(BATCH_COLUMNS) + "\n")
+        self.count = self.start
+        # A resumed run's batches go on the same time axis, after the ones already logged.
+        rows = pd.read_csv(self.path, usecols=["elapsed_s"]) if self.start else None
+        self.elapsed_before = float(rows["elapsed_s"].iloc[-1]) if rows is not None and len(rows) else 0.0
 
-    def append(self, row: dict) -> None:
+    def append(self, row: dict, *, durable: bool = True) -> None:
         unknown = set(row) - set(BATCH_COLUMNS)
         if unknown:
             raise ValueError(f"{self.path}: unknown batch columns {sorted(unknown)}")
         with self.path.open("a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, fieldnames=BATCH_COLUMNS, restval="").writerow({"batch": self.count, **row})
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         self.count += 1
 
 

@@ -1,34 +1,29 @@
-"""Run one job end to end: load, tokenize, generate batch by batch, write outputs, return the CSV row."""
+"""Run one job end to end: load, read the dataset as a stream, generate batch by batch (runner/run_loop.py),
+commit each batch (runner/resume.py), write the reports, return the CSV row."""
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import os
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+import shutil
+from collections.abc import Callable, Iterator
 
 import torch
 import yaml
-from tqdm import tqdm
 
-from runner.dataset import Prompt, load_prompts
+from runner.dataset import DatasetError, Prompt, count_records, iter_records
 from runner.engines import Engine
-from runner.generate import BatchOutput
-from runner.job import Device, DType, Engine as EngineKind, JobSpec
-from runner.outputs import GenerationRecord, append_csv_row, git_commit, peak_rss_bytes, throughput_row, \
-    write_generations
-from runner.sampling import SamplingParams
+from runner.job import Device, DType, Engine as EngineKind, JobSpec, OutputOrder
 from runner.kv_store import kv_bytes
-from runner.reports import BatchLog, plot_report
+from runner.outputs import append_csv_row, git_commit, peak_rss_bytes, throughput_row
+from runner.reports import plot_report
+from runner.resume import GENERATIONS, RunState, open_state, reorder_windows, write_atomic
+from runner.run_loop import Loop, RunError, StopRequest, Totals
+from runner.sampling import SamplingParams
 from runner.weights import LoadedModel, available_memory, load_model
 
 _DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
-
-
-class RunError(ValueError):
-    """A job that cannot run as specified; the message names the job field or prompt."""
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -44,29 +39,6 @@ def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
         # This CPU class has no fast bf16/fp16 matmul (see docs): fp32 there, fp16 on CUDA.
         return torch.float16 if device.type == "cuda" else torch.float32
     return _DTYPES[dtype]
-
-
-@dataclass
-class Totals:
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    prompts: int = 0
-    kv_peak_bytes: int = 0
-    kv_bytes_per_token: int = 0
-    kv_phase_s: dict = field(default_factory=dict)
-
-    def add(self, out: BatchOutput) -> None:
-        self.prefill_s += out.prefill_s
-        self.decode_s += out.decode_s
-        self.prompt_tokens += out.prompt_tokens
-        self.generated_tokens += out.generated_tokens
-        self.prompts += len(out.sequences)
-        self.kv_peak_bytes = max(self.kv_peak_bytes, out.kv_bytes)
-        self.kv_bytes_per_token = out.kv_bytes_per_token or self.kv_bytes_per_token
-        for phase, seconds in out.kv_phase_s.items():
-            self.kv_phase_s[phase] = self.kv_phase_s.get(phase, 0.0) + seconds
 
 
 def _make_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> Engine:
@@ -115,26 +87,26 @@ def _budget_errors() -> Iterator[None]:
         raise RunError(f"hardware.{e.tier.value}_gb: {e}") from e
 
 
-def tokenize_prompts(prompts: list[Prompt], loaded: LoadedModel, max_new_tokens: int) -> list[list[int]]:
+def prompt_tokenizer(loaded: LoadedModel, max_new_tokens: int) -> Callable[[Prompt], list[int]]:
+    """Prompt -> token ids; a prompt the model cannot take raises RunError with the reason (a reject)."""
     limit = loaded.config.max_seq_len
-    out = []
-    for p in prompts:
+
+    def tokenize(p: Prompt) -> list[int]:
         ids = list(p.token_ids) if p.token_ids is not None else loaded.tokenizer.encode(p.text)
         if not ids:
-            raise RunError(f"dataset line {p.line} (id {p.id!r}): prompt tokenizes to nothing")
+            raise RunError("prompt tokenizes to nothing")
         if len(ids) + max_new_tokens > limit:
-            raise RunError(f"dataset line {p.line} (id {p.id!r}): {len(ids)} prompt tokens + "
-                           f"{max_new_tokens} new tokens exceed the model's {limit}-token context")
-        out.append(ids)
-    return out
+            raise RunError(f"prompt too long: {len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the "
+                           f"model's {limit}-token context")
+        return ids
+    return tokenize
 
 
-def check_memory(job: JobSpec, loaded: LoadedModel, ids: list[list[int]], dtype: torch.dtype,
-                 device: torch.device) -> None:
-    """Refuse, before any work, a batch whose KV cache cannot fit (an impossible memory budget)."""
-    rows = min(job.batch.gpu_batch_size, len(ids))
-    max_len = max(len(p) for p in ids) + job.generation.max_new_tokens
-    kv = kv_bytes(loaded.config, job.kv.settings(), rows, max_len, dtype)
+def memory_check(job: JobSpec, loaded: LoadedModel, dtype: torch.dtype,
+                 device: torch.device) -> Callable[[list[list[int]]], None]:
+    """A check run before each batch: refuse one whose KV cache cannot fit (an impossible memory budget)."""
+    if job.engine is not EngineKind.ALISA or job.offload is not None:
+        return lambda ids: None  # the executor checks its own tier budgets
     weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in loaded.weights.values()}.values())
     gib = 2 ** 30
     if job.hardware.memory_gb is not None:
@@ -142,10 +114,15 @@ def check_memory(job: JobSpec, loaded: LoadedModel, ids: list[list[int]], dtype:
         what += f" minus {weights / gib:.2f} GiB of weights)"
     else:
         budget, what = available_memory(device), f"the {available_memory(device) / gib:.1f} GiB free on {device.type}"
-    if kv > budget:
-        raise RunError(f"batch.gpu_batch_size: {rows} sequences of {max_len} tokens need {kv / gib:.2f} GiB of KV "
-                       f"cache ({job.kv.label()}) but {what} leaves {max(budget, 0) / gib:.2f} GiB; lower the "
-                       "batch, or set kv.mode: evict with kv.sparsity, or kv.bits: 8")
+
+    def check(ids: list[list[int]]) -> None:
+        rows, max_len = len(ids), max(len(p) for p in ids) + job.generation.max_new_tokens
+        kv = kv_bytes(loaded.config, job.kv.settings(), rows, max_len, dtype)
+        if kv > budget:
+            raise RunError(f"batch.gpu_batch_size: {rows} sequences of {max_len} tokens need {kv / gib:.2f} GiB of "
+                           f"KV cache ({job.kv.label()}) but {what} leaves {max(budget, 0) / gib:.2f} GiB; lower "
+                           "the batch, or set kv.mode: evict with kv.sparsity, or kv.bits: 8")
+    return check
 
 
 def sampling_params(job: JobSpec) -> SamplingParams:
@@ -160,50 +137,137 @@ def _warm_up(engine: Engine, loaded: LoadedModel) -> None:
     engine.generate(ids, SamplingParams(max_new_tokens=2, ignore_eos=True), None)
 
 
-def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "") -> dict:
-    """Run `job`; writes generations.jsonl, job.yaml and one throughput.csv row, and returns the row."""
-    if job.engine is EngineKind.HF and job.model.path == "dummy":
-        raise RunError("engine: hf needs real weights (a checkpoint directory, .gguf file or auto), not dummy")
-    if job.engine is EngineKind.HF and job.kv != type(job.kv)():
-        raise RunError("kv: the hf engine runs transformers' dense cache; remove the kv section or use engine: alisa")
+class Interrupted(Exception):
+    """SIGINT / SIGTERM stopped the run after its last committed batch; `row` is the partial run's CSV row."""
+
+    def __init__(self, row: dict, signum: int, out_dir: os.PathLike) -> None:
+        super().__init__(f"interrupted by signal {signum} after {row['num_prompts']} prompts this run; everything "
+                         f"finished is kept in {out_dir}: run the same command again to resume")
+        self.row, self.signum = row, signum
+
+
+def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh: bool = False) -> dict:
+    """Run `job` into its output dir, resuming what an earlier run of it finished (output.resume, unless
+    `fresh`); appends one throughput.csv row for this run and returns it. A job already complete runs
+    nothing and returns a row with status "complete" and no prompts, not written to the CSV.
+    Raises Interrupted (after writing the row) when SIGINT or SIGTERM stopped it."""
+    _check_engine(job)
     job = _resolved(job)
     device = resolve_device(job.hardware.device)
     dtype = resolve_dtype(job.model.dtype, device)
     if job.hardware.num_threads:
         torch.set_num_threads(job.hardware.num_threads)
-    out_dir = job.output_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise RunError(f"output.dir: {out_dir} is not writable")
+    out_dir = _prepare_dir(job)
+    step = job.batch.gpu_batch_size * (job.batch.num_gpu_batches if job.offload is not None else 1)
+    state = open_state(job, job.dataset.bucket or step, fresh=fresh)
+    if state.complete:
+        return throughput_row(prefill_latency_s=0, decode_latency_s=0, num_prompts=0, prompt_tokens=0,
+                              generated_tokens=0, job=job.name, engine=job.engine.value, status="complete",
+                              resumed_prompts=state.prompts, rejected_prompts=0, workers=1)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     loaded = load_model(name=job.model.name, path=job.model.path, dtype=dtype, device=device,
                         seed=job.generation.seed, with_weights=job.engine is EngineKind.ALISA)
     params = sampling_params(job)
-    prompts = load_prompts(job.dataset, loaded.tokenizer,
+    records = iter_records(job.dataset, loaded.tokenizer,
                            default_count=job.batch.gpu_batch_size * job.batch.num_gpu_batches)
-    ids = tokenize_prompts(prompts, loaded, params.max_new_tokens)
-    if job.engine is EngineKind.ALISA and job.offload is None:  # the executor checks its own tier budgets
-        check_memory(job, loaded, ids, dtype, device)
+    first = next(records, None)  # a missing or unreadable file fails here, before the engine is built
+    records = itertools.chain([first] if first is not None else [], records)
+    check = memory_check(job, loaded, dtype, device)
     engine = _make_engine(job, loaded, device, dtype)
+    resumed, stop = state.prompts, StopRequest()
     try:
-        with _budget_errors():
+        with stop.installed(), _budget_errors():
             _warm_up(engine, loaded)
             offload_stats = getattr(engine, "reset_stats", None)
             if offload_stats is not None:
                 offload_stats()  # the CSV reports the measured run, not the warm-up
-            (out_dir / "job.yaml").write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
-            gen_path = out_dir / "generations.jsonl"
-            gen_path.write_text("")
-            totals = _generate_all(engine, prompts, ids, job, params, gen_path, progress)
+            write_atomic(out_dir / "job.yaml", yaml.safe_dump(job.to_dict(), sort_keys=False))
+            loop = Loop(job=job, engine=engine, params=params, state=state, step=step, stop=stop, check_batch=check,
+                        tokenize=prompt_tokenizer(loaded, params.max_new_tokens))
+            with _kept_on_failure(state):
+                totals = loop.run(records, _progress_total(job), progress)
+                if not loop.interrupted:
+                    _finish(job, state)
         offload_columns = engine.stats() if offload_stats is not None else {}
     finally:
         if hasattr(engine, "close"):
             engine.close()  # the executor's disk files go, whether the run finished or failed
-    if device.type == "cuda":
-        peak_gpu = torch.cuda.max_memory_allocated(device)
-    else:
-        peak_gpu = 0  # no accelerator: everything lives in host memory, reported as peak_cpu_bytes
-    row = throughput_row(
+    _plot(job, out_dir)
+    row = _row(job, loaded, totals, device, dtype, started, sweep_point, offload_columns,
+               status="interrupted" if loop.interrupted else "complete", resumed=resumed)
+    append_csv_row(job.throughput_csv, row)
+    if loop.interrupted:
+        raise Interrupted(row, stop.signum or 2, out_dir)
+    return row
+
+
+def _check_engine(job: JobSpec) -> None:
+    if job.engine is EngineKind.HF and job.model.path == "dummy":
+        raise RunError("engine: hf needs real weights (a checkpoint directory, .gguf file or auto), not dummy")
+    if job.engine is EngineKind.HF and job.kv != type(job.kv)():
+        raise RunError("kv: the hf engine runs transformers' dense cache; remove the kv section or use engine: alisa")
+
+
+_MIN_FREE_BYTES = 64 * 2 ** 20  # below this a night of outputs would stop on a full disk within minutes
+
+
+def _prepare_dir(job: JobSpec) -> os.PathLike:
+    """The output dir, created; refused up front when it cannot be written or its disk is (nearly) full."""
+    out_dir = job.output_dir
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"output.dir: cannot create {out_dir} ({e.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise RunError(f"output.dir: {out_dir} is not writable")
+    free = shutil.disk_usage(out_dir).free
+    if free < _MIN_FREE_BYTES:
+        raise RunError(f"output.dir: {out_dir} has only {free / 2 ** 20:.1f} MiB free; free some space or "
+                       "choose another output.dir")
+    return out_dir
+
+
+@contextlib.contextmanager
+def _kept_on_failure(state: RunState) -> Iterator[None]:
+    """A run that fails mid-way (disk full, a batch that does not fit) stops with what it committed kept."""
+    try:
+        yield
+    except OSError as e:
+        where = e.filename or state.out_dir
+        raise RunError(f"{where}: {e.strerror or e}; the {state.prompts} prompts finished so far are kept in "
+                       f"{state.out_dir}: fix this and run the same command again to resume") from None
+    except (RunError, DatasetError) as e:
+        if state.prompts:
+            raise RunError(f"{e} (the {state.prompts} prompts finished so far are kept in {state.out_dir}; "
+                           "the same command resumes)") from None
+        raise
+
+
+def _finish(job: JobSpec, state: RunState) -> None:
+    """Every record is done: put the generations in dataset order if asked, and mark the run complete."""
+    if job.dataset.bucket and job.output.order is OutputOrder.DATASET:
+        reorder_windows(state.out_dir / GENERATIONS, state.window)
+    state.complete, state.limit = True, job.dataset.limit
+    if job.output.resume:
+        state.commit()
+
+
+def _progress_total(job: JobSpec) -> int | None:
+    total = count_records(job.dataset, default_count=job.batch.gpu_batch_size * job.batch.num_gpu_batches)
+    return None if total is None else -(-total // job.dataset.shard_count)
+
+
+def _plot(job: JobSpec, out_dir: os.PathLike) -> None:
+    batches = out_dir / "batches.csv"
+    if batches.exists() and len(batches.read_text().splitlines()) > 1:
+        plot_report(batches, out_dir / "report.png", f"{job.name}: {job.model.name or job.model.path}, "
+                    f"{job.kv.label()}, batch {job.batch.gpu_batch_size} x {job.batch.num_gpu_batches}")
+
+
+def _row(job: JobSpec, loaded: LoadedModel, totals: Totals, device: torch.device, dtype: torch.dtype, started: str,
+         sweep_point: str, offload_columns: dict, *, status: str, resumed: int) -> dict:
+    peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return throughput_row(
         prefill_latency_s=totals.prefill_s, decode_latency_s=totals.decode_s, num_prompts=totals.prompts,
         prompt_tokens=totals.prompt_tokens, generated_tokens=totals.generated_tokens,
         job=job.name, engine=job.engine.value, model=loaded.config.name, dtype=str(dtype).removeprefix("torch."),
@@ -216,9 +280,8 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "") -> di
         kv_sparsity=job.kv.sparsity, kv_budget_tokens=job.kv.budget_tokens, kv_bits=job.kv.bits,
         kv_peak_bytes=totals.kv_peak_bytes, **_link_columns(job), **offload_columns,
         **{f"kv_{phase}_s": round(s, 4) for phase, s in totals.kv_phase_s.items()},
-        **_predicted(job, loaded, ids, device, dtype))
-    append_csv_row(job.throughput_csv, row)
-    return row
+        status=status, resumed_prompts=resumed, rejected_prompts=totals.rejects, workers=1,
+        **_predicted(job, loaded, totals, device, dtype))
 
 
 def _resolved(job: JobSpec) -> JobSpec:
@@ -229,48 +292,8 @@ def _resolved(job: JobSpec) -> JobSpec:
     return resolve_auto(job)
 
 
-def _predicted(job: JobSpec, loaded: LoadedModel, ids: list[list[int]], device: torch.device,
-               dtype: torch.dtype) -> dict:
+def _predicted(job: JobSpec, loaded: LoadedModel, totals: Totals, device: torch.device, dtype: torch.dtype) -> dict:
+    if not totals.prompts:
+        return {}
     from runner.planner import predicted_columns
-    return predicted_columns(job, loaded.config, (max(len(i) for i in ids), len(ids)), device, dtype)
-
-
-def _generate_all(engine: Engine, prompts: list[Prompt], ids: list[list[int]], job: JobSpec,
-                  params: SamplingParams, gen_path: Path, progress: bool) -> Totals:
-    totals = Totals()
-    # The executor takes a whole block (num_gpu_batches GPU batches) per call.
-    step = job.batch.gpu_batch_size * (job.batch.num_gpu_batches if job.offload is not None else 1)
-    generator = torch.Generator().manual_seed(params.seed)
-    bar = tqdm(total=len(prompts), unit="prompt", disable=not progress, dynamic_ncols=True)
-    log, started = BatchLog(gen_path.parent / "batches.csv"), time.perf_counter()
-    # A block is num_gpu_batches GPU batches (FlexGen's effective batch); on one device
-    # with everything resident the GPU batches simply run one after another.
-    for start in range(0, len(prompts), step):
-        out = engine.generate(ids[start:start + step], params, generator)
-        totals.add(out)
-        records = [GenerationRecord(id=p.id, prompt=p.text, completion=s.text, completion_token_ids=s.token_ids,
-                                    finish_reason=s.finish_reason)
-                   for p, s in zip(prompts[start:start + step], out.sequences)]
-        write_generations(gen_path, records, append=True)
-        log.append(_batch_row(engine, out, time.perf_counter() - started))
-        bar.update(len(records))
-        elapsed = totals.prefill_s + totals.decode_s
-        bar.set_postfix(tok_s=f"{totals.generated_tokens / elapsed:.1f}" if elapsed else "-")
-    bar.close()
-    plot_report(log.path, gen_path.parent / "report.png", f"{job.name}: {job.model.name or job.model.path}, "
-                f"{job.kv.label()}, batch {job.batch.gpu_batch_size} x {job.batch.num_gpu_batches}")
-    return totals
-
-
-def _batch_row(engine: Engine, out: BatchOutput, elapsed: float) -> dict:
-    """One batches.csv row: the batch's tokens and seconds, and the run's memory peaks so far."""
-    seconds = out.prefill_s + out.decode_s
-    row = {"prompts": len(out.sequences), "prompt_tokens": out.prompt_tokens, "generated_tokens": out.generated_tokens,
-           "prefill_s": round(out.prefill_s, 6), "decode_s": round(out.decode_s, 6),
-           "tokens_per_s": round(out.generated_tokens / seconds, 3) if seconds else 0.0,
-           "elapsed_s": round(elapsed, 3), "peak_rss_bytes": peak_rss_bytes(),
-           "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0}
-    if hasattr(engine, "reset_stats"):  # the block executor: its tier pools' peaks
-        stats = engine.stats()
-        row.update({k: stats[k] for k in ("peak_gpu_pool_bytes", "peak_cpu_pool_bytes", "peak_disk_bytes")})
-    return row
+    return predicted_columns(job, loaded.config, (totals.max_prompt_len, totals.prompts), device, dtype)

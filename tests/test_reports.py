@@ -40,12 +40,14 @@ def test_batches_csv_adds_up_to_the_run_and_the_report_is_drawn(tmp_path, job, s
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_batch_log_starts_fresh_and_refuses_unknown_columns(tmp_path):
+def test_batch_log_appends_after_a_resumed_runs_rows_and_refuses_unknown_columns(tmp_path):
     path = tmp_path / "batches.csv"
-    path.write_text("stale\n")
     log = BatchLog(path)
-    log.append({"prompts": 2, "generated_tokens": 10})
+    log.append({"prompts": 2, "generated_tokens": 10, "elapsed_s": 4.0})
     with pytest.raises(ValueError, match="unknown batch columns"):
         log.append({"tokens": 3})
+    resumed = BatchLog(path, start=1)  # a resumed run: numbering and the time axis go on
+    assert resumed.elapsed_before == 4.0
+    resumed.append({"prompts": 2, "generated_tokens": 12, "elapsed_s": 5.0})
     rows = pd.read_csv(path)
-    assert len(rows) == 1 and rows["batch"].iloc[0] == 0 and rows["generated_tokens"].iloc[0] == 10
+    assert list(rows["batch"]) == [0, 1] and list(rows["generated_tokens"]) == [10, 12]

@@ -56,12 +56,50 @@ def test_bad_input_is_one_line_error_naming_the_key(tmp_path, override, key):
     assert len(lines) == 1 and key in lines[0], proc.stderr
 
 
-def test_prompt_longer_than_context_names_the_line(tmp_path):
+def test_planted_bad_records_are_rejected_and_counted_and_the_job_goes_on(tmp_path):
     data = tmp_path / "p.jsonl"
-    data.write_text(json.dumps({"id": "a", "prompt": "hi"}) + "\n" + json.dumps({"id": "b", "prompt": "word " * 9000}) + "\n")
-    proc = _run("jobs/smollm2-135m.yaml", "--set", f"dataset.path={data}", "--set", f"output.dir={tmp_path}")
-    assert proc.returncode == 2
-    assert "line 2" in proc.stderr and "context" in proc.stderr
+    good = [json.dumps({"id": f"g{i}", "prompt": f"Say the number {i}."}) for i in range(3)]
+    bad = ['{"id": "j", "prompt": ', json.dumps({"id": "m", "text": "no prompt field"}), json.dumps({"id": "e", "prompt": " "}),
+           json.dumps({"id": "n", "prompt": 7}), json.dumps({"id": "g0", "prompt": "duplicate id"}),
+           json.dumps({"id": "long", "prompt": "word " * 9000})]
+    lines = [good[0], bad[0], bad[1], good[1], bad[2], bad[3], bad[4], bad[5], good[2]]
+    data.write_bytes(("\n".join(lines) + "\n").encode() + b'{"id": "u", "prompt": "caf\xe9"}\n')
+    args = ["jobs/smollm2-135m.yaml", "--set", f"dataset.path={data}", "--set", f"output.dir={tmp_path / 'out'}",
+            "--set", "generation.max_new_tokens=4", "--set", "dataset.template=null"]
+    proc = _run(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "7 records rejected" in proc.stdout
+    rejects = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    by_line = {r["line"]: r["reason"] for r in rejects}
+    assert sorted(by_line) == [2, 3, 5, 6, 7, 8, 10]
+    for line, words in {2: "invalid JSON", 3: "missing field", 5: "empty", 6: "must be a string", 7: "duplicate id",
+                        8: "context", 10: "UTF-8"}.items():
+        assert words in by_line[line], (line, by_line[line])
+    outputs = [json.loads(x) for x in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
+    assert [o["id"] for o in outputs] == ["g0", "g1", "g2"]
+    row = pd.read_csv(tmp_path / "out" / "throughput.csv").iloc[0]
+    assert row.num_prompts == 3 and row.rejected_prompts == 7 and row.status == "complete"
+    strict = _run(*args, "--set", "dataset.on_error=fail", "--set", f"output.dir={tmp_path / 'strict'}")
+    assert strict.returncode == 2  # the last stderr line says it all, after the progress bar
+    assert strict.stderr.strip().splitlines()[-1].startswith("error: ") and f"{data}:2: invalid JSON" in strict.stderr
+
+
+def test_length_bucketing_keeps_outputs_keyed_and_in_dataset_order(tmp_path):
+    base = ["jobs/smollm2-135m.yaml", "--set", "generation.max_new_tokens=4", "--set", "batch.gpu_batch_size=2",
+            "--set", "dataset.bucket=8"]
+    ordered = _run(*base, "--set", f"output.dir={tmp_path / 'dataset'}")
+    by_length = _run(*base, "--set", f"output.dir={tmp_path / 'completion'}", "--set", "output.order=completion")
+    assert ordered.returncode == 0 and by_length.returncode == 0, ordered.stderr[-2000:] + by_length.stderr[-2000:]
+    a, b = ([json.loads(x) for x in (tmp_path / d / "generations.jsonl").read_text().splitlines()]
+            for d in ("dataset", "completion"))
+    assert [r["index"] for r in a] == list(range(16))
+    assert [r["index"] for r in b] != list(range(16)) and sorted(r["index"] for r in b) == list(range(16))
+    assert {r["id"]: r["completion"] for r in a} == {r["id"]: r["completion"] for r in b}
+    for window in (b[:8], b[8:]):  # sorted by prompt length inside each window of 8 records
+        lengths = [len(r["prompt"]) for r in window]
+        assert sorted(r["index"] for r in window) == sorted(range(window[0]["index"] // 8 * 8,
+                                                                  window[0]["index"] // 8 * 8 + 8))
+        assert lengths[0] <= lengths[-1]
 
 
 def test_sweep_writes_one_row_per_point(tmp_path):

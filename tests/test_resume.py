@@ -1,0 +1,174 @@
+"""Resumable runs (runner/resume.py): the run state on its own, then real runs of run.py killed with
+SIGKILL or stopped with SIGINT and resumed, against one uninterrupted run of the same job."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from runner.job import job_from_dict
+from runner.resume import GENERATIONS, STATE_FILE, ResumeError, open_state, reorder_windows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _job(tmp_path: Path, **dataset) -> object:
+    data = tmp_path / "p.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"prompt {i}"}) + "\n" for i in range(20)))
+    return job_from_dict({"name": "t", "model": {"name": "opt-125m", "path": "dummy"},
+                          "dataset": {"path": str(data), **dataset}, "output": {"dir": str(tmp_path / "out")}})
+
+
+def test_frontier_advances_over_finished_positions_and_other_shards_windows(tmp_path):
+    job = _job(tmp_path, shard_index=1, shard_count=2)
+    state = open_state(job, window=4)
+    assert state.frontier == 4  # window 0 (positions 0-3) belongs to shard 0
+    state.mark([5, 6])
+    assert state.frontier == 4 and state.done == {5, 6} and not state.is_done(4) and state.is_done(6)
+    state.mark([4, 7])
+    assert state.frontier == 12 and state.done == set()  # window 2 (8-11) is shard 0's
+    assert state.owns(13) and not state.owns(9)
+
+
+def test_offset_starts_the_frontier(tmp_path):
+    assert open_state(_job(tmp_path, offset=6), window=4).frontier == 6
+
+
+def test_reopen_cuts_what_was_appended_after_the_last_commit(tmp_path):
+    job = _job(tmp_path)
+    state = open_state(job, window=2)
+    gen = state.out_dir / GENERATIONS
+    gen.write_text('{"index": 0}\n')
+    state.prompts = 1
+    state.mark([0])
+    state.commit()
+    with gen.open("a") as f:
+        f.write('{"index": 1}\n{"ind')  # a batch in flight when the process was killed
+    again = open_state(job, window=2)
+    assert gen.read_text() == '{"index": 0}\n'
+    assert again.frontier == 1 and again.prompts == 1
+
+
+def test_a_changed_spec_is_refused_naming_the_key_and_fresh_starts_over(tmp_path):
+    open_state(_job(tmp_path), window=2).commit()
+    changed = job_from_dict({**_job(tmp_path).to_dict(), "generation": {"max_new_tokens": 5}})
+    with pytest.raises(ResumeError, match=r"^generation\.max_new_tokens: .*64, now 5.*--fresh"):
+        open_state(changed, window=2)
+    (tmp_path / "out" / GENERATIONS).write_text("x\n")
+    fresh = open_state(changed, window=2, fresh=True)
+    assert fresh.frontier == 0 and (tmp_path / "out" / GENERATIONS).read_text() == ""
+
+
+def test_a_larger_limit_continues_a_complete_run(tmp_path):
+    state = open_state(_job(tmp_path, limit=4), window=2)
+    state.complete, state.limit = True, 4
+    state.commit()
+    assert open_state(_job(tmp_path, limit=4), window=2).complete
+    assert not open_state(_job(tmp_path, limit=8), window=2).complete
+
+
+def test_outputs_without_a_state_are_not_overwritten(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / GENERATIONS).write_text('{"id": "x"}\n')
+    with pytest.raises(ResumeError, match="no state.json.*--fresh"):
+        open_state(_job(tmp_path), window=2)
+
+
+def test_reorder_windows_sorts_inside_windows_only(tmp_path):
+    path = tmp_path / "g.jsonl"
+    order = [2, 0, 3, 1, 5, 4, 7]  # windows of 4: {0..3} then {4..7}
+    path.write_text("".join(json.dumps({"index": i}) + "\n" for i in order))
+    reorder_windows(path, window=4)
+    assert [json.loads(x)["index"] for x in path.read_text().splitlines()] == [0, 1, 2, 3, 4, 5, 7]
+
+
+# ---------------------------------------------------------------- real runs of run.py
+
+def _cmd(out: Path, *extra: str) -> list[str]:
+    # 16 shipped prompts in batches of 2: 8 batches of a few tenths of a second each.
+    return [sys.executable, "run.py", "jobs/smollm2-135m.yaml", "--set", "batch.gpu_batch_size=2",
+            "--set", "generation.max_new_tokens=8", "--set", "hardware.num_threads=1",
+            "--set", f"output.dir={out}", *extra]
+
+
+def _batches_committed(out: Path) -> int:
+    try:
+        return json.loads((out / STATE_FILE).read_text())["batches"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def _start_and_wait(out: Path, batches: int) -> subprocess.Popen:
+    proc = subprocess.Popen(_cmd(out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a test runner started in the background ignores SIGINT, and children inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    deadline = time.monotonic() + 300
+    while _batches_committed(out) < batches:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, smollm2_gguf_path) -> str:
+    out = tmp_path_factory.mktemp("reference")
+    proc = subprocess.run(_cmd(out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return (out / GENERATIONS).read_text()
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_file(tmp_path, reference):
+    out = tmp_path / "killed"
+    proc = _start_and_wait(out, batches=2)
+    proc.kill()
+    proc.communicate()
+    done_before = len((out / GENERATIONS).read_text().splitlines())
+    assert 4 <= done_before < 16
+    again = subprocess.run(_cmd(out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / GENERATIONS).read_text() == reference  # same ids, same completions, same order, no duplicate
+    rows = pd.read_csv(out / "throughput.csv")
+    assert list(rows.status) == ["complete"] and rows.resumed_prompts[0] >= 4
+    assert rows.num_prompts[0] + rows.resumed_prompts[0] == 16
+    batches = pd.read_csv(out / "batches.csv")
+    assert batches.prompts.sum() == 16 and list(batches.batch) == list(range(8))
+    done = subprocess.run(_cmd(out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "already complete" in done.stdout
+    assert len(pd.read_csv(out / "throughput.csv")) == 1  # nothing run, no row
+
+
+def test_sigint_stops_cleanly_with_a_row_and_resumes(tmp_path, reference):
+    out = tmp_path / "interrupted"
+    proc = _start_and_wait(out, batches=1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    assert "run the same command again to resume" in stderr
+    rows = pd.read_csv(out / "throughput.csv")
+    assert list(rows.status) == ["interrupted"] and 2 <= rows.num_prompts[0] < 16
+    assert len((out / GENERATIONS).read_text().splitlines()) == rows.num_prompts[0]
+    again = subprocess.run(_cmd(out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / GENERATIONS).read_text() == reference
+    rows = pd.read_csv(out / "throughput.csv")
+    assert list(rows.status) == ["interrupted", "complete"] and rows.num_prompts.sum() == 16
+
+
+def test_changed_generation_params_refuse_to_resume(tmp_path, reference):
+    out = tmp_path / "changed"
+    proc = _start_and_wait(out, batches=1)
+    proc.kill()
+    proc.communicate()
+    changed = subprocess.run(_cmd(out, "--set", "generation.max_new_tokens=9"), cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert changed.returncode == 2
+    assert changed.stderr.count("\n") == 1 and "generation.max_new_tokens" in changed.stderr
+    assert "--fresh" in changed.stderr
