@@ -15,6 +15,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure  # the object API: no pyplot state
 
+from runner.resume import named_errors
+
 BATCH_COLUMNS = ("batch", "prompts", "prompt_tokens", "generated_tokens", "prefill_s", "decode_s",
                  "tokens_per_s", "elapsed_s", "peak_rss_bytes", "peak_gpu_bytes", "peak_gpu_pool_bytes",
                  "peak_cpu_pool_bytes", "peak_disk_bytes")
@@ -43,7 +45,7 @@ class BatchLog:
         unknown = set(row) - set(BATCH_COLUMNS)
         if unknown:
             raise ValueError(f"{self.path}: unknown batch columns {sorted(unknown)}")
-        with self.path.open("a", newline="", encoding="utf-8") as f:
+        with named_errors(self.path), self.path.open("a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, fieldnames=BATCH_COLUMNS, restval="").writerow({"batch": self.count, **row})
             f.flush()
             if durable:

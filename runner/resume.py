@@ -12,9 +12,10 @@ the dataset: batches finish window by window, so the set above the frontier hold
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,11 @@ class RunState:
                 self.frontier += 1
             else:
                 break
+
+    def rollback(self) -> None:
+        """After a failed write: cut every file back to its committed length, so no half line stays."""
+        for name, length in self.lengths.items():
+            _truncate(self.out_dir / name, length)
 
     def commit(self) -> None:
         """Record the files' current lengths and the finished positions; atomic (write, fsync, rename)."""
@@ -175,7 +181,7 @@ def _size(path: Path) -> int:
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` by `text` so that a crash leaves the old file or the new one, never a mix."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with named_errors(path), tmp.open("w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -193,11 +199,22 @@ def _fsync_dir(directory: Path) -> None:
 
 def append_lines(path: Path, lines: Iterable[str], *, durable: bool) -> None:
     """Append `lines` (each without its newline); fsynced when the run is resumable."""
-    with path.open("a", encoding="utf-8") as f:
+    with named_errors(path), path.open("a", encoding="utf-8") as f:
         f.writelines(line + "\n" for line in lines)
         f.flush()
         if durable:
             os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def named_errors(path: Path) -> Iterator[None]:
+    """A failed write (disk full) names its file: Python's write errors carry no file name."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def reorder_windows(path: Path, window: int) -> None:

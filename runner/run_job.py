@@ -170,9 +170,9 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh
     params = sampling_params(job)
     records = iter_records(job.dataset, loaded.tokenizer,
                            default_count=job.batch.gpu_batch_size * job.batch.num_gpu_batches)
-    first = next(records, None)  # a missing or unreadable file fails here, before the engine is built
-    records = itertools.chain([first] if first is not None else [], records)
     check = memory_check(job, loaded, dtype, device)
+    tokenize = prompt_tokenizer(loaded, params.max_new_tokens)
+    records = _checked_up_front(records, step, tokenize, check)
     engine = _make_engine(job, loaded, device, dtype)
     resumed, stop = state.prompts, StopRequest()
     try:
@@ -183,7 +183,7 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh
                 offload_stats()  # the CSV reports the measured run, not the warm-up
             write_atomic(out_dir / "job.yaml", yaml.safe_dump(job.to_dict(), sort_keys=False))
             loop = Loop(job=job, engine=engine, params=params, state=state, step=step, stop=stop, check_batch=check,
-                        tokenize=prompt_tokenizer(loaded, params.max_new_tokens))
+                        tokenize=tokenize)
             with _kept_on_failure(state):
                 totals = loop.run(records, _progress_total(job), progress)
                 if not loop.interrupted:
@@ -199,6 +199,19 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh
     if loop.interrupted:
         raise Interrupted(row, stop.signum or 2, out_dir)
     return row
+
+
+def _checked_up_front(records: Iterator, step: int, tokenize: Callable, check: Callable) -> Iterator:
+    """Read the first batch's records before the engine is built: a missing file, or a batch that cannot fit
+    the memory budget, fails now rather than after warm-up. Later batches are checked as they come."""
+    head = list(itertools.islice(records, step))
+    ids = []
+    for p in (r for r in head if isinstance(r, Prompt)):
+        with contextlib.suppress(RunError):  # a prompt the model cannot take is a reject, in the loop
+            ids.append(tokenize(p))
+    if ids:
+        check(ids)
+    return itertools.chain(head, records)
 
 
 def _check_engine(job: JobSpec) -> None:
@@ -220,6 +233,13 @@ def _prepare_dir(job: JobSpec) -> os.PathLike:
         raise RunError(f"output.dir: cannot create {out_dir} ({e.strerror})") from None
     if not os.access(out_dir, os.W_OK):
         raise RunError(f"output.dir: {out_dir} is not writable")
+    if job.offload is not None:  # the executor's disk tier lives there, whatever the placement
+        try:
+            os.makedirs(job.hardware.offload_dir, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"hardware.offload_dir: cannot create {job.hardware.offload_dir} ({e.strerror})") from None
+        if not os.access(job.hardware.offload_dir, os.W_OK):
+            raise RunError(f"hardware.offload_dir: {job.hardware.offload_dir} is not writable")
     free = shutil.disk_usage(out_dir).free
     if free < _MIN_FREE_BYTES:
         raise RunError(f"output.dir: {out_dir} has only {free / 2 ** 20:.1f} MiB free; free some space or "
@@ -234,6 +254,8 @@ def _kept_on_failure(state: RunState) -> Iterator[None]:
         yield
     except OSError as e:
         where = e.filename or state.out_dir
+        with contextlib.suppress(OSError):
+            state.rollback()
         raise RunError(f"{where}: {e.strerror or e}; the {state.prompts} prompts finished so far are kept in "
                        f"{state.out_dir}: fix this and run the same command again to resume") from None
     except (RunError, DatasetError) as e:

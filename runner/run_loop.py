@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from runner.dataset import Prompt, Reject
+from runner.dataset_spec import OnError
 from runner.engines import Engine
 from runner.generate import BatchOutput
 from runner.job import JobSpec
@@ -161,7 +162,7 @@ class Loop:
                 rejects.append(Reject(index=p.index, line=p.line, source=p.source, id=p.id, reason=str(e),
                                       excerpt=p.text[:200]))
         if rejects:
-            if self.job.dataset.on_error.value == "fail":
+            if self.job.dataset.on_error is OnError.FAIL:
                 raise RunError(f"dataset.on_error: fail: {rejects[0].message()}")
             append_lines(self.state.out_dir / REJECTS, (r.to_json() for r in rejects), durable=durable)
             self.totals.rejects += len(rejects)

@@ -3,6 +3,7 @@ SIGKILL or stopped with SIGINT and resumed, against one uninterrupted run of the
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import subprocess
 import sys
@@ -172,3 +173,22 @@ def test_changed_generation_params_refuse_to_resume(tmp_path, reference):
     assert changed.returncode == 2
     assert changed.stderr.count("\n") == 1 and "generation.max_new_tokens" in changed.stderr
     assert "--fresh" in changed.stderr
+
+
+def test_a_write_error_mid_run_stops_cleanly_keeping_what_was_committed(tmp_path, reference):
+    """A file-size limit makes writes fail part-way (EFBIG), as a full disk would (ENOSPC)."""
+    out = tmp_path / "full"
+    limit = len(reference.encode()) // 2
+
+    def small_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run(_cmd(out), cwd=ROOT, capture_output=True, text=True, timeout=600, preexec_fn=small_disk)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "generations.jsonl" in last and "run the same command again" in last
+    kept = (out / GENERATIONS).read_text()
+    assert kept.endswith("\n") and reference.startswith(kept) and len(kept) < len(reference)  # committed lines only
+    again = subprocess.run(_cmd(out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / GENERATIONS).read_text() == reference
