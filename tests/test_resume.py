@@ -146,12 +146,13 @@ def test_sigkill_then_resume_gives_the_uninterrupted_file(tmp_path, reference):
     assert len(pd.read_csv(out / "throughput.csv")) == 1  # nothing run, no row
 
 
-def test_sigint_stops_cleanly_with_a_row_and_resumes(tmp_path, reference):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_or_sigterm_stops_cleanly_with_a_row_and_resumes(tmp_path, reference, signum):
     out = tmp_path / "interrupted"
     proc = _start_and_wait(out, batches=1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    assert proc.returncode == 128 + signum, stderr[-2000:]
     assert "run the same command again to resume" in stderr
     rows = pd.read_csv(out / "throughput.csv")
     assert list(rows.status) == ["interrupted"] and 2 <= rows.num_prompts[0] < 16
