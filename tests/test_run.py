@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -152,3 +154,47 @@ def test_offload_row_states_the_link_and_emulation_costs_its_time(tmp_path):
     # next token's first layer after the last step, moves nothing (the embedding unit is all on gpu here).
     assert row.total_latency_s >= 0.9 * row.bytes_gpu_from_cpu / (gbps * 1e9)
     assert not any((tmp_path / "offload").iterdir())  # the disk files are gone
+
+
+@pytest.mark.parametrize("key, value", [
+    ("output.dir", "/proc/alisa-runner-test/out"),  # procfs: nothing can be created there
+    ("hardware.offload_dir", "/proc/alisa-runner-test/offload"),
+])
+def test_unusable_output_or_offload_dir_is_refused_before_work(tmp_path, key, value):
+    sets = {"output.dir": str(tmp_path / "out"), "offload": "{w_gpu_percent: 100}", key: value}
+    proc = _run("jobs/smollm2-135m.yaml", *sum((["--set", f"{k}={v}"] for k, v in sets.items()), []))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}: cannot create"), proc.stderr
+
+
+def test_a_million_line_dataset_streams_first_batch_in_seconds_at_flat_memory(tmp_path):
+    """The run reads records lazily: its first batch commits seconds after the model loads, and its peak
+    RSS is that of a run over four records. Stopped with SIGINT after two batches (1M would take days)."""
+    data = tmp_path / "big.jsonl"
+    with data.open("w") as f:
+        f.writelines(f'{{"id": "q{i}", "prompt": "Count to {i % 97}."}}\n' for i in range(1_000_000))
+    common = ["jobs/smollm2-135m.yaml", "--set", f"dataset.path={data}", "--set", "generation.max_new_tokens=4",
+              "--set", "batch.gpu_batch_size=2"]
+    small = _run(*common, "--set", "dataset.limit=4", "--set", f"output.dir={tmp_path / 'small'}")
+    assert small.returncode == 0, small.stderr[-2000:]
+    out = tmp_path / "big"
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "run.py", *common, "--set", f"output.dir={out}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    state = out / "state.json"
+    while not state.exists() or json.loads(state.read_text() or "{}").get("batches", 0) < 2:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - start < 120
+        time.sleep(0.05)
+    first_batches_s = time.monotonic() - start
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT
+    big_row = pd.read_csv(out / "throughput.csv").iloc[0]
+    small_row = pd.read_csv(tmp_path / "small" / "throughput.csv").iloc[0]
+    assert big_row.status == "interrupted" and big_row.num_prompts >= 4
+    print(f"two batches committed {first_batches_s:.1f} s after start (model load included); peak RSS "
+          f"{big_row.peak_cpu_bytes / 2**20:.0f} MiB over 1M lines vs {small_row.peak_cpu_bytes / 2**20:.0f} MiB over 4")
+    assert big_row.peak_cpu_bytes - small_row.peak_cpu_bytes < 64 * 2 ** 20
