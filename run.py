@@ -56,12 +56,16 @@ def _run_sweep(args: argparse.Namespace, job) -> int:
                *sum((["--set", s] for s in sets), []), "--sweep-point", label, *(["--fresh"] if args.fresh else [])]
         print(f"== sweep point {label}", flush=True)
         code = _run_point(cmd)
-        if code > 128 or code < 0:  # the point was stopped by SIGINT / SIGTERM (the whole process group gets it): stop too
+        if code in _STOPPED:  # the point was stopped by SIGINT / SIGTERM (the process group gets it): stop too
             print(f"sweep interrupted at point {label}; run the same command again to resume", file=sys.stderr)
             return code
         failures += code != 0
     print(f"sweep done: {len(job.sweep_points()) - failures} ok, {failures} failed; rows in {job.throughput_csv}")
     return 1 if failures else 0
+
+
+# Exit codes of a point stopped by SIGINT / SIGTERM: its own 128 + signum, or -signum if the signal killed it.
+_STOPPED = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
 
 
 def _run_point(cmd: list[str]) -> int:

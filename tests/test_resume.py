@@ -3,6 +3,7 @@ SIGKILL or stopped with SIGINT and resumed, against one uninterrupted run of the
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import subprocess
@@ -193,3 +194,29 @@ def test_a_write_error_mid_run_stops_cleanly_keeping_what_was_committed(tmp_path
     again = subprocess.run(_cmd(out), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (out / GENERATIONS).read_text() == reference
+
+
+def test_ctrl_c_on_a_sweep_stops_at_the_running_point_and_the_same_command_resumes(tmp_path, reference):
+    out = tmp_path / "sweep"
+    cmd = _cmd(out, "--set", "sweep={generation.seed: [0, 1]}")
+    # A terminal's Ctrl-C signals the whole foreground process group: the sweep and its running point.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    first = out / "points" / "seed-0"
+    deadline = time.monotonic() + 300
+    while _batches_committed(first) < 1:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    assert "sweep interrupted at point generation.seed=0" in stderr
+    assert not (out / "points" / "seed-1").exists()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for point in ("seed-0", "seed-1"):
+        assert (out / "points" / point / GENERATIONS).read_text() == reference  # greedy: the seed changes nothing
+    rows = pd.read_csv(out / "throughput.csv")
+    assert list(rows.status) == ["interrupted", "complete", "complete"]
