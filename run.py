@@ -113,9 +113,7 @@ def _run_ray(args: argparse.Namespace, job) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not row["num_prompts"] and row["status"] == "complete" and row["resumed_prompts"]:
-        print(f"{job.name}: already complete ({row['resumed_prompts']} prompts in {job.output_dir / 'shards'}); "
-              "nothing to do. --fresh starts over")
+    if _already_complete(job, row, job.output_dir / "shards"):
         return 0
     print(" ".join(f"{k}={row.get(k, '')}" for k in (*FIELDS, "workers", "status")))
     where = f"{job.output_dir / 'generations.jsonl'} (merged from {row['workers']} shards in {job.output_dir / 'shards'})"
@@ -123,8 +121,22 @@ def _run_ray(args: argparse.Namespace, job) -> int:
         print(f"interrupted: what the shards finished is kept in {where}; run the same command again to resume",
               file=sys.stderr)
         return 130
-    print(f"outputs: {where}; throughput row appended to {job.throughput_csv}")
+    print(f"outputs: {where}; throughput row appended to {job.throughput_csv}{_rejected(job, row)}")
     return 0
+
+
+def _already_complete(job, row: dict, where: Path) -> bool:
+    """A re-run of a finished job ran nothing (and wrote no row): say so."""
+    if row["num_prompts"] or row["status"] != "complete" or not row.get("resumed_prompts"):
+        return False
+    print(f"{job.name}: already complete ({row['resumed_prompts']} prompts in {where}); nothing to do. "
+          "--fresh starts over")
+    return True
+
+
+def _rejected(job, row: dict) -> str:
+    n = row.get("rejected_prompts")
+    return f"; {n} records rejected: {job.output_dir / 'rejects.jsonl'}" if n else ""
 
 
 def _calibrate(argv: list[str]) -> int:
@@ -290,16 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not row["num_prompts"] and row["status"] == "complete" and row.get("resumed_prompts"):
-        print(f"{job.name}: already complete ({row['resumed_prompts']} prompts in {job.output_dir}); nothing to do. "
-              "--fresh starts over")
+    if _already_complete(job, row, job.output_dir):
         return 0
     print(" ".join(f"{k}={row[k]}" for k in FIELDS))
-    rejected = f"; {row['rejected_prompts']} records rejected: {job.output_dir / 'rejects.jsonl'}" \
-        if row["rejected_prompts"] else ""
     resumed = f" (resumed after {row['resumed_prompts']} prompts)" if row["resumed_prompts"] else ""
     print(f"outputs: {job.output_dir / 'generations.jsonl'}{resumed}; throughput row appended to "
-          f"{job.throughput_csv}{rejected}")
+          f"{job.throughput_csv}{_rejected(job, row)}")
     return 0
 
 

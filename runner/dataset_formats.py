@@ -102,7 +102,9 @@ def _decode(raw: bytes) -> tuple[str | None, str | None]:
         return None, f"invalid UTF-8 ({e.reason} at byte {e.start + 1} of the line)"
 
 
-def read_jsonl(path: Path, fields: Fields, skip: int) -> Iterator[RawRecord | int]:
+def _line_records(path: Path, skip: int) -> Iterator[tuple[int, bytes, str | None, str | None] | int]:
+    """One record per non-blank line: (line, raw, text, UTF-8 error), or 1 for each of the first `skip`
+    records (counted, not decoded)."""
     with open_binary(path) as f:
         for line, raw in _lines(f):
             if not raw.strip():
@@ -111,28 +113,32 @@ def read_jsonl(path: Path, fields: Fields, skip: int) -> Iterator[RawRecord | in
                 skip -= 1
                 yield 1
                 continue
-            text, error = _decode(raw)
-            record = None
-            if error is None:
-                record, error = parse_object(text)
-            yield RawRecord(line, line, record, error, raw)
+            yield (line, raw, *_decode(raw))
+
+
+def read_jsonl(path: Path, fields: Fields, skip: int) -> Iterator[RawRecord | int]:
+    for item in _line_records(path, skip):
+        if item == 1:
+            yield 1
+            continue
+        line, raw, text, error = item
+        record = None
+        if error is None:
+            record, error = parse_object(text)
+        yield RawRecord(line, line, record, error, raw)
 
 
 def read_txt(path: Path, fields: Fields, skip: int) -> Iterator[RawRecord | int]:
     bad = [name for name in fields.names if name not in ("prompt", fields.field)]
     if bad:
         raise DatasetError(f"{path}: a txt dataset has only the field 'prompt'; the template names {bad[0]!r}")
-    with open_binary(path) as f:
-        for line, raw in _lines(f):
-            if not raw.strip():
-                continue
-            if skip:
-                skip -= 1
-                yield 1
-                continue
-            text, error = _decode(raw)
-            record = None if error else {"prompt": text, fields.field: text}
-            yield RawRecord(line, line, record, error, raw)
+    for item in _line_records(path, skip):
+        if item == 1:
+            yield 1
+            continue
+        line, raw, text, error = item
+        record = None if error else {"prompt": text, fields.field: text}
+        yield RawRecord(line, line, record, error, raw)
 
 
 class _RowLines:

@@ -126,10 +126,8 @@ def open_state(job: JobSpec, window: int, *, fresh: bool = False) -> RunState:
                           "re-run with --fresh to overwrite it, or choose another output.dir")
     for name in APPENDED:
         (out_dir / name).touch()
-    state = RunState(path=path, fingerprint=fp, window=window, shard=shard, frontier=0)
-    state.mark(())  # the first window may belong to another shard
-    state.frontier = max(state.frontier, ds.offset)
-    state.mark(())
+    state = RunState(path=path, fingerprint=fp, window=window, shard=shard, frontier=ds.offset)
+    state.mark(())  # past the windows of other shards
     if job.output.resume:
         state.commit()
     return state

@@ -7,6 +7,7 @@ import datetime as dt
 import itertools
 import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 
 import torch
@@ -192,12 +193,12 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh
     finally:
         if hasattr(engine, "close"):
             engine.close()  # the executor's disk files go, whether the run finished or failed
-    _plot(job, out_dir)
+    _plot(job, state)
     row = _row(job, loaded, totals, device, dtype, started, sweep_point, offload_columns,
                status="interrupted" if loop.interrupted else "complete", resumed=resumed)
     append_csv_row(job.throughput_csv, row)
     if loop.interrupted:
-        raise Interrupted(row, stop.signum or 2, out_dir)
+        raise Interrupted(row, stop.signum or signal.SIGINT, out_dir)
     return row
 
 
@@ -279,10 +280,9 @@ def _progress_total(job: JobSpec) -> int | None:
     return None if total is None else -(-total // job.dataset.shard_count)
 
 
-def _plot(job: JobSpec, out_dir: os.PathLike) -> None:
-    batches = out_dir / "batches.csv"
-    if batches.exists() and len(batches.read_text().splitlines()) > 1:
-        plot_report(batches, out_dir / "report.png", f"{job.name}: {job.model.name or job.model.path}, "
+def _plot(job: JobSpec, state: RunState) -> None:
+    if state.batches:  # this run's and earlier ones'
+        plot_report(state.out_dir / "batches.csv", state.out_dir / "report.png", f"{job.name}: {job.model.name or job.model.path}, "
                     f"{job.kv.label()}, batch {job.batch.gpu_batch_size} x {job.batch.num_gpu_batches}")
 
 

@@ -23,7 +23,7 @@ from runner.dataset_spec import OnError
 from runner.engines import Engine
 from runner.generate import BatchOutput
 from runner.job import JobSpec
-from runner.outputs import GenerationRecord
+from runner.outputs import GenerationRecord, peak_rss_bytes
 from runner.reports import BatchLog
 from runner.resume import GENERATIONS, REJECTS, RunState, append_lines
 from runner.sampling import SamplingParams
@@ -194,7 +194,6 @@ class Loop:
 
 def _batch_row(engine: Engine, out: BatchOutput, elapsed: float) -> dict:
     """One batches.csv row: the batch's tokens and seconds, and the run's memory peaks so far."""
-    from runner.outputs import peak_rss_bytes
     seconds = out.prefill_s + out.decode_s
     row = {"prompts": len(out.sequences), "prompt_tokens": out.prompt_tokens, "generated_tokens": out.generated_tokens,
            "prefill_s": round(out.prefill_s, 6), "decode_s": round(out.decode_s, 6),
