@@ -1,4 +1,4 @@
-"""Kernel choice for the few matmuls where the default one is measurably slow.
+"""Kernel choice for the linears, where the default CPU one is measurably slow.
 
 Kept apart from `model.py` so the model math stays free of device checks.
 """
@@ -19,14 +19,17 @@ def _has_onednn_linear() -> bool:
 _ONEDNN = _has_onednn_linear()
 
 
-def wide_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """F.linear for weights with more output rows than input columns (LM head, QKV, gate/up).
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """F.linear, through oneDNN on CPU fp32.
 
-    On x86 CPUs, MKL's sgemm blocks these shapes poorly at small batch; in ad-hoc
-    microbenchmarks (not a committed CSV) oneDNN's linear ran
-    the LM head (49152 x 576) 1.6-1.7x faster at batch 1-64 and QKV / gate-up 1.2-1.4x
-    faster at batch 8 on the 2-core AVX2 machine (same fp32 math, no weight copy). For
-    narrow weights (the MLP down projection) it was slower, so those keep F.linear.
+    MKL's sgemm (F.linear's CPU path) handles the skinny (few-row) products of decode poorly.
+    On this project's current 2-core AVX-512 machine, in an ad-hoc microbenchmark (not a
+    committed CSV; the hf-vs-alisa bench shows the end-to-end effect) of SmolLM2's 121 decode
+    linears per step with weights streaming from DRAM, oneDNN took 25 / 37 / 46 / 65 / 107 ms at batch 1 / 8 / 16 / 32 / 64 against
+    43 / 57 / 67 / 92 / 135 ms for MKL, and it is also ahead on prefill-sized products
+    (176 vs 156 GFLOP/s at 16384 x 576 x 3072). The earlier 2-core AVX2 machine favoured
+    MKL for the narrow down projection only, by a little. Same fp32 math, no weight copy;
+    the one kernel everywhere keeps results independent of shape-based choices.
     """
     if _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")

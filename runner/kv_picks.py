@@ -67,15 +67,11 @@ class PickBuffer:
 
     def _free_slots(self, still_wanted: Tensor, m: int) -> Tensor:
         """Slots of dropped picks plus the new slots count..m, sorted by (row, group): per
-        (row, group) there are exactly as many as incoming picks (m = kept + incoming)."""
+        (row, group) there are exactly as many as incoming picks (m = kept + incoming).
+        One mask over slots 0..m, so nonzero's row-major order is already the order wanted."""
         b, g, _ = still_wanted.shape
-        dropped = (~still_wanted).nonzero()  # (f, 3), sorted by (row, group, slot)
-        grown = torch.arange(self.count, m, device=dropped.device)
-        rows = torch.arange(b * g, device=dropped.device).repeat_interleave(m - self.count)
-        added = torch.stack((rows // g, rows % g, grown.repeat(b * g)), dim=1)  # (b*g*(m-count), 3)
-        free = torch.cat((dropped, added))
-        order = torch.sort(free[:, 0] * g + free[:, 1], stable=True).indices
-        return free[order]
+        grown = torch.ones((b, g, m - self.count), dtype=torch.bool, device=still_wanted.device)
+        return torch.cat((~still_wanted, grown), dim=-1).nonzero()  # (f, 3): row, group, slot
 
     def _copy_in(self, cache, layer: int, incoming: Tensor, slots: Tensor) -> None:
         row, grp, pos = incoming.unbind(1)

@@ -105,7 +105,7 @@ def kv_bytes(cfg: ModelConfig, kv: KVSettings, batch: int, max_len: int, dtype: 
     if _pick_buffers(cfg, kv, scoring is not None) is None:
         return nbytes
     groups = cfg.num_kv_heads if scoring.per_head else 1
-    m = kv.policy.split(max_len)[1]  # picks at the longest length (ratio budgets grow)
+    m = sum(kv.policy.split(max_len))  # the whole selection (KVStore.pack_recent) at the longest length
     return nbytes + cfg.num_layers * buffer_bytes(batch, cfg.num_kv_heads, groups, cfg.head_dim, m, dtype)
 
 
@@ -144,6 +144,12 @@ class KVStore:
                              for _ in range(cfg.num_layers)]
             self.n_slots = [0] * cfg.num_layers
         self.picks = _pick_buffers(cfg, kv, scoring is not None)
+        # With everything on one device the layer's PickBuffer holds the whole selection, recent
+        # run included: attention is then one QK^T and one PV matmul over one dense buffer (the
+        # recent run costs one token's copy per step), not two parts joined by cat and add. A
+        # tiered cache keeps its recent run in the gpu window alone: a second copy there would
+        # cost the scarce accelerator memory the executor plans for.
+        self.pack_recent = make_cache is None
 
     @property
     def nbytes(self) -> int:
@@ -252,9 +258,10 @@ class KVStore:
     def _read_selected(self, layer: int, sel: Selection | None, n: int,
                        need_index: bool) -> tuple[Tensor | None, Tensor | list[Tensor], Tensor | list[Tensor]]:
         """(index, keys, values): the selected KV as parts to attend over and, if needed, the
-        positions they hold in the same order (None = all n). The recent run is read in place;
-        per-row picks come from the layer's PickBuffer (only new picks copied in), shared
-        picks (a fixed pattern, the same for every row) from a gather."""
+        positions they hold in the same order (None = all n). Per-row picks come from the
+        layer's PickBuffer (only new slots copied in): with `pack_recent` it holds the recent run
+        too, else the recent run is read in place. Shared picks (a fixed pattern, the same for
+        every row) come from a gather beside the recent run."""
         if sel is None:
             keys, values = self.cache.read(layer, n)
             return None, keys, values
@@ -264,6 +271,9 @@ class KVStore:
         if sel.picks.dim() == 1 or self.picks is None:
             picked_k, picked_v = self.cache.gather(layer, sel.picks)
             return (sel.index(n, keys.device) if need_index else None), [picked_k, keys], [picked_v, values]
+        if self.pack_recent:
+            packed_k, packed_v, pos = self.picks[layer].update(self.cache, layer, sel.index(n, keys.device), n)
+            return pos, packed_k, packed_v  # pos: the positions the buffer holds, in its slot order
         picked_k, picked_v, pos = self.picks[layer].update(self.cache, layer, sel.picks, n - sel.recent)
         index = None
         if need_index:

@@ -87,7 +87,7 @@ class Attention(Unit):
             state.kv.observe_inputs(self.layer, h, state.positions, state.start,
                                     functools.partial(self.project_kv, w, state.rope_table))
         x = self._norm(w, h) if pre_ln else h
-        qkv = kernels.wide_linear(x, w["qkv_w"], w.get("qkv_b"))  # (b, s, h + 2*kv_dim)
+        qkv = kernels.linear(x, w["qkv_w"], w.get("qkv_b"))  # (b, s, h + 2*kv_dim)
         qk, v = qkv.split([c.hidden_size + c.kv_dim, c.kv_dim], dim=-1)
         qk = M.split_heads(qk, c.num_heads + c.num_kv_heads)  # (b, nh + kvh, s, d)
         if state.rope is not None:
@@ -98,7 +98,7 @@ class Attention(Unit):
             out = state.kv.prefill(self.layer, state.rows, q, k, v, state.prefill_mask)
         else:
             out = state.kv.decode(self.layer, q, k, v)
-        out = torch.nn.functional.linear(M.merge_heads(out), w["o_w"], w.get("o_b"))
+        out = kernels.linear(M.merge_heads(out), w["o_w"], w.get("o_b"))
         h = h + out
         return h if pre_ln else self._norm(w, h)
 
@@ -109,7 +109,7 @@ class Attention(Unit):
         c = self.cfg
         x = self._norm(w, h) if c.family is Family.LLAMA or c.do_layer_norm_before else h
         bias = w.get("qkv_b")
-        kv = torch.nn.functional.linear(x, w["qkv_w"][c.hidden_size:], None if bias is None else bias[c.hidden_size:])
+        kv = kernels.linear(x, w["qkv_w"][c.hidden_size:], None if bias is None else bias[c.hidden_size:])
         k, v = kv.view(-1, 2, c.num_kv_heads, c.head_dim).unbind(1)  # (r, kvh, d) each
         if rope is not None:
             cos, sin = rope[0][positions].unsqueeze(1), rope[1][positions].unsqueeze(1)  # (r, 1, d)

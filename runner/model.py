@@ -114,14 +114,14 @@ def attention_probs(q: Tensor, k: Tensor, q_start: int, mask: Tensor | None) -> 
 
 
 def swiglu_mlp(x: Tensor, gate_up_w: Tensor, down_w: Tensor) -> Tensor:
-    gate, up = kernels.wide_linear(x, gate_up_w).chunk(2, dim=-1)  # (b, s, f) each
-    return torch.matmul(F.silu(gate) * up, down_w.t())
+    gate, up = kernels.linear(x, gate_up_w).chunk(2, dim=-1)  # (b, s, f) each
+    return kernels.linear(F.silu(gate) * up, down_w)
 
 
 def relu_mlp(x: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor) -> Tensor:
-    return F.linear(F.relu(F.linear(x, fc1_w, fc1_b)), fc2_w, fc2_b)
+    return kernels.linear(F.relu(kernels.linear(x, fc1_w, fc1_b)), fc2_w, fc2_b)
 
 
 def lm_head(x: Tensor, w: Tensor) -> Tensor:
     """x: (b, e), w: (v, e) -> logits (b, v)."""
-    return kernels.wide_linear(x, w)
+    return kernels.linear(x, w)
