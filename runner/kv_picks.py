@@ -7,7 +7,9 @@ again each step copies ~10% of the KV per step; a `PickBuffer` keeps last step's
 packed dense and copies in only the new ones, into the slots of the dropped ones. Slot
 order inside the buffer is arbitrary (attention does not care), so `pos` records which
 position each slot holds. The same move, only the changed picks, is what the offloading
-executor sends over the CPU -> GPU link.
+executor sends over the CPU -> GPU link. A buffer may also hold the recent run beside the
+picks (`recent`): then each step copies in the newest token too, and attention reads one
+dense buffer (`runner.kv_store.KVStore.pack_recent`).
 """
 from __future__ import annotations
 
@@ -45,20 +47,23 @@ class PickBuffer:
             return 0
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
 
-    def update(self, cache, layer: int, picks: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Hold exactly `picks` (b, g, m), unique positions < n, of `cache` layer `layer`.
+    def update(self, cache, layer: int, picks: Tensor, n: int, recent: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Hold exactly `picks` (b, g, k), unique positions < n - recent, plus the `recent` newest
+        positions n - recent..n, of `cache` layer `layer`: m = k + recent slots.
 
         Returns views (k (b, kvh, m, d), v, pos (b, g, m)) valid until the next update.
         """
-        b, g, m = picks.shape
+        b, g, k = picks.shape
+        m = k + recent
         if self.pos is None or self.pos.shape[:2] != (b, g) or not self.count <= m <= self.pos.shape[2]:
-            return self._rebuild(cache, layer, picks)
+            return self._rebuild(cache, layer, _with_recent(picks, n, recent))
         wanted = torch.zeros((b, g, n), dtype=torch.bool, device=picks.device).scatter_(-1, picks, True)
+        wanted[..., n - recent:] = True
         old = self.pos[..., :self.count]  # (b, g, count)
         held = torch.zeros_like(wanted).scatter_(-1, old, True)
         incoming = (wanted & ~held).nonzero()  # (i, 3): row, group, position; sorted by (row, group)
-        if incoming.shape[0] > _REBUILD_SHARE * picks.numel():
-            return self._rebuild(cache, layer, picks)
+        if incoming.shape[0] > _REBUILD_SHARE * b * g * m:
+            return self._rebuild(cache, layer, _with_recent(picks, n, recent))
         if incoming.shape[0]:
             free = self._free_slots(wanted.gather(-1, old), m)  # (i, 3): row, group, slot; same order
             self._copy_in(cache, layer, incoming, free[:, 2])
@@ -103,3 +108,11 @@ class PickBuffer:
         self.count = m
         self.copied += picks.numel()
         return self.k[:, :, :m], self.v[:, :, :m], self.pos[..., :m]
+
+
+def _with_recent(picks: Tensor, n: int, recent: int) -> Tensor:
+    """picks (b, g, k) followed by positions n - recent..n: (b, g, k + recent)."""
+    if not recent:
+        return picks
+    tail = torch.arange(n - recent, n, device=picks.device).expand(*picks.shape[:2], -1)
+    return torch.cat((picks, tail), dim=-1)

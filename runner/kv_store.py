@@ -210,6 +210,8 @@ class KVStore:
         s = k.shape[2]
         scores = self.scores[layer].current(s, self.policy.score_window(s))[rows] if self.scores else None
         sel = self.policy.select(s, s, scores, k.device)
+        if sel is not None:
+            sel = sel.ordered()  # compacted slots keep age order
         pos = self.slot_pos[layer][rows]
         index = None if sel is None else sel.index(s, k.device)
         if index is None:
@@ -272,7 +274,7 @@ class KVStore:
             picked_k, picked_v = self.cache.gather(layer, sel.picks)
             return (sel.index(n, keys.device) if need_index else None), [picked_k, keys], [picked_v, values]
         if self.pack_recent:
-            packed_k, packed_v, pos = self.picks[layer].update(self.cache, layer, sel.index(n, keys.device), n)
+            packed_k, packed_v, pos = self.picks[layer].update(self.cache, layer, sel.picks, n, sel.recent)
             return pos, packed_k, packed_v  # pos: the positions the buffer holds, in its slot order
         picked_k, picked_v, pos = self.picks[layer].update(self.cache, layer, sel.picks, n - sel.recent)
         index = None
@@ -296,7 +298,7 @@ class KVStore:
         sel = self.policy.select(n, length, scores, q.device)
         clock.lap("select")
         if sel is not None:
-            index = sel.index(n, q.device)
+            index = sel.ordered().index(n, q.device)  # compacted slots keep age order
             self.cache.compact(layer, index)
             n = index.shape[-1]
             pos[..., :n] = _take(pos[..., :slot + 1], index)

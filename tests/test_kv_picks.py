@@ -80,3 +80,23 @@ def test_rebuilds_when_the_set_shrinks_or_mostly_changes():
         assert buf.copied - before == picks.numel()
         assert torch.equal(pos, picks)
         assert torch.equal(k, cache.gather(0, picks)[0])
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_a_buffer_holding_the_recent_run_copies_only_the_newest_token_and_new_picks(bits):
+    cache, buf, recent = _cache(bits), PickBuffer(), 10
+    seq = _picks_sequence(1, 12, seed=5)  # picks < 150; the recent run slides over 150..
+    for step, picks in enumerate(seq):
+        n = 160 + step
+        before = buf.copied
+        k, v, pos = buf.update(cache, 0, picks, n, recent)
+        held = torch.cat((picks, torch.arange(n - recent, n).expand(B, 1, -1)), dim=-1).sort(dim=-1).values
+        assert torch.equal(pos.sort(dim=-1).values, held)
+        want_k, want_v = cache.gather(0, held)
+        order_pos = pos.expand(B, CFG.num_kv_heads, -1)
+        assert torch.equal(_sorted_by_pos(k, order_pos), want_k)
+        assert torch.equal(_sorted_by_pos(v, order_pos), want_v)
+        if step:  # per row: the picks not held last step, plus the token that just arrived
+            prev = seq[step - 1]
+            new = sum(len(set(picks[r, 0].tolist()) - set(prev[r, 0].tolist())) for r in range(B))
+            assert buf.copied - before == new + B
