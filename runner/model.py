@@ -26,19 +26,24 @@ def layer_norm(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
 
 def rope_tables(head_dim: int, max_len: int, theta: float, dtype: torch.dtype,
                 device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """cos/sin of shape (max_len, d) in HF's rotate-half layout (halves, not interleaved)."""
+    """cos and signed sin, each (max_len, d), in HF's rotate-half layout (halves, not interleaved).
+
+    The sin table's first half is negated, so rotate_half(x) * sin = roll(x, d/2) * signed_sin:
+    `apply_rope` then needs no negation or concatenation (the same products, bit for bit).
+    """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
     pos = torch.arange(max_len, device=device, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq)  # (max_len, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, d)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin()
+    sin[:, :head_dim // 2].neg_()
+    return emb.cos().to(dtype), sin.to(dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (b, heads, s, d); cos/sin: (b, 1, s, d) gathered at each token's position."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """x: (b, heads, s, d); cos/signed_sin: (b, 1, s, d) gathered at each token's position
+    (from `rope_tables`). x * cos + rotate_half(x) * sin in three ops."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -115,11 +120,11 @@ def attention_probs(q: Tensor, k: Tensor, q_start: int, mask: Tensor | None) -> 
 
 def swiglu_mlp(x: Tensor, gate_up_w: Tensor, down_w: Tensor) -> Tensor:
     gate, up = kernels.linear(x, gate_up_w).chunk(2, dim=-1)  # (b, s, f) each
-    return kernels.linear(F.silu(gate) * up, down_w)
+    return kernels.linear(F.silu(gate).mul_(up), down_w)  # in place: one (b, s, f) temporary fewer
 
 
 def relu_mlp(x: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor) -> Tensor:
-    return kernels.linear(F.relu(kernels.linear(x, fc1_w, fc1_b)), fc2_w, fc2_b)
+    return kernels.linear(kernels.linear(x, fc1_w, fc1_b).relu_(), fc2_w, fc2_b)
 
 
 def lm_head(x: Tensor, w: Tensor) -> Tensor:
