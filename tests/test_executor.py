@@ -35,6 +35,11 @@ from runner.tokenizer import ByteTokenizer
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY_ATOL = 1e-5
+# Sparse KV: the plain path attends over one packed buffer (picks + recent run, in buffer slot order),
+# the executor's tiered caches over the picks and the recent run as two parts: the same terms summed in
+# another order. Seen: 1.08e-5 on logits of magnitude ~10 after two layers; 1e-4 is ten times that and
+# still three orders below what a wrong pick, position or stale K/V causes (O(0.1)).
+SPARSE_ATOL = 1e-4
 SMOLLM2_ATOL = 1e-3
 
 _COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, max_seq_len=128,
@@ -119,7 +124,8 @@ def _assert_same(ref, got, atol):
     *itertools.product(["opt"], ["gpu", "mixed"], [True, False], [1, 4], ["dense"]),
 ])
 def test_tiny_matches_plain_path(tiny, tmp_path, compute_device, family, placement, overlap, ngb, kv):
-    stats = check_against_plain(tiny[family], tmp_path, _policy(placement, overlap), ngb, KVS[kv], TINY_ATOL,
+    stats = check_against_plain(tiny[family], tmp_path, _policy(placement, overlap), ngb, KVS[kv],
+                                TINY_ATOL if kv == "dense" else SPARSE_ATOL,
                                 compute_device)
     # Placement really happened: weights that live off the gpu were copied up every step.
     assert (stats["bytes_gpu_from_cpu"] > 0) == (placement != "gpu")
@@ -288,7 +294,7 @@ def test_activations_off_the_gpu_match_plain_path(tiny, tmp_path, act, ngb, over
     layer; same tokens and logits, and every layer's output (but the head's) crosses the link both ways."""
     percents = dict(act_gpu_percent=0, act_cpu_percent=100 if act == "cpu" else 0)
     policy = OffloadPolicy(overlap=overlap, **percents)
-    stats = check_against_plain(tiny["llama"], tmp_path, policy, ngb, KVS["swa0.8"], TINY_ATOL)
+    stats = check_against_plain(tiny["llama"], tmp_path, policy, ngb, KVS["swa0.8"], SPARSE_ATOL)
     assert stats["bytes_gpu_from_cpu"] == stats["bytes_cpu_from_gpu"] > 0
     assert (stats["bytes_disk_read"] > 0) == (act == "disk")
     cfg = tiny["llama"][0]

@@ -2,7 +2,8 @@
 the plain path's tokens and logits, move the bytes they should, and recompute K/V exactly.
 
 Tolerance (see tests/test_executor.py for the weight-placement side): with KV in the compute dtype, a
-placement only moves bytes, so logits stay within float32 rounding (TINY_ATOL). Phase III recomputes
+placement only moves bytes, so logits stay within float32 rounding (TINY_ATOL; SPARSE_ATOL with SWA,
+whose attention sums the same terms in another order on the two paths). Phase III recomputes
 K/V with a matmul over a different number of rows than the original, so a BLAS may round differently
 (~1 ulp per element, checked directly in test_recomputed_kv_equals_the_kv_it_replaces); the 1e-5 on
 logits of magnitude ~1 does not always hold after several layers of it (seen: 1.05e-5 on logits of
@@ -26,7 +27,7 @@ from runner.lm import LM, Batch
 from runner.memory import BudgetError, Memory, TierBudgets
 from runner.offload_policy import KVPlacement
 from runner.spec import JobError
-from test_executor import (PROMPTS, STEPS, TINY_ATOL, _assert_same, check_against_plain, offloaded, plain,  # noqa: F401
+from test_executor import (PROMPTS, SPARSE_ATOL, STEPS, TINY_ATOL, _assert_same, check_against_plain, offloaded, plain,  # noqa: F401
                            tiny)  # tiny: the fixture
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -53,7 +54,7 @@ def _policy(placement: str, overlap: bool = True, **weights) -> OffloadPolicy:
     *itertools.product(["opt"], ["seq-mixed", "tok-III"], [True], [1, 4], KVS),
 ])
 def test_kv_placements_match_plain_path(tiny, tmp_path, compute_device, family, placement, overlap, ngb, kv):
-    atol = RECOMPUTE_ATOL if placement == "tok-III" else TINY_ATOL
+    atol = RECOMPUTE_ATOL if placement == "tok-III" else TINY_ATOL if kv == "dense" else SPARSE_ATOL
     stats = check_against_plain(tiny[family], tmp_path, _policy(placement, overlap), ngb, KVS[kv], atol,
                                 compute_device)
     moved_up, moved_down = stats["kv_bytes_gpu_from_cpu"], stats["kv_bytes_cpu_from_gpu"]
@@ -122,7 +123,7 @@ def test_int8_on_cpu_stays_within_low_precision_tolerance(tiny, tmp_path):
     assert (tokens == ref_tokens).float().mean().item() >= 0.9
     # Phase I only: nothing is quantized, so the run is the plain one.
     same = offloaded(cfg, weights, PROMPTS, _policy("tok-I"), TierBudgets(offload_dir=str(tmp_path)), 8, 1, STEPS, kv8)
-    _assert_same((ref_logits, ref_tokens), same[:2], TINY_ATOL)
+    _assert_same((ref_logits, ref_tokens), same[:2], SPARSE_ATOL)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -221,7 +222,7 @@ def test_flexgen_compress_cache_equals_the_plain_4bit_cache(tiny, tmp_path, plac
     ref = plain(cfg, weights, PROMPTS, gbs, STEPS, plain4)
     logits, tokens, stats = offloaded(cfg, weights, PROMPTS, policy, TierBudgets(offload_dir=str(tmp_path)),
                                       gbs, ngb, STEPS, KVS["swa0.8"])
-    _assert_same(ref, (logits, tokens), TINY_ATOL)
+    _assert_same(ref, (logits, tokens), SPARSE_ATOL)
     if placement == "seq-mixed":  # 4-bit codes plus an fp32 scale and min per 16 values: 1/4 of fp32's bytes
         _, _, full = offloaded(cfg, weights, PROMPTS, _policy("seq-mixed"), TierBudgets(offload_dir=str(tmp_path)),
                                gbs, ngb, STEPS, KVS["swa0.8"])
