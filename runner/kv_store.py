@@ -267,15 +267,16 @@ class KVStore:
         if sel is None:
             keys, values = self.cache.read(layer, n)
             return None, keys, values
-        keys, values = self.cache.read(layer, n, n - sel.recent)  # (b, kvh, recent, d) views
-        if sel.picks is None:
-            return (sel.index(n, keys.device) if need_index else None), keys, values
-        if sel.picks.dim() == 1 or self.picks is None:
-            picked_k, picked_v = self.cache.gather(layer, sel.picks)
-            return (sel.index(n, keys.device) if need_index else None), [picked_k, keys], [picked_v, values]
-        if self.pack_recent:
+        per_row = sel.picks is not None and sel.picks.dim() > 1 and self.picks is not None
+        if per_row and self.pack_recent:  # before reading the recent run: a quantized read dequantizes it
             packed_k, packed_v, pos = self.picks[layer].update(self.cache, layer, sel.picks, n, sel.recent)
             return pos, packed_k, packed_v  # pos: the positions the buffer holds, in its slot order
+        keys, values = self.cache.read(layer, n, n - sel.recent)  # (b, kvh, recent, d)
+        if sel.picks is None:
+            return (sel.index(n, keys.device) if need_index else None), keys, values
+        if not per_row:
+            picked_k, picked_v = self.cache.gather(layer, sel.picks)
+            return (sel.index(n, keys.device) if need_index else None), [picked_k, keys], [picked_v, values]
         picked_k, picked_v, pos = self.picks[layer].update(self.cache, layer, sel.picks, n - sel.recent)
         index = None
         if need_index:
