@@ -23,13 +23,11 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """F.linear, through oneDNN on CPU fp32.
 
     MKL's sgemm (F.linear's CPU path) handles the skinny (few-row) products of decode poorly.
-    On this project's current 2-core AVX-512 machine, in an ad-hoc microbenchmark (not a
-    committed CSV; the hf-vs-alisa bench shows the end-to-end effect) of SmolLM2's 121 decode
-    linears per step with weights streaming from DRAM, oneDNN took 25 / 37 / 46 / 65 / 107 ms at batch 1 / 8 / 16 / 32 / 64 against
-    43 / 57 / 67 / 92 / 135 ms for MKL, and it is also ahead on prefill-sized products
-    (176 vs 156 GFLOP/s at 16384 x 576 x 3072). The earlier 2-core AVX2 machine favoured
-    MKL for the narrow down projection only, by a little. Same fp32 math, no weight copy;
-    the one kernel everywhere keeps results independent of shape-based choices.
+    On this project's current 2-core AVX-512 machine, an ad-hoc microbenchmark (not a committed
+    CSV; the hf-vs-alisa bench shows the end-to-end effect) ran SmolLM2's decode linears faster
+    through oneDNN at every batch from 1 to 64, and prefill-sized products too. The earlier
+    2-core AVX2 machine favoured MKL for the narrow down projection only, by a little. Same fp32
+    math, no weight copy; one kernel everywhere keeps results independent of shape choices.
     """
     if _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")

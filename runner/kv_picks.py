@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from policies.base import Selection
+
 # Above this share of changed picks a full gather is cheaper than the bookkeeping.
 _REBUILD_SHARE = 0.5
 
@@ -56,14 +58,14 @@ class PickBuffer:
         b, g, k = picks.shape
         m = k + recent
         if self.pos is None or self.pos.shape[:2] != (b, g) or not self.count <= m <= self.pos.shape[2]:
-            return self._rebuild(cache, layer, _with_recent(picks, n, recent))
+            return self._rebuild(cache, layer, Selection(picks, recent).index(n, picks.device))
         wanted = torch.zeros((b, g, n), dtype=torch.bool, device=picks.device).scatter_(-1, picks, True)
         wanted[..., n - recent:] = True
         old = self.pos[..., :self.count]  # (b, g, count)
         held = torch.zeros_like(wanted).scatter_(-1, old, True)
         incoming = (wanted & ~held).nonzero()  # (i, 3): row, group, position; sorted by (row, group)
         if incoming.shape[0] > _REBUILD_SHARE * b * g * m:
-            return self._rebuild(cache, layer, _with_recent(picks, n, recent))
+            return self._rebuild(cache, layer, Selection(picks, recent).index(n, picks.device))
         if incoming.shape[0]:
             free = self._free_slots(wanted.gather(-1, old), m)  # (i, 3): row, group, slot; same order
             self._copy_in(cache, layer, incoming, free[:, 2])
@@ -109,10 +111,3 @@ class PickBuffer:
         self.copied += picks.numel()
         return self.k[:, :, :m], self.v[:, :, :m], self.pos[..., :m]
 
-
-def _with_recent(picks: Tensor, n: int, recent: int) -> Tensor:
-    """picks (b, g, k) followed by positions n - recent..n: (b, g, k + recent)."""
-    if not recent:
-        return picks
-    tail = torch.arange(n - recent, n, device=picks.device).expand(*picks.shape[:2], -1)
-    return torch.cat((picks, tail), dim=-1)

@@ -29,7 +29,8 @@ def rope_tables(head_dim: int, max_len: int, theta: float, dtype: torch.dtype,
     """cos and signed sin, each (max_len, d), in HF's rotate-half layout (halves, not interleaved).
 
     The sin table's first half is negated, so rotate_half(x) * sin = roll(x, d/2) * signed_sin:
-    `apply_rope` then needs no negation or concatenation (the same products, bit for bit).
+    `apply_rope` then needs no negation or concatenation (the same products; addcmul may round
+    the final sum differently, by about an ulp).
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
     pos = torch.arange(max_len, device=device, dtype=torch.float32)
