@@ -22,6 +22,10 @@ from runner.kv_store import KVStore
 
 Shapes = dict[str, tuple[int, ...]]
 
+# Weights the units read only through `kernels.linear` (and `kernels.plain`), so an all-resident
+# model may hold them packed (`kernels.pack`). The embedding's rows are indexed, never packed.
+LINEAR_WEIGHTS = frozenset({"qkv_w", "o_w", "gate_up_w", "down_w", "fc1_w", "fc2_w", "lm_w"})
+
 
 @dataclass
 class ForwardState:
@@ -109,7 +113,8 @@ class Attention(Unit):
         c = self.cfg
         x = self._norm(w, h) if c.family is Family.LLAMA or c.do_layer_norm_before else h
         bias = w.get("qkv_b")
-        kv = kernels.linear(x, w["qkv_w"][c.hidden_size:], None if bias is None else bias[c.hidden_size:])
+        kv_w = kernels.plain(w["qkv_w"])[c.hidden_size:]  # recompute only: a packed weight is copied out
+        kv = kernels.linear(x, kv_w, None if bias is None else bias[c.hidden_size:])
         k, v = kv.view(-1, 2, c.num_kv_heads, c.head_dim).unbind(1)  # (r, kvh, d) each
         if rope is not None:
             cos, sin = rope[0][positions].unsqueeze(1), rope[1][positions].unsqueeze(1)  # (r, 1, d)

@@ -5,26 +5,52 @@ same units with weights and KV moved between tiers.
 """
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from runner import kernels
 from runner import model as M
 from runner.config import Family, ModelConfig
 from runner.kv_store import KVSettings, KVStore
-from runner.layers import ForwardState, Unit, build_units
+from runner.layers import LINEAR_WEIGHTS, ForwardState, Unit, build_units
+
+
+class Pack(enum.Enum):
+    """Which linear weights an all-resident LM packs for oneDNN (`kernels.pack`)."""
+    NONE = "none"
+    UNSHARED = "unshared"  # all but a weight shared with another unit (a tied head)
+    ALL = "all"  # the tied head too, as a second copy
 
 
 class LM:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, Tensor], device: torch.device, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, weights: dict[str, Tensor], device: torch.device, dtype: torch.dtype,
+                 pack: Pack = Pack.UNSHARED):
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.units: list[Unit] = build_units(cfg)
         self.unit_weights = [_weights_of(u, weights) for u in self.units]
+        if pack is not Pack.NONE:
+            self._pack(shared=pack is Pack.ALL)
         self.rope = None
         if cfg.family is Family.LLAMA:
             self.rope = M.rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, dtype, device)
+
+    def _pack(self, shared: bool) -> None:
+        """Hold the linear weights in oneDNN's packed layout (`kernels.pack`; CPU fp32 only). The
+        caller should then drop its own references, or the plain copies stay resident too. A
+        weight another unit also reads (the head tied to the embedding) stays plain unless
+        `shared`: its packed copy would add its whole size (113 MB on SmolLM2) to memory."""
+        uses: dict[int, int] = {}  # by storage: a tied head may be another tensor over the same memory
+        for w in self.unit_weights:
+            for t in w.values():
+                uses[_storage(t)] = uses.get(_storage(t), 0) + 1
+        for w in self.unit_weights:
+            for key in LINEAR_WEIGHTS & w.keys():
+                if shared or uses[_storage(w[key])] == 1:
+                    w[key] = kernels.pack(w[key])
 
     def run(self, ids: Tensor, state: ForwardState) -> Tensor:
         """ids: (b, s) -> logits of the last column (b, v)."""
@@ -41,6 +67,10 @@ def set_rope(state: ForwardState, rope: tuple[Tensor, Tensor] | None) -> None:
         state.rope_table = rope
         cos, sin = rope
         state.rope = (cos[state.positions].unsqueeze(1), sin[state.positions].unsqueeze(1))  # (b, 1, s, d)
+
+
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def _weights_of(unit: Unit, weights: dict[str, Tensor]) -> dict[str, Tensor]:

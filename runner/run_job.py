@@ -51,7 +51,11 @@ def _make_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype:
     if job.offload is not None:
         return _offload_engine(job, loaded, device, dtype)
     from runner.engines.alisa import AlisaEngine
-    return AlisaEngine(loaded, device, dtype, job.kv.settings())
+    engine = AlisaEngine(loaded, device, dtype, job.kv.settings())
+    # The LM holds its linear weights packed (`kernels.pack`): the loaded plain copies would only
+    # double them in memory.
+    loaded.weights.clear()
+    return engine
 
 
 def _offload_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> Engine:

@@ -118,3 +118,42 @@ def test_attention_probs_matches_a_naive_causal_softmax():
     masked = torch.softmax((q[:, :, 5:] @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) / 8 ** 0.5
                            + torch.zeros(2, 1, 4, 9).masked_fill(~mask, float("-inf")), dim=-1)
     torch.testing.assert_close(got.reshape(2, 4, 4, 9), masked)
+
+
+@pytest.mark.parametrize("kind", ["opt_postln_proj", "llama_gqa_tied"])
+def test_packed_linears_give_the_unpacked_logits(hf_checkpoints, kind):
+    # Packing (kernels.pack) changes the weights' layout, not the math: 2+ rows are bit-equal.
+    from runner import kernels
+    from runner.lm import Pack
+    loaded = load_model(name=None, path=str(hf_checkpoints[kind]), dtype=torch.float32, device="cpu")
+    lms = {p: LM(loaded.config, loaded.weights, torch.device("cpu"), torch.float32, pack=p) for p in Pack}
+    head = {p: lm.unit_weights[-1]["lm_w"] for p, lm in lms.items()}
+    if kernels._ONEDNN:
+        assert lms[Pack.UNSHARED].unit_weights[1]["qkv_w"].is_mkldnn
+        tied = loaded.config.tie_embeddings
+        assert head[Pack.UNSHARED].is_mkldnn is (not tied)  # a tied head stays shared and plain
+        assert head[Pack.ALL].is_mkldnn
+    assert not any(t.is_mkldnn for t in lms[Pack.NONE].unit_weights[1].values())
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    with torch.inference_mode():
+        outs = {}
+        for p, lm in lms.items():
+            batch = Batch(lm, prompts, 2)
+            outs[p] = [batch.prefill(), batch.decode(torch.tensor([3, 4]))]
+    for p in (Pack.UNSHARED, Pack.ALL):
+        for a, b in zip(outs[p], outs[Pack.NONE]):
+            assert torch.equal(a, b)
+
+
+def test_project_kv_reads_a_packed_qkv_weight(hf_checkpoints):
+    # ALISA phase III recomputes K/V from a layer's inputs through the K/V rows of the QKV weight.
+    from runner.lm import Pack
+    loaded = load_model(name=None, path=str(hf_checkpoints["llama_gqa_tied"]), dtype=torch.float32, device="cpu")
+    packed = LM(loaded.config, loaded.weights, torch.device("cpu"), torch.float32, pack=Pack.UNSHARED)
+    plain = LM(loaded.config, loaded.weights, torch.device("cpu"), torch.float32, pack=Pack.NONE)
+    unit = packed.units[1]
+    h, pos = torch.randn(4, loaded.config.hidden_size), torch.tensor([0, 3, 5, 9])
+    got = unit.project_kv(packed.unit_weights[1], packed.rope, h, pos)
+    ref = unit.project_kv(plain.unit_weights[1], plain.rope, h, pos)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
