@@ -28,29 +28,33 @@ class Pack(enum.Enum):
 
 class LM:
     def __init__(self, cfg: ModelConfig, weights: dict[str, Tensor], device: torch.device, dtype: torch.dtype,
-                 pack: Pack = Pack.UNSHARED):
+                 pack: Pack = Pack.UNSHARED, release: bool = False):
+        """`release`: drop each weight the LM packs from `weights` once its packed copy exists, so
+        packing holds one weight twice at a time, not the model (the caller's dict is consumed)."""
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.units: list[Unit] = build_units(cfg)
         self.unit_weights = [_weights_of(u, weights) for u in self.units]
         if pack is not Pack.NONE:
-            self._pack(shared=pack is Pack.ALL)
+            self._pack(shared=pack is Pack.ALL, release=weights if release else None)
         self.rope = None
         if cfg.family is Family.LLAMA:
             self.rope = M.rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, dtype, device)
 
-    def _pack(self, shared: bool) -> None:
+    def _pack(self, shared: bool, release: dict[str, Tensor] | None) -> None:
         """Hold the linear weights in oneDNN's packed layout (`kernels.pack`; CPU fp32 only). The
-        caller should then drop its own references, or the plain copies stay resident too. A
-        weight another unit also reads (the head tied to the embedding) stays plain unless
-        `shared`: its packed copy would add its whole size (113 MB on SmolLM2) to memory."""
+        plain copies stay resident while the caller holds them (see `release`). A weight another
+        unit also reads (the head tied to the embedding) stays plain unless `shared`: its packed
+        copy would add its whole size (113 MB on SmolLM2) to memory."""
         uses: dict[int, int] = {}  # by storage: a tied head may be another tensor over the same memory
         for w in self.unit_weights:
             for t in w.values():
                 uses[_storage(t)] = uses.get(_storage(t), 0) + 1
-        for w in self.unit_weights:
-            for key in LINEAR_WEIGHTS & w.keys():
+        for unit, w in zip(self.units, self.unit_weights):
+            for key in sorted(LINEAR_WEIGHTS & w.keys()):
                 if shared or uses[_storage(w[key])] == 1:
                     w[key] = kernels.pack(w[key])
+                    if release is not None and w[key].is_mkldnn:
+                        release.pop(f"{unit.prefix}.{key}", None)
 
     def run(self, ids: Tensor, state: ForwardState) -> Tensor:
         """ids: (b, s) -> logits of the last column (b, v)."""

@@ -51,11 +51,7 @@ def _make_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype:
     if job.offload is not None:
         return _offload_engine(job, loaded, device, dtype)
     from runner.engines.alisa import AlisaEngine
-    engine = AlisaEngine(loaded, device, dtype, job.kv.settings())
-    # The LM holds its linear weights packed (`kernels.pack`): the loaded plain copies would only
-    # double them in memory.
-    loaded.weights.clear()
-    return engine
+    return AlisaEngine(loaded, device, dtype, job.kv.settings())
 
 
 def _offload_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> Engine:

@@ -157,3 +157,14 @@ def test_project_kv_reads_a_packed_qkv_weight(hf_checkpoints):
     ref = unit.project_kv(plain.unit_weights[1], plain.rope, h, pos)
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
+
+
+def test_release_takes_exactly_the_packed_weights_out_of_the_callers_dict(hf_checkpoints):
+    from runner import kernels
+    loaded = load_model(name=None, path=str(hf_checkpoints["llama_gqa_tied"]), dtype=torch.float32, device="cpu")
+    weights = dict(loaded.weights)
+    lm = LM(loaded.config, weights, torch.device("cpu"), torch.float32, release=True)
+    packed = {f"{u.prefix}.{k}" for u, w in zip(lm.units, lm.unit_weights) for k, t in w.items() if t.is_mkldnn}
+    assert set(weights) == set(loaded.weights) - packed
+    if kernels._ONEDNN:
+        assert "layers.0.attn.qkv_w" in packed and "head.lm_w" in weights  # the tied head stays plain

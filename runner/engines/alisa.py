@@ -15,7 +15,9 @@ class AlisaEngine:
 
     def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
                  kv: KVSettings | None = None):
-        self.lm = LM(loaded.config, loaded.weights, device, dtype)
+        # The LM packs the linear weights (kernels.pack) and takes them out of `loaded`, so the plain
+        # copies are freed as it goes.
+        self.lm = LM(loaded.config, loaded.weights, device, dtype, release=True)
         self.kv = kv
         self.tokenizer: TextDecoder = loaded.tokenizer
 
