@@ -96,6 +96,9 @@ def calibrate(*, device: torch.device, offload_dir: str, quick: bool = False,
 def _compute_rows(device: torch.device, dtype: torch.dtype, s: Sizes, side: str) -> list[Row]:
     rows = C.matmul(device, dtype, s.matmul_n, s.repeats, f"tflops.{side}_matmul")
     rows += C.projection(device, dtype, s.projection_mib, s.repeats, f"bandwidth_gbps.{side}_memory")
+    if side == "gpu" and device.type == "cpu":  # the all-resident path's packed weights (kernels.pack)
+        rows += C.projection(device, dtype, s.projection_mib, s.repeats, "bandwidth_gbps.packed_weights",
+                             packed=True)
     rows += C.attention(device, dtype, s.decode, s.prefill, s.repeats, f"tflops.{side}_attention")
     if side == "gpu":  # recomputation runs where the kept inputs are: on the compute device
         rows += C.recompute(device, dtype, *s.recompute, s.repeats, "tflops.gpu_recompute")

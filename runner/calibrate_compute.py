@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from policies import get_policy
+from runner import kernels
 from runner import model as M
 from runner.config import Activation, Family, ModelConfig
 from runner.kv_store import KVSettings
@@ -66,8 +66,10 @@ def matmul(device: torch.device, dtype: torch.dtype, n: int, repeats: int, field
                 "TFLOP/s")]
 
 
-def projection(device: torch.device, dtype: torch.dtype, mib: int, repeats: int, field: str) -> list[Row]:
-    """Decode-shaped projections (8 and 32 rows) by a weight far larger than the caches. Their time is
+def projection(device: torch.device, dtype: torch.dtype, mib: int, repeats: int, field: str,
+               packed: bool = False) -> list[Row]:
+    """Decode-shaped projections (8 and 32 rows) by a weight far larger than the caches, through the
+    runner's own linear (`kernels.linear`; `packed`: on a weight from `kernels.pack`). Their time is
     about a fixed cost of reading the weight plus a per-row FLOP cost (on a CPU the same cores do
     both), so weight bytes / the fixed part is the streaming rate a decode step's weight reads get.
     (A single row takes a separate gemv path that streams ~2x faster here: not what batches see.)"""
@@ -75,15 +77,18 @@ def projection(device: torch.device, dtype: torch.dtype, mib: int, repeats: int,
     rows = max(1, mib * MIB // (cols * dtype.itemsize))
     w = _rand(rows, cols, device=device, dtype=dtype)
     nbytes = w.numel() * w.element_size()
+    if packed:
+        w = kernels.pack(w)
     t = {}
     for b in (8, 32):
         x = _rand(b, cols, device=device, dtype=dtype)
-        t[b] = median_seconds(lambda: F.linear(x, w), device, repeats=repeats)
+        t[b] = median_seconds(lambda: kernels.linear(x, w), device, repeats=repeats)
     per_row = max(0.0, (t[32] - t[8]) / 24)
     fixed = t[8] - 8 * per_row
     if fixed < t[8] / 2:  # rows cost as much as the weight read: no clean split, take the whole time
         fixed = t[8]
-    return [row(f"decode projection {device.type}", field, f"(8 and 32 x{cols}) @ ({cols}x{rows}) {_name(dtype)}, "
+    what = "packed weight" if packed else "decode projection"
+    return [row(f"{what} {device.type}", field, f"(8 and 32 x{cols}) @ ({cols}x{rows}) {_name(dtype)}, "
                 f"{nbytes // MIB} MiB: {t[8] * 1e3:.2f} / {t[32] * 1e3:.2f} ms, weight-read part", fixed,
                 nbytes / fixed / 1e9, "GB/s")]
 

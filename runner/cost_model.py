@@ -74,12 +74,15 @@ class Prediction:
 
 # ---------------------------------------------------------------- compute
 
-def _mm_s(hw: HardwareProfile, params: float, rows: float, e: int) -> float:
+def _mm_s(hw: HardwareProfile, params: float, rows: float, e: int, packed: bool = False) -> float:
     """A matmul of `rows` rows by a (params)-element weight on the compute device. On an accelerator
     FLOP- or weight-read bound (the roofline); on a CPU the same cores read and multiply, and skinny
-    decode GEMMs measure as the sum of the two (runner/calibrate_compute.py::projection)."""
+    decode GEMMs measure as the sum of the two (runner/calibrate_compute.py::projection). `packed`:
+    the weight is held in oneDNN's layout (`kernels.pack`, the all-resident CPU path), which a
+    profile may give its own read rate (`bandwidth_gbps.packed_weights`)."""
+    bw = hw.bandwidth_gbps
     compute = 2 * params * rows / (hw.tflops.gpu_matmul * 1e12)
-    read = params * e / (hw.bandwidth_gbps.gpu_memory * 1e9)
+    read = params * e / ((bw.packed_weights if packed and bw.packed_weights > 0 else bw.gpu_memory) * 1e9)
     return max(compute, read) if hw.accelerator else compute + read
 
 
@@ -104,6 +107,7 @@ class _Shape:
     off_bytes: dict[str, dict[Tier, int]]  # per unit kind: weight bytes in each home tier
     staged: dict[str, int]  # per unit kind: elements staged from off the gpu (compressed ones included)
     copies: dict[str, int]  # per unit kind: tensors loaded per step
+    packed: frozenset[str]  # unit kinds whose matrices the plain path holds packed (runner.lm.Pack.UNSHARED)
 
 
 def _shape(w: Workload, plan: Plan) -> _Shape:
@@ -119,7 +123,8 @@ def _shape(w: Workload, plan: Plan) -> _Shape:
                   attn_params=_matrix_params(units["attn"].weight_shapes()),
                   mlp_params=_matrix_params(units["mlp"].weight_shapes()),
                   head_params=_matrix_params(units["head"].weight_shapes()), off_bytes=off, staged=staged,
-                  copies=copies)
+                  copies=copies, packed=frozenset() if plan.offload is not None else
+                  frozenset({"attn", "mlp"} | (set() if w.cfg.tie_embeddings else {"head"})))
 
 
 # ---------------------------------------------------------------- streams per unit
@@ -219,7 +224,7 @@ def _attention_compute(hw: HardwareProfile, w: Workload, sh: _Shape, plan: Plan,
     """One attention unit over the block: projections, attention, selection and fixed costs."""
     c, bw, tf, kv = w.cfg, hw.bandwidth_gbps, hw.tflops, w.kv
     tokens = 1 if decode else w.prompt_len
-    proj = _mm_s(hw, sh.attn_params, sh.b * tokens, sh.e)
+    proj = _mm_s(hw, sh.attn_params, sh.b * tokens, sh.e, "attn" in sh.packed)
     if not decode:  # SDPA over the prompt: a big batched matmul
         attn = 4 * sh.b * c.num_heads * lengths * lengths * c.head_dim / (tf.gpu_matmul * 1e12)
         return sh.k * (proj + attn + hw.overhead_us.layer * 1e-6)
@@ -275,9 +280,10 @@ def _step(hw: HardwareProfile, w: Workload, sh: _Shape, plan: Plan, lengths: np.
             elif plan.offload is not None:
                 _sequence_kv(hw, w, sh, policy, lengths, st, 1 if decode else w.prompt_len)
         elif kind == "mlp":
-            st["compute"] += sh.k * _mm_s(hw, sh.mlp_params, sh.b * tokens, sh.e)
+            st["compute"] += sh.k * _mm_s(hw, sh.mlp_params, sh.b * tokens, sh.e, "mlp" in sh.packed)
         elif kind == "head":  # logits of the last position only, and the step's fixed cost
-            st["compute"] += sh.k * (_mm_s(hw, sh.head_params, sh.b, sh.e) + hw.overhead_us.step * 1e-6)
+            st["compute"] += sh.k * (_mm_s(hw, sh.head_params, sh.b, sh.e, "head" in sh.packed)
+                                     + hw.overhead_us.step * 1e-6)
         if not hw.accelerator:
             _shared_cpu(hw, st, n)
         total += count * _unit_time(st, overlap)

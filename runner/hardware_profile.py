@@ -49,6 +49,15 @@ class Bandwidth(_Positive):
     disk_from_cpu: float  # disk write, synced
     gpu_memory: float  # device memory (decode matmuls and attention are bound by it)
     cpu_memory: float  # host memory (cpu_cache_compute attention)
+    # CPU only: the weight-read rate of decode matmuls on weights packed once for oneDNN (the
+    # all-resident path, runner/kernels.py::pack), which skip the per-call reorder; 0 = gpu_memory.
+    packed_weights: float = 0.0
+
+    def _validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not (value >= 0 if f.name == "packed_weights" else value > 0):
+                raise _bad(self._key(f.name), f"must be > 0, got {value:g}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
