@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from policies import get_policy
 from runner import kernels
@@ -68,11 +69,16 @@ def matmul(device: torch.device, dtype: torch.dtype, n: int, repeats: int, field
 
 def projection(device: torch.device, dtype: torch.dtype, mib: int, repeats: int, field: str,
                packed: bool = False) -> list[Row]:
-    """Decode-shaped projections (8 and 32 rows) by a weight far larger than the caches, through the
-    runner's own linear (`kernels.linear`; `packed`: on a weight from `kernels.pack`). Their time is
+    """Decode-shaped projections (8 and 32 rows) by a weight far larger than the caches. Their time is
     about a fixed cost of reading the weight plus a per-row FLOP cost (on a CPU the same cores do
     both), so weight bytes / the fixed part is the streaming rate a decode step's weight reads get.
-    (A single row takes a separate gemv path that streams ~2x faster here: not what batches see.)"""
+    (A single row takes a separate gemv path that streams ~2x faster here: not what batches see.)
+
+    `packed`: through the all-resident path's own linear on a packed weight (`kernels.pack`).
+    Otherwise F.linear on a plain weight: the executor's linears get each weight freshly staged,
+    reordered on every call, and this figure is the one its committed fidelity rows were predicted
+    with (`kernels.linear` on a resident plain weight measured ~2.7x higher and over-predicted them
+    by up to 48%, results/bench/cost-model-fidelity at 627b8cf)."""
     cols = 4096
     rows = max(1, mib * MIB // (cols * dtype.itemsize))
     w = _rand(rows, cols, device=device, dtype=dtype)
@@ -82,7 +88,7 @@ def projection(device: torch.device, dtype: torch.dtype, mib: int, repeats: int,
     t = {}
     for b in (8, 32):
         x = _rand(b, cols, device=device, dtype=dtype)
-        t[b] = median_seconds(lambda: kernels.linear(x, w), device, repeats=repeats)
+        t[b] = median_seconds(lambda: kernels.linear(x, w) if packed else F.linear(x, w), device, repeats=repeats)
     per_row = max(0.0, (t[32] - t[8]) / 24)
     fixed = t[8] - 8 * per_row
     if fixed < t[8] / 2:  # rows cost as much as the weight read: no clean split, take the whole time
