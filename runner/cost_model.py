@@ -78,11 +78,14 @@ def _mm_s(hw: HardwareProfile, params: float, rows: float, e: int, packed: bool 
     """A matmul of `rows` rows by a (params)-element weight on the compute device. On an accelerator
     FLOP- or weight-read bound (the roofline); on a CPU the same cores read and multiply, and skinny
     decode GEMMs measure as the sum of the two (runner/calibrate_compute.py::projection). `packed`:
-    the weight is held in oneDNN's layout (`kernels.pack`, the all-resident CPU path), which a
-    profile may give its own read rate (`bandwidth_gbps.packed_weights`)."""
+    the weight is held in oneDNN's layout (`kernels.pack`, the all-resident CPU path); with a
+    profile's `bandwidth_gbps.packed_weights` that kernel streams at that rate and overlaps the
+    FLOPs (the max, as on an accelerator)."""
     bw = hw.bandwidth_gbps
     compute = 2 * params * rows / (hw.tflops.gpu_matmul * 1e12)
-    read = params * e / ((bw.packed_weights if packed and bw.packed_weights > 0 else bw.gpu_memory) * 1e9)
+    if packed and bw.packed_weights > 0:
+        return max(compute, params * e / (bw.packed_weights * 1e9))
+    read = params * e / (bw.gpu_memory * 1e9)
     return max(compute, read) if hw.accelerator else compute + read
 
 
