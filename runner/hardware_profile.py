@@ -55,9 +55,9 @@ class Bandwidth(_Positive):
 
     def _validate(self) -> None:
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not (value >= 0 if f.name == "packed_weights" else value > 0):
-                raise _bad(self._key(f.name), f"must be > 0, got {value:g}")
+            value, optional = getattr(self, f.name), f.name == "packed_weights"
+            if not (value >= 0 if optional else value > 0):
+                raise _bad(self._key(f.name), f"must be {'>=' if optional else '>'} 0, got {value:g}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

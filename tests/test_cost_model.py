@@ -56,6 +56,24 @@ def test_plain_decode_is_weight_and_kv_reads_by_hand():
     assert p.total_throughput == pytest.approx(2 * 3 / (p.prefill_s + p.decode_s))
 
 
+def test_packed_weights_read_at_their_own_rate_on_the_plain_cpu_path():
+    # A CPU profile with packed_weights 2 GB/s: the plain path's attention and MLP matrices (packed,
+    # runner.lm.Pack.UNSHARED) stream at 2 GB/s; the tied head (kept plain), and every matrix the
+    # executor runs, at gpu_memory's 1 GB/s. FLOPs are free here, so max and sum agree.
+    hw = dataclasses.replace(_profile(packed_weights=2.0), accelerator=False)
+    w = _workload()
+    kv = sum(2 * L * 2 * 64 * E for L in (11, 12))
+    plain = predict(w, Plan(gpu_batch_size=2), hw)
+    packed_step = (ATTN_PARAMS + MLP_PARAMS) * E / 2 + HEAD_PARAMS * E
+    assert plain.decode_s == pytest.approx((2 * packed_step + kv) / 1e9, rel=1e-9)
+    unpacked = dataclasses.replace(hw, bandwidth_gbps=dataclasses.replace(hw.bandwidth_gbps, packed_weights=0.0))
+    every_step = (ATTN_PARAMS + MLP_PARAMS + HEAD_PARAMS) * E
+    assert predict(w, Plan(gpu_batch_size=2), unpacked).decode_s == pytest.approx((2 * every_step + kv) / 1e9,
+                                                                                   rel=1e-9)
+    executor = predict(w, Plan(gpu_batch_size=2, num_gpu_batches=1, offload=OffloadPolicy()), hw)
+    assert executor.decode_s == pytest.approx((2 * every_step + kv) / 1e9, rel=1e-9)
+
+
 def test_prefill_is_flop_bound_when_flops_are_scarce():
     hw = dataclasses.replace(_profile(gpu_memory=1e9), tflops=Compute(gpu_matmul=1e-3, gpu_attention=1e-3,
                                                                        gpu_recompute=1e-3, cpu_matmul=1e-3,

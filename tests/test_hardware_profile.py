@@ -94,6 +94,8 @@ def _write_variant(tmp_path: Path, edit) -> str:
     (lambda d: d["tflops"].update(gpu_matmul=-1.0), "tflops.gpu_matmul", "must be > 0"),
     (lambda d: d["memory_gb"].update(disk=0), "memory_gb.disk", "must be > 0"),
     (lambda d: d["overhead_us"].update(layer=-5), "overhead_us.layer", "must be >= 0"),
+    (lambda d: d["bandwidth_gbps"].update(packed_weights=-1.0), "bandwidth_gbps.packed_weights", "must be >= 0"),
+    (lambda d: d["bandwidth_gbps"].update(gpu_memory=0), "bandwidth_gbps.gpu_memory", "must be > 0"),
     (lambda d: d["tflops"].update(cpu_matmul="fast"), "tflops.cpu_matmul", "must be a number"),
     (lambda d: d["bandwidth_gbps"].pop("gpu_memory"), "bandwidth_gbps.gpu_memory", "required"),
     (lambda d: d.update(usable_fraction=1.5), "usable_fraction", "must be in (0, 1]"),
