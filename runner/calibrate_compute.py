@@ -76,11 +76,12 @@ def projection(device: torch.device, dtype: torch.dtype, mib: int, repeats: int,
 
     `packed`: through the all-resident path's own linear on a packed weight (`kernels.pack`). That
     kernel overlaps the read with the FLOPs (8 rows take about the weight's streaming time, 32 rows
-    about their FLOPs at the GEMM rate), so the figure is weight bytes / the 8-row time, and the cost
-    model takes the max of the two, not the sum. Otherwise F.linear on a plain weight: the executor's linears get each weight freshly staged,
-    reordered on every call, and this figure is the one its committed fidelity rows were predicted
-    with (`kernels.linear` on a resident plain weight measured ~2.7x higher and over-predicted them
-    by up to 48%, results/bench/cost-model-fidelity at 627b8cf)."""
+    about their FLOPs at the GEMM rate), so the figure is weight bytes / the 8-row time, and the
+    cost model takes the max of the two, not the sum.
+    Otherwise F.linear on a plain weight: the executor's linears get each weight freshly staged and
+    reordered on every call, and this is the figure its fidelity rows fit (`kernels.linear` on a
+    resident plain weight measured ~2.7x higher and over-predicted them by up to 48%:
+    results/bench/cost-model-fidelity, the rows of commit 627b8cf)."""
     cols = 4096
     rows = max(1, mib * MIB // (cols * dtype.itemsize))
     w = _rand(rows, cols, device=device, dtype=dtype)
@@ -90,14 +91,15 @@ def projection(device: torch.device, dtype: torch.dtype, mib: int, repeats: int,
     t = {}
     for b in (8, 32):
         x = _rand(b, cols, device=device, dtype=dtype)
-        t[b] = median_seconds(lambda: kernels.linear(x, w) if packed else F.linear(x, w), device, repeats=repeats)
+        fn = kernels.linear if packed else F.linear
+        t[b] = median_seconds(lambda: fn(x, w), device, repeats=repeats)
     per_row = max(0.0, (t[32] - t[8]) / 24)
     fixed = t[8] - 8 * per_row
     if packed or fixed < t[8] / 2:  # overlapped, or rows cost as much as the read: take the whole time
         fixed = t[8]
-    what = "packed weight, 8-row time" if packed else "decode projection, weight-read part"
-    return [row(f"{what.split(',')[0]} {device.type}", field, f"(8 and 32 x{cols}) @ ({cols}x{rows}) {_name(dtype)}, "
-                f"{nbytes // MIB} MiB: {t[8] * 1e3:.2f} / {t[32] * 1e3:.2f} ms,{what.split(',')[1]}", fixed,
+    what, part = ("packed weight", "8-row time") if packed else ("decode projection", "weight-read part")
+    return [row(f"{what} {device.type}", field, f"(8 and 32 x{cols}) @ ({cols}x{rows}) {_name(dtype)}, "
+                f"{nbytes // MIB} MiB: {t[8] * 1e3:.2f} / {t[32] * 1e3:.2f} ms, {part}", fixed,
                 nbytes / fixed / 1e9, "GB/s")]
 
 
