@@ -1,12 +1,17 @@
-"""Kernel choice for the linears, where the default CPU one is measurably slow.
+"""Kernel choice where the default CPU one is measurably slow: the linears, and decode
+attention's two passes over the KV cache.
 
 Kept apart from `model.py` so the model math stays free of device checks.
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from runner import native
 
 
 def _has_onednn_linear() -> bool:
@@ -57,3 +62,79 @@ def pack(w: Tensor) -> Tensor:
 def plain(w: Tensor) -> Tensor:
     """The (out, in) matrix of a weight, packed or not (a packed one is copied out)."""
     return w.to_dense() if w.is_mkldnn else w
+
+
+# ---- decode attention ---------------------------------------------------------------------------
+_NATIVE_MAX_D = 256  # runner/native/decode_attention.c: MAX_D; d must also be a multiple of 16
+
+
+def _native_for(x: Tensor, parts: list[Tensor]) -> ctypes.CDLL | None:
+    """The native library if it takes these tensors (queries or probabilities `x`, K or V `parts`):
+    fp32 CPU, no autograd, a head dim it was built for, each part's rows of d contiguous."""
+    d = parts[0].shape[-1]
+    if d % 16 or d > _NATIVE_MAX_D:
+        return None
+    for t in (x, *parts):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 or t.requires_grad:
+            return None
+    if any(x.stride(-1) != 1 or (x.shape[-2] > 1 and x.stride(-2) != d) for x in parts):
+        return None
+    return native.status().library
+
+
+def decode_attention_kernel(head_dim: int, device: torch.device, dtype: torch.dtype) -> str:
+    """What decode attention runs on for this model and device: "native" or "torch" (a CSV column,
+    so a slow row can be told from a machine without a compiler)."""
+    native_shape = head_dim % 16 == 0 and head_dim <= _NATIVE_MAX_D
+    usable = device.type == "cpu" and dtype == torch.float32 and native_shape
+    return "native" if usable and native.status().available else "torch"
+
+
+def decode_scores(qg: Tensor, ks: list[Tensor], scale: float) -> Tensor:
+    """scale * qg @ K^T over the parts of K, side by side: qg (b, kvh, g, d), each part
+    (b, kvh, t_i, d) -> (b, kvh, g, sum t_i).
+
+    Natively, each key's score is the same tree of sums whatever part or slot holds it (so a
+    sparse selection scores a token exactly as the dense cache does), written straight into one
+    buffer (no concatenation); else batched matmuls.
+    """
+    lib = _native_for(qg, ks)
+    if lib is None:
+        parts = [torch.matmul(qg, k.transpose(-1, -2)) for k in ks]  # (b, kvh, g, t_i)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)) * scale
+    b, kvh, g, d = qg.shape
+    total = sum(k.shape[2] for k in ks)
+    q = qg.contiguous()
+    scores = torch.empty((b, kvh, g, total), dtype=q.dtype)
+    offset = 0
+    for k in ks:
+        t = k.shape[2]
+        if t and b:
+            lib.decode_scores(q.data_ptr(), k.data_ptr(), scores.data_ptr() + 4 * offset, b * kvh, g, d, t,
+                              k.stride(0), k.stride(1), kvh, total, scale, torch.get_num_threads())
+        offset += t
+    return scores
+
+
+def decode_values(probs: Tensor, vs: list[Tensor]) -> Tensor:
+    """probs @ V over the parts of V: probs (b, kvh, g, sum t_i), each part (b, kvh, t_i, d) ->
+    (b, kvh, g, d). Natively one running sum per output, continued across the parts in order
+    (so it equals the sum over their concatenation); else a matmul per part, added."""
+    lib = _native_for(probs, vs)
+    sizes = [v.shape[2] for v in vs]
+    if lib is None:
+        out = None
+        for p, v in zip(probs.split(sizes, dim=-1), vs):
+            out = torch.matmul(p, v) if out is None else out.add_(torch.matmul(p, v))  # (b, kvh, g, d)
+        return out
+    b, kvh, g, total = probs.shape
+    d = vs[0].shape[-1]
+    p = probs.contiguous()
+    out = torch.empty((b, kvh, g, d), dtype=p.dtype)
+    offset = 0
+    for i, v in enumerate(vs):
+        if b:
+            lib.decode_values(p.data_ptr() + 4 * offset, v.data_ptr(), out.data_ptr(), b * kvh, g, d, v.shape[2],
+                              v.stride(0), v.stride(1), kvh, total, int(i > 0), torch.get_num_threads())
+        offset += v.shape[2]
+    return out

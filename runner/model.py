@@ -87,14 +87,11 @@ def attention_decode(q: Tensor, k: Tensor | list[Tensor], v: Tensor | list[Tenso
     b, nh, _, d = q.shape
     kvh = ks[0].shape[1]
     qg = q.view(b, kvh, nh // kvh, d)  # (b, kvh, g, d): GQA without copying K/V
-    parts = [torch.matmul(qg, kp.transpose(-1, -2)) for kp in ks]  # (b, kvh, g, t_i)
-    scores = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)) * (1.0 / math.sqrt(d))
+    scores = kernels.decode_scores(qg, ks, 1.0 / math.sqrt(d))  # (b, kvh, g, t)
     if bias is not None:
         scores = scores + bias
     probs = torch.softmax(scores, dim=-1)  # (b, kvh, g, t)
-    out = None
-    for p, vp in zip(probs.split([kp.shape[2] for kp in ks], dim=-1), vs):
-        out = torch.matmul(p, vp) if out is None else out.add_(torch.matmul(p, vp))  # (b, kvh, g, d)
+    out = kernels.decode_values(probs, vs)  # (b, kvh, g, d)
     return out.view(b, nh, 1, d), probs.view(b, nh, -1)
 
 

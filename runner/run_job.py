@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 import yaml
 
+from runner import kernels
 from runner.dataset import DatasetError, Prompt, count_records, iter_records
 from runner.engines import Engine
 from runner.job import Device, DType, Engine as EngineKind, JobSpec, OutputOrder
@@ -299,6 +300,8 @@ def _row(job: JobSpec, loaded: LoadedModel, totals: Totals, device: torch.device
         kv_bytes_per_token=totals.kv_bytes_per_token or
         loaded.config.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size()),
         num_threads=torch.get_num_threads(), sweep_point=sweep_point, kv_mode=job.kv.mode.value,
+        decode_attention=(kernels.decode_attention_kernel(loaded.config.head_dim, device, dtype)
+                          if job.engine is EngineKind.ALISA else ""),
         kv_sparsity=job.kv.sparsity, kv_budget_tokens=job.kv.budget_tokens, kv_bits=job.kv.bits,
         kv_peak_bytes=totals.kv_peak_bytes, **_link_columns(job), **offload_columns,
         **{f"kv_{phase}_s": round(s, 4) for phase, s in totals.kv_phase_s.items()},

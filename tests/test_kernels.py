@@ -1,11 +1,19 @@
-"""The oneDNN linear must compute what F.linear computes, for wide and narrow weights."""
+"""The oneDNN linear must compute what F.linear computes, for wide and narrow weights; the native
+decode attention what float64 matmuls compute, and the same whatever parts the cache comes in."""
 from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from runner import kernels
+from runner import kernels, native
 
 
 @pytest.mark.parametrize("shape, out_features, bias", [((1, 576), 49152, False), ((8, 1, 576), 960, True),
@@ -61,3 +69,93 @@ def test_plain_undoes_pack_and_pack_leaves_what_it_cannot_pack():
         assert kernels.pack(other) is other
     packed = kernels.pack(w)
     assert kernels.pack(packed) is packed
+
+
+# ---- decode attention ---------------------------------------------------------------------------
+needs_native = pytest.mark.skipif(not native.status().available, reason=native.status().reason)
+
+
+def _cache_views(b, kvh, t, d, seed, capacity_extra=7):
+    """K or V as the cache holds them: views of the first t slots of a longer buffer."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, kvh, t + capacity_extra, d, generator=g)[:, :, :t]
+
+
+def _reference(qg, ks, vs, probs):
+    scale = 1.0 / math.sqrt(qg.shape[-1])
+    scores = torch.cat([qg.double() @ k.double().transpose(-1, -2) for k in ks], dim=-1) * scale
+    values = probs.double() @ torch.cat([v.double() for v in vs], dim=2)
+    return scores, values
+
+
+@needs_native
+@pytest.mark.parametrize("b, kvh, g, d, sizes", [
+    (32, 3, 3, 64, [544]),  # SmolLM2 at decode
+    (2, 3, 3, 64, [5, 0, 37]),  # picks + an empty part + a recent run; tails shorter than 16
+    (1, 1, 1, 16, [1]),
+    (3, 2, 12, 128, [40, 9]),  # more query heads per kv head than one values pass takes (8)
+    (2, 4, 2, 256, [16, 31]),
+])
+def test_native_decode_matches_float64(b, kvh, g, d, sizes):
+    qg = torch.randn(b, kvh, g, d)
+    ks = [_cache_views(b, kvh, t, d, seed=i) for i, t in enumerate(sizes)]
+    vs = [_cache_views(b, kvh, t, d, seed=10 + i) for i, t in enumerate(sizes)]
+    probs = torch.softmax(torch.randn(b, kvh, g, sum(sizes)), dim=-1)
+    assert kernels._native_for(qg, ks) is not None and kernels._native_for(probs, vs) is not None
+    ref_scores, ref_values = _reference(qg, ks, vs, probs)
+    scores, values = kernels.decode_scores(qg, ks, 1.0 / math.sqrt(d)), kernels.decode_values(probs, vs)
+    # fp32 sums of d (scores) or t (values) products: a few ulps of the magnitudes summed.
+    torch.testing.assert_close(scores.double(), ref_scores, rtol=0, atol=1e-5 * math.sqrt(d))
+    torch.testing.assert_close(values.double(), ref_values, rtol=0, atol=1e-6 * max(sizes))
+    assert scores.dtype == values.dtype == torch.float32
+
+
+@needs_native
+def test_native_decode_does_not_depend_on_how_the_cache_is_split():
+    # A sparse selection attends over picks + the recent run; scoring and summing them natively
+    # must give what the whole run gives, bit for bit, so full-budget policies equal dense.
+    b, kvh, g, d, t = 4, 3, 3, 64, 70
+    qg, k, v = torch.randn(b, kvh, g, d), _cache_views(b, kvh, t, d, 1), _cache_views(b, kvh, t, d, 2)
+    probs = torch.softmax(torch.randn(b, kvh, g, t), dim=-1)
+    whole_s, whole_v = kernels.decode_scores(qg, [k], 0.125), kernels.decode_values(probs, [v])
+    for cut in (1, 16, 33, 69):
+        parts_k, parts_v = [k[:, :, :cut], k[:, :, cut:]], [v[:, :, :cut], v[:, :, cut:]]
+        assert torch.equal(kernels.decode_scores(qg, parts_k, 0.125), whole_s)
+        assert torch.equal(kernels.decode_values(probs, parts_v), whole_v)
+    shuffled = torch.randperm(t)
+    assert torch.equal(kernels.decode_scores(qg, [k[:, :, shuffled]], 0.125), whole_s[..., shuffled])
+
+
+def test_decode_attention_falls_back_to_matmul_where_native_does_not_apply():
+    qg = torch.randn(2, 1, 4, 40)  # head dim 40: not a multiple of 16
+    k, v = torch.randn(2, 1, 9, 40), torch.randn(2, 1, 9, 40)
+    probs = torch.softmax(torch.randn(2, 1, 4, 9), dim=-1)
+    assert kernels._native_for(qg, [k]) is None
+    assert torch.equal(kernels.decode_scores(qg, [k], 0.5), (qg @ k.transpose(-1, -2)) * 0.5)
+    assert torch.equal(kernels.decode_values(probs, [v]), probs @ v)
+    for other in (k.double(), k.transpose(-1, -2).contiguous().transpose(-1, -2), k.requires_grad_()):
+        assert kernels._native_for(qg, [other]) is None  # not fp32 / rows not contiguous / autograd
+
+
+def _status_in_subprocess(tmp_path, **env) -> str:
+    code = "from runner import native; s = native.status(); print(s.available, s.reason)"
+    full_env = {**os.environ, "ALISA_NATIVE_CACHE": str(tmp_path), **env}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_native_status_says_why_it_is_off(tmp_path):
+    assert _status_in_subprocess(tmp_path, ALISA_NATIVE="0") == "False turned off by ALISA_NATIVE=0"
+    assert _status_in_subprocess(tmp_path, CC="no-such-compiler") == "False no C compiler (no-such-compiler) on PATH"
+    failed = _status_in_subprocess(tmp_path, CC="false")  # a "compiler" that always fails
+    assert failed.startswith("False ") and "failed on decode_attention.c" in failed
+    assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler here")
+def test_native_kernels_build_wherever_there_is_a_compiler(tmp_path):
+    # A fresh cache: this builds from source, as a user's first run does.
+    assert _status_in_subprocess(tmp_path).startswith("True built by")
+    assert len(list(tmp_path.glob("decode_attention-*.so"))) == 1
