@@ -25,14 +25,6 @@ class Pack(enum.Enum):
     UNSHARED = "unshared"  # all but a weight shared with another unit (a tied head)
     ALL = "all"  # the tied head too, as a second copy
 
-    @classmethod
-    def for_batch(cls, rows: int) -> "Pack":
-        """ALL from 2 rows a batch, else UNSHARED. Given a plain weight, oneDNN reorders it on every
-        call of 2 or more rows (a second pass over the tied head, 113 MB on SmolLM2, each step), so
-        its packed copy pays for its memory there; at 1 row it runs the plain weight without a
-        reorder, and the copy would cost memory for nothing."""
-        return cls.ALL if rows > 1 else cls.UNSHARED
-
 
 class LM:
     def __init__(self, cfg: ModelConfig, weights: dict[str, Tensor], device: torch.device, dtype: torch.dtype,

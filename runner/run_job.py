@@ -52,7 +52,7 @@ def _make_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype:
     if job.offload is not None:
         return _offload_engine(job, loaded, device, dtype)
     from runner.engines.alisa import AlisaEngine
-    return AlisaEngine(loaded, device, dtype, job.kv.settings(), batch_rows=job.batch.gpu_batch_size)
+    return AlisaEngine(loaded, device, dtype, job.kv.settings())
 
 
 def _offload_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> Engine:

@@ -168,16 +168,3 @@ def test_release_takes_exactly_the_packed_weights_out_of_the_callers_dict(hf_che
     assert set(weights) == set(loaded.weights) - packed
     if kernels._ONEDNN:
         assert "layers.0.attn.qkv_w" in packed and "head.lm_w" in weights  # the tied head stays plain
-
-
-@pytest.mark.parametrize("rows, head_packed", [(1, False), (2, True), (64, True)])
-def test_engine_packs_a_tied_head_only_for_batches_of_two_rows_or_more(hf_checkpoints, rows, head_packed):
-    # At 1 row oneDNN runs a plain weight as is; from 2 rows it would reorder the tied head on
-    # every call, so only then is its packed copy worth the memory.
-    from runner import kernels
-    from runner.engines.alisa import AlisaEngine
-    loaded = load_model(name=None, path=str(hf_checkpoints["llama_gqa_tied"]), dtype=torch.float32, device="cpu")
-    engine = AlisaEngine(loaded, torch.device("cpu"), torch.float32, batch_rows=rows)
-    head, embed = engine.lm.unit_weights[-1]["lm_w"], engine.lm.unit_weights[0]["tok_w"]
-    assert head.is_mkldnn is (head_packed and kernels._ONEDNN)
-    assert not embed.is_mkldnn  # the embedding's rows are indexed: always plain

@@ -5,7 +5,7 @@ import torch
 
 from runner.kv_store import KVSettings
 from runner.generate import BatchOutput, TextDecoder, generate_batch
-from runner.lm import LM, Pack
+from runner.lm import LM
 from runner.sampling import SamplingParams
 from runner.weights import LoadedModel
 
@@ -14,10 +14,10 @@ class AlisaEngine:
     name = "alisa"
 
     def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
-                 kv: KVSettings | None = None, batch_rows: int = 1):
+                 kv: KVSettings | None = None):
         # The LM packs the linear weights (kernels.pack) and takes them out of `loaded`, so the plain
-        # copies are freed as it goes; a tied head too where batches of `batch_rows` make it pay.
-        self.lm = LM(loaded.config, loaded.weights, device, dtype, pack=Pack.for_batch(batch_rows), release=True)
+        # copies are freed as it goes.
+        self.lm = LM(loaded.config, loaded.weights, device, dtype, release=True)
         self.kv = kv
         self.tokenizer: TextDecoder = loaded.tokenizer
 
