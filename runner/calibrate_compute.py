@@ -88,10 +88,10 @@ def projection(device: torch.device, dtype: torch.dtype, mib: int, repeats: int,
     nbytes = w.numel() * w.element_size()
     if packed:
         w = kernels.pack(w)
+    fn = kernels.linear if packed else F.linear
     t = {}
     for b in (8, 32):
         x = _rand(b, cols, device=device, dtype=dtype)
-        fn = kernels.linear if packed else F.linear
         t[b] = median_seconds(lambda: fn(x, w), device, repeats=repeats)
     per_row = max(0.0, (t[32] - t[8]) / 24)
     fixed = t[8] - 8 * per_row

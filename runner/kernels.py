@@ -68,11 +68,15 @@ def plain(w: Tensor) -> Tensor:
 _NATIVE_MAX_D = 256  # runner/native/decode_attention.c: MAX_D; d must also be a multiple of 16
 
 
+def _native_head_dim(d: int) -> bool:
+    return d % 16 == 0 and d <= _NATIVE_MAX_D
+
+
 def _native_for(x: Tensor, parts: list[Tensor]) -> ctypes.CDLL | None:
     """The native library if it takes these tensors (queries or probabilities `x`, K or V `parts`):
     fp32 CPU, no autograd, a head dim it was built for, each part's rows of d contiguous."""
     d = parts[0].shape[-1]
-    if d % 16 or d > _NATIVE_MAX_D:
+    if not _native_head_dim(d):
         return None
     for t in (x, *parts):
         if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 or t.requires_grad:
@@ -85,8 +89,7 @@ def _native_for(x: Tensor, parts: list[Tensor]) -> ctypes.CDLL | None:
 def decode_attention_kernel(head_dim: int, device: torch.device, dtype: torch.dtype) -> str:
     """What decode attention runs on for this model and device: "native" or "torch" (a CSV column,
     so a slow row can be told from a machine without a compiler)."""
-    native_shape = head_dim % 16 == 0 and head_dim <= _NATIVE_MAX_D
-    usable = device.type == "cpu" and dtype == torch.float32 and native_shape
+    usable = device.type == "cpu" and dtype == torch.float32 and _native_head_dim(head_dim)
     return "native" if usable and native.status().available else "torch"
 
 

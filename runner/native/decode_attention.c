@@ -58,32 +58,35 @@ static inline vf transpose_sum(const vf *v) {
        + SHUF(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
+/* The first K or V row of pair p (a sequence's kv head). */
+static inline const float *pair_rows(const float *base, long p, long kvh, long batch_stride,
+                                     long head_stride) {
+  return base + (p / kvh) * batch_stride + (p % kvh) * head_stride;
+}
+
+/* dst[j] = scale * q . k[j] for n <= W keys, through one tree: the last, partial block too, so a
+ * key's score never depends on the slot it sits in. */
+static inline __attribute__((always_inline)) void score_block(const float *q, const float *k, long n,
+                                                              long d, float scale, float *dst) {
+  vf lanes[W];
+  for (int jj = 0; jj < W; ++jj) lanes[jj] = jj < n ? dot_lanes(q, k + jj * d, d) : (vf){0};
+  vf r = transpose_sum(lanes) * scale;
+  memcpy(dst, &r, n * sizeof(float));
+}
+
 /* s[p, i, j] = scale * q[p, i] . K[p, j] for j < t. */
 void decode_scores(const float *q, const float *k, float *s, long pairs, long g, long d, long t,
                    long batch_stride, long head_stride, long kvh, long row_stride, float scale,
                    int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long p = 0; p < pairs; ++p) {
-    const float *kp = k + (p / kvh) * batch_stride + (p % kvh) * head_stride;
-    const float *qp = q + p * g * d;
-    float *sp = s + p * g * row_stride;
+    const float *kp = pair_rows(k, p, kvh, batch_stride, head_stride);
     long j0 = 0;
-    for (; j0 + W <= t; j0 += W) {  /* W keys at a time: they stay in L1 across the g heads */
-      for (long i = 0; i < g; ++i) {
-        vf lanes[W];
-        for (int jj = 0; jj < W; ++jj) lanes[jj] = dot_lanes(qp + i * d, kp + (j0 + jj) * d, d);
-        vf r = transpose_sum(lanes) * scale;
-        memcpy(sp + i * row_stride + j0, &r, sizeof r);
-      }
-    }
-    if (j0 < t) {  /* the tail through the same tree, so a key's score never depends on its slot */
-      for (long i = 0; i < g; ++i) {
-        vf lanes[W] = {{0}};
-        for (long jj = 0; j0 + jj < t; ++jj) lanes[jj] = dot_lanes(qp + i * d, kp + (j0 + jj) * d, d);
-        vf r = transpose_sum(lanes) * scale;
-        memcpy(sp + i * row_stride + j0, &r, (t - j0) * sizeof(float));
-      }
-    }
+    for (; j0 + W <= t; j0 += W)  /* W keys at a time: they stay in L1 across the g heads */
+      for (long i = 0; i < g; ++i)  /* a constant n: the compiler drops the per-key test here */
+        score_block(q + (p * g + i) * d, kp + j0 * d, W, d, scale, s + (p * g + i) * row_stride + j0);
+    for (long i = 0; j0 < t && i < g; ++i)
+      score_block(q + (p * g + i) * d, kp + j0 * d, t - j0, d, scale, s + (p * g + i) * row_stride + j0);
   }
 }
 
@@ -93,7 +96,7 @@ void decode_values(const float *probs, const float *v, float *out, long pairs, l
                    int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long p = 0; p < pairs; ++p) {
-    const float *vp = v + (p / kvh) * batch_stride + (p % kvh) * head_stride;
+    const float *vp = pair_rows(v, p, kvh, batch_stride, head_stride);
     for (long i0 = 0; i0 < g; i0 += MAX_G) {  /* up to MAX_G heads share each pass over V */
       long n = g - i0 < MAX_G ? g - i0 : MAX_G;
       const float *pp = probs + (p * g + i0) * row_stride;
