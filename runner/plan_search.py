@@ -6,7 +6,8 @@ steps, so opt-175b takes well under 5 s):
   throughput falls or nothing fits (either may be fixed by the job);
 - FlexGen's policy (`search_flexgen`): start with everything on the gpu, move 10-point steps of
   weights, KV or the activations down a tier, cheapest time per byte freed first, until every tier
-  fits; then hill-climb with 5-point moves (and cpu_cache_compute) while throughput improves;
+  fits; then hill-climb with 5-point moves (and cpu_cache_compute) while throughput improves; with
+  `compress`, FlexGen's 4-bit compress_cache is one more switch the climb may flip;
 - ALISA (`search_alisa`): weights and activations placed the same way; for the KV, the least offload
   ratio alpha whose latest phase II start p1 fits the gpu, then the recompute ratio beta and phase
   III start p2 that predict the most throughput (ALISA §V-A's greedy over its cost model).
@@ -14,6 +15,7 @@ steps, so opt-175b takes well under 5 s):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -177,28 +179,34 @@ def _climb(ev: _Eval, plan: Plan, kinds: tuple[str, ...], extra: Callable[[Offlo
     return plan, best
 
 
-def _ccc(policy: OffloadPolicy) -> list[OffloadPolicy]:
+def _ccc(policy: OffloadPolicy, compress: bool = False) -> list[OffloadPolicy]:
     """Jumps 5-point moves cannot reach one at a time: the KV split in quarters between gpu and cpu (the
     weights as they are), each with and without FlexGen's cpu_cache_compute, which pays off only once
-    much of the KV sits on cpu."""
+    much of the KV sits on cpu; with `compress`, each also with and without compress_cache (never both:
+    cpu_cache_compute attends over uncompressed KV)."""
     out = []
     for gpu in (0.0, 25.0, 50.0, 75.0, 100.0):
-        for ccc in (False, True):
-            if ccc and gpu == 100:
+        for ccc, packed in ((False, False), (True, False), (False, True)):
+            if (ccc and gpu == 100) or (packed and not compress):
                 continue
             out.append(dataclasses.replace(policy, cache_gpu_percent=gpu, cache_cpu_percent=100 - gpu,
-                                           cpu_cache_compute=ccc))
+                                           cpu_cache_compute=ccc, compress_cache=packed))
     return [p for p in out if p != policy]
 
 
 # ---------------------------------------------------------------- per family
 
-def _flexgen_place(ev: _Eval, gbs: int, ngb: int) -> Plan | None:
-    return _fit(ev, Plan(gpu_batch_size=gbs, num_gpu_batches=ngb, offload=OffloadPolicy()), ("w", "cache"))
+def _flexgen_place(ev: _Eval, gbs: int, ngb: int, compress: bool = False) -> Plan | None:
+    """Everything moved down until it fits; with `compress` also from a 4-bit cache, the faster of the two
+    (a batch whose 16-bit KV fits nowhere may fit compressed)."""
+    fits = [_fit(ev, Plan(gpu_batch_size=gbs, num_gpu_batches=ngb, offload=OffloadPolicy(compress_cache=packed)),
+                 ("w", "cache")) for packed in ((False, True) if compress else (False,))]
+    fits = [p for p in fits if p is not None]
+    return max(fits, key=ev.throughput) if fits else None
 
 
-def _flexgen_climb(ev: _Eval, plan: Plan) -> tuple[Plan, float]:
-    return _climb(ev, plan, ("w", "cache"), _ccc)
+def _flexgen_climb(ev: _Eval, plan: Plan, compress: bool = False) -> tuple[Plan, float]:
+    return _climb(ev, plan, ("w", "cache"), functools.partial(_ccc, compress=compress))
 
 
 def _grid(lo: int, hi: int, n: int = 16) -> list[int]:
@@ -294,8 +302,11 @@ def search_alisa(w: Workload, hw: HardwareProfile, budgets: dict[str, float], *,
 
 
 def search_flexgen(w: Workload, hw: HardwareProfile, budgets: dict[str, float], *, gpu_batch_size: int | None = None,
-                   num_gpu_batches: int | None = None, keep_kv: bool = False) -> SearchResult | None:
+                   num_gpu_batches: int | None = None, keep_kv: bool = False,
+                   compress: bool = False) -> SearchResult | None:
     """The fastest FlexGen plan (per-sequence KV split) for `w`: with FlexGen's dense 16-bit attention,
-    or with `keep_kv` the workload's own KV policy (16-bit, retained)."""
+    or with `keep_kv` the workload's own KV policy (16-bit, retained). `compress` lets the plan store
+    its KV with FlexGen's 4-bit compress_cache (the comparison plan of a job whose own KV is quantized)."""
     t0, ev = time.perf_counter(), _Eval(w if keep_kv else dataclasses.replace(w, kv=KVSettings()), hw, budgets)
-    return _result(ev, _search(ev, _flexgen_place, _flexgen_climb, gpu_batch_size, num_gpu_batches), t0)
+    place, climb = (functools.partial(f, compress=compress) for f in (_flexgen_place, _flexgen_climb))
+    return _result(ev, _search(ev, place, climb, gpu_batch_size, num_gpu_batches), t0)

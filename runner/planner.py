@@ -114,7 +114,7 @@ def plan_job(job: JobSpec) -> PlanReport:
     shape = _batch_shape(job)
     return PlanReport(profile=profile, budgets=budgets, job_plan=plan, job_prediction=own, job_fits=fits,
                       alisa=search_alisa(w, profile, budgets, **shape) if _alisa_ready(w) else None,
-                      flexgen=search_flexgen(w, profile, budgets, **shape))
+                      flexgen=search_flexgen(w, profile, budgets, compress=w.kv.bits < 16, **shape))
 
 
 def _batch_shape(job: JobSpec) -> dict:

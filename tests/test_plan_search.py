@@ -84,3 +84,18 @@ def test_without_an_accelerator_gpu_and_cpu_tiers_share_one_ram():
     assert r is not None  # 5.3 GB of weights: some must go to disk
     need = peak_bytes(r.workload, r.plan)
     assert need["gpu"] + need["cpu"] <= 4e9 and need["disk"] > 0
+
+
+def test_flexgen_compresses_its_cache_only_when_allowed_and_never_with_cpu_attention():
+    """OPT-30B, batch 64, 128/512 on an H100: 16-bit KV cannot sit beside the weights, 4-bit KV nearly can.
+    With `compress` the search stores it compressed and predicts more; without, it never does. FlexGen's
+    cpu_cache_compute attends over uncompressed KV, so the two switches are never on together."""
+    h100 = load_profile("h100-80g")
+    w = _workload("opt-30b", prompt=128, gen=512)
+    budgets = budgets_from(h100)
+    plain = search_flexgen(w, h100, budgets, gpu_batch_size=64, num_gpu_batches=1)
+    packed = search_flexgen(w, h100, budgets, gpu_batch_size=64, num_gpu_batches=1, compress=True)
+    assert not plain.plan.offload.compress_cache
+    assert packed.plan.offload.compress_cache and not packed.plan.offload.cpu_cache_compute
+    assert _fits(packed, budgets)
+    assert packed.prediction.total_throughput > 1.5 * plain.prediction.total_throughput
