@@ -1,4 +1,4 @@
-"""Kernel choice where the default CPU one is measurably slow: the linears, and decode
+"""Kernel choice where the default CPU one is measurably slow: the linears, RMSNorm, and decode
 attention's two passes over the KV cache.
 
 Kept apart from `model.py` so the model math stays free of device checks.
@@ -62,6 +62,25 @@ def pack(w: Tensor) -> Tensor:
 def plain(w: Tensor) -> Tensor:
     """The (out, in) matrix of a weight, packed or not (a packed one is copied out)."""
     return w.to_dense() if w.is_mkldnn else w
+
+
+def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim: natively in one pass per row for fp32 CPU tensors (torch's CPU
+    rms_norm is about eight elementwise kernels, mostly dispatch at decode's few rows), else
+    F.rms_norm. Same order of operations as HF's LlamaRMSNorm; the sum of squares may round
+    differently (fp32, another summation order)."""
+    lib = None
+    if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
+            and not (x.requires_grad or w.requires_grad) and w.dim() == 1 and w.is_contiguous()):
+        lib = native.status().library
+    if lib is None:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    d = x.shape[-1]
+    lib.rms_norm(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() // d if d else 0, d, eps,
+                 torch.get_num_threads())
+    return out
 
 
 # ---- decode attention ---------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Native CPU kernels: C sources under runner/native/, compiled on first use with the system C
-compiler and loaded through ctypes.
+"""Native CPU kernels: the C sources under runner/native/, compiled on first use into one library
+with the system C compiler and loaded through ctypes.
 
 No build step and no new package: a machine without a compiler (or with ALISA_NATIVE=0) runs
 the pure-torch path, which computes the same math. The library is built for the host CPU
@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("native") / "decode_attention.c"
+SOURCES = tuple(sorted((Path(__file__).with_name("native")).glob("*.c")))
 DISABLE_ENV = "ALISA_NATIVE"  # "0" turns the native kernels off
 CACHE_ENV = "ALISA_NATIVE_CACHE"  # where built libraries go (default ~/.cache/alisa-runner/native)
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
@@ -64,7 +64,7 @@ def _cache_dir() -> Path:
 
 
 def _build(cc: list[str], out: Path) -> str | None:
-    """Compile SOURCE into `out` (atomically: concurrent processes may build at once).
+    """Compile SOURCES into `out` (atomically: concurrent processes may build at once).
     Returns None, or the compiler's first error line. OpenMP if the compiler has it."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,8 +78,8 @@ def _build(cc: list[str], out: Path) -> str | None:
             return f"cannot write in {out.parent}: {e.strerror}"
         os.close(fd)
         try:
-            proc = subprocess.run([*cc, *_FLAGS, *extra, str(SOURCE), "-o", tmp], capture_output=True,
-                                  text=True, timeout=_BUILD_TIMEOUT_S)
+            proc = subprocess.run([*cc, *_FLAGS, *extra, *map(str, SOURCES), "-o", tmp, "-lm"],
+                                  capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
             if proc.returncode == 0:
                 os.replace(tmp, out)
                 return None
@@ -97,7 +97,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     ptr, long_, f32, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
     lib.decode_scores.argtypes = [ptr, ptr, ptr, *[long_] * 8, f32, int_]
     lib.decode_values.argtypes = [ptr, ptr, ptr, *[long_] * 8, int_, int_]
-    lib.decode_scores.restype = lib.decode_values.restype = None
+    lib.rms_norm.argtypes = [ptr, ptr, ptr, long_, long_, f32, int_]
+    lib.decode_scores.restype = lib.decode_values.restype = lib.rms_norm.restype = None
 
 
 @functools.cache
@@ -112,13 +113,15 @@ def status() -> NativeStatus:
         version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
         return NativeStatus(library=None, reason=f"{cc[0]} --version failed: {e}")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(cc + _FLAGS), _cpu_signature()])
+    sources = [f"{p.name}\0{p.read_text()}" for p in SOURCES]
+    key = hashlib.sha256("\0".join([*sources, version, " ".join(cc + _FLAGS), _cpu_signature()])
                          .encode()).hexdigest()[:16]
-    path = _cache_dir() / f"decode_attention-{key}.so"
+    path = _cache_dir() / f"kernels-{key}.so"
     if not path.exists():
         error = _build(cc, path)
         if error is not None:
-            return NativeStatus(library=None, reason=f"{cc[0]} failed on {SOURCE.name}: {error}")
+            names = ", ".join(p.name for p in SOURCES)
+            return NativeStatus(library=None, reason=f"{cc[0]} failed on {names}: {error}")
     try:
         lib = ctypes.CDLL(str(path))
         _declare(lib)

@@ -71,8 +71,42 @@ def test_plain_undoes_pack_and_pack_leaves_what_it_cannot_pack():
     assert kernels.pack(packed) is packed
 
 
-# ---- decode attention ---------------------------------------------------------------------------
 needs_native = pytest.mark.skipif(not native.status().available, reason=native.status().reason)
+
+
+# ---- rms norm -----------------------------------------------------------------------------------
+@needs_native
+@pytest.mark.parametrize("shape", [(64, 1, 576), (3, 7, 64), (2, 600, 576), (5, 17), (0, 576)])
+def test_native_rms_norm_matches_float64(shape):
+    """Decode rows, odd widths (no 16-lane multiple) and a prefill big enough to split over threads.
+    fp32 against a float64 reference: a few ulps of the output's scale."""
+    x, w = torch.randn(*shape) * 3, torch.randn(shape[-1])
+    ref = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    out = kernels.rms_norm(x, w, 1e-5)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+    torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6 * scale)
+    torch.testing.assert_close(out, F.rms_norm(x, (shape[-1],), w, 1e-5), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_native_rms_norm_rows_do_not_depend_on_the_batch_or_threads():
+    x, w = torch.randn(300, 576), torch.randn(576)
+    whole = kernels.rms_norm(x, w, 1e-6)  # over PARALLEL_MIN elements: split over threads
+    for rows in (slice(0, 1), slice(7, 9), slice(250, 300)):
+        assert torch.equal(kernels.rms_norm(x[rows], w, 1e-6), whole[rows])
+    strided = x.t().contiguous().t()  # same values, not contiguous: copied, same result
+    assert torch.equal(kernels.rms_norm(strided, w, 1e-6), whole)
+
+
+def test_rms_norm_falls_back_to_torch_off_fp32_cpu():
+    x, w = torch.randn(4, 64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+    assert torch.equal(kernels.rms_norm(x, w, 1e-5), F.rms_norm(x, (64,), w, 1e-5))
+    xg = torch.randn(4, 64, requires_grad=True)
+    assert kernels.rms_norm(xg, w.float(), 1e-5).requires_grad  # autograd: torch's kernel
+
+
+# ---- decode attention ---------------------------------------------------------------------------
 
 
 def _cache_views(b, kvh, t, d, seed, capacity_extra=7):
@@ -158,4 +192,4 @@ def test_native_status_says_why_it_is_off(tmp_path):
 def test_native_kernels_build_wherever_there_is_a_compiler(tmp_path):
     # A fresh cache: this builds from source, as a user's first run does.
     assert _status_in_subprocess(tmp_path).startswith("True built by")
-    assert len(list(tmp_path.glob("decode_attention-*.so"))) == 1
+    assert len(list(tmp_path.glob("kernels-*.so"))) == 1
