@@ -208,8 +208,8 @@ def _token_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPolic
         return
     rec = np.array([ph.recompute_below(int(n)) for n in lengths], dtype=float)
     att, recent, other = _attended(kv, lengths)
-    if kv.policy.scoring is not None:  # new picks, spread over the older tokens
-        old = PICK_CHURN * other
+    if kv.policy.scoring is not None:  # picks new to the buffer (all of them without one), over the older tokens
+        old = (PICK_CHURN if policy.pick_buffer else 1.0) * other
         span = np.maximum(lengths - recent, 1)
     else:  # every attended token older than the gpu window, every step
         old = np.clip(att - (lengths - lo), 0, lo)

@@ -15,6 +15,7 @@ buffers (padding bias, policy scores).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -105,6 +106,8 @@ class Executor:
                  policy: OffloadPolicy, budgets: TierBudgets, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, kv: KVSettings | None = None, gpu_batch_size: int = 1,
                  num_gpu_batches: int = 1, link: LinkEmulation | None = None):
+        # The picks' data path is a placement choice: the store reads it from its KV settings.
+        kv = dataclasses.replace(kv or KVSettings(), pick_buffer=policy.pick_buffer)
         self.cfg, self.tokenizer, self.policy, self.kv = cfg, tokenizer, policy, kv
         self.device, self.dtype = torch.device(device), dtype
         self.gpu_batch_size, self.num_gpu_batches = gpu_batch_size, num_gpu_batches
@@ -119,7 +122,7 @@ class Executor:
         try:
             self._place(weights)
             self.engine = CopyEngine(self.memory, threads=COPY_THREADS if policy.overlap else 0, link=link)
-            self.placer = KVPlacer(cfg, policy, kv or KVSettings(), self.memory, self.engine, dtype)
+            self.placer = KVPlacer(cfg, policy, kv, self.memory, self.engine, dtype)
             self.acts = None if policy.act_tier is Tier.GPU else ActivationHome(self.memory, self.engine,
                                                                                  policy.act_tier, dtype)
         except BaseException:

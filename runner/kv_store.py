@@ -43,6 +43,7 @@ class KVSettings:
     group_size: int = 64
     quant_axis: QuantAxis = QuantAxis.HIDDEN
     profile: bool = False  # time the decode phases (store/score/select/gather/attend) per step
+    pick_buffer: bool = True  # keep picks packed per layer across steps (the executor's offload.pick_buffer)
 
 
 PHASES = ("store", "score", "select", "gather", "attend")
@@ -83,9 +84,10 @@ def _make_cache(cfg: ModelConfig, kv: KVSettings, batch: int, capacity: int, dty
 
 
 def _pick_buffers(cfg: ModelConfig, kv: KVSettings, scored: bool) -> list[PickBuffer] | None:
-    """Retain mode with a scoring policy keeps its picks packed per layer (see runner.kv_picks);
-    not for channel-axis quantization, whose slots cannot be read one by one."""
-    if not scored or kv.mode is Mode.EVICT or (kv.bits != 16 and kv.quant_axis is QuantAxis.CHANNEL):
+    """Retain mode with a scoring policy keeps its picks packed per layer (see runner.kv_picks), unless
+    `pick_buffer` is off; not for channel-axis quantization, whose slots cannot be read one by one."""
+    if (not scored or not kv.pick_buffer or kv.mode is Mode.EVICT
+            or (kv.bits != 16 and kv.quant_axis is QuantAxis.CHANNEL)):
         return None
     return [PickBuffer() for _ in range(cfg.num_layers)]
 
@@ -99,14 +101,17 @@ def kv_capacity(kv: KVSettings, max_len: int) -> int:
 def kv_bytes(cfg: ModelConfig, kv: KVSettings, batch: int, max_len: int, dtype: torch.dtype) -> int:
     """Bytes of KV storage a store for `batch` sequences of `max_len` tokens allocates: the cache
     (exact: the same class built on the meta device, which allocates nothing) plus, in retain
-    mode with a scoring policy, the packed picks at their largest."""
+    mode with a scoring policy, the packed picks at their largest (one layer's gather without
+    `pick_buffer`: it lives until that layer's attention is done)."""
     nbytes = _make_cache(cfg, kv, batch, kv_capacity(kv, max_len), dtype, torch.device("meta")).nbytes
     scoring = kv.policy.scoring
-    if _pick_buffers(cfg, kv, scoring is not None) is None:
+    buffered = _pick_buffers(cfg, kv, scoring is not None) is not None
+    if not buffered and (scoring is None or kv.pick_buffer):
         return nbytes
     groups = cfg.num_kv_heads if scoring.per_head else 1
     m = sum(kv.policy.split(max_len))  # the whole selection (KVStore.pack_recent) at the longest length
-    return nbytes + cfg.num_layers * buffer_bytes(batch, cfg.num_kv_heads, groups, cfg.head_dim, m, dtype)
+    layers = cfg.num_layers if buffered else 1
+    return nbytes + layers * buffer_bytes(batch, cfg.num_kv_heads, groups, cfg.head_dim, m, dtype)
 
 
 def _take(x: Tensor, index: Tensor) -> Tensor:

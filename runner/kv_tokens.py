@@ -23,6 +23,7 @@ K+V 384 per token and layer) costs more gpu bytes than the KV it replaces.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -70,10 +71,17 @@ class TokenPhases:
     def phase(self, n: int) -> int:
         return 1 if n < self.p1 else 2 if n < self.p2 else 3
 
+    # Cached: the plan search sizes caches for thousands of candidate phases, each a scan over lengths.
+    @functools.lru_cache(maxsize=1 << 14)
     def window(self, max_len: int, min_len: int = 1) -> int:
         """Gpu window slots: the most tokens on gpu at once at lengths min_len..max_len (min_len: the
         prompt, written first), plus a chunk of slack for sliding."""
         return min(max_len, max(n - self.gpu_from(n) for n in range(min_len, max_len + 1)) + self.chunk)
+
+    @functools.lru_cache(maxsize=1 << 14)
+    def recompute_span(self, max_len: int) -> int:
+        """Positions whose layer inputs are kept: the most recomputed at any length up to max_len."""
+        return min(max_len, max((self.recompute_below(n) for n in range(1, max_len + 1)), default=0))
 
 
 @dataclass
@@ -99,7 +107,7 @@ class TokenTieredKV:
             check_params(bits, group_size, cfg.head_dim)
         kvh, d, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
         self.win = phases.window(max_len, min_len)
-        self.act_len = min(max_len, max((phases.recompute_below(n) for n in range(1, max_len + 1)), default=0))
+        self.act_len = phases.recompute_span(max_len)
         gpu, cpu = memory.gpu, memory.cpu
         self.wk = [gpu.alloc((batch, kvh, self.win, d), dtype, f"kv window k{j}") for j in range(L)]
         self.wv = [gpu.alloc((batch, kvh, self.win, d), dtype, f"kv window v{j}") for j in range(L)]
@@ -135,7 +143,7 @@ class TokenTieredKV:
         probe.cfg, probe.b, probe.max_len, probe.dtype = cfg, batch, max_len, dtype
         probe.bits, probe.group_size = bits, group_size
         win = phases.window(max_len, min_len)
-        act = min(max_len, max((phases.recompute_below(n) for n in range(1, max_len + 1)), default=0))
+        act = phases.recompute_span(max_len)
         per_layer_gpu = 2 * batch * cfg.num_kv_heads * win * cfg.head_dim + batch * act * cfg.hidden_size
         home = sum(math.prod(s) * dt.itemsize for s, dt in probe._home_shapes())
         return cfg.num_layers * per_layer_gpu * dtype.itemsize + batch * act * 8, cfg.num_layers * 2 * home

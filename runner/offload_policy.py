@@ -21,8 +21,14 @@ whole head dim when smaller), min/max per group, on every tier; attention reads 
 as they are), in whichever tier is its home, dequantized into the gpu staging slot when its layer runs.
 
 `cpu_cache_compute` (dense attention, uncompressed KV) computes the attention of the sequences whose KV
-is on `cpu` there, against their home, instead of loading it to the gpu: only queries and outputs move. are refused by name
-rather than silently ignored.
+is on `cpu` there, against their home, instead of loading it to the gpu: only queries and outputs move.
+
+`pick_buffer` (token placement, scoring KV policies such as swa and h2o): each layer keeps its picks packed
+on the gpu across steps and fetches only the picks new to it (the default; runner/kv_picks.py). `false`
+gathers every pick every step, ALISA Alg. 2's data path: every cpu-resident pick crosses the link each
+step, but the gpu holds one layer's gather instead of a buffer per layer.
+
+Unknown keys are refused by name rather than silently ignored.
 """
 from __future__ import annotations
 
@@ -56,6 +62,7 @@ class OffloadPolicy(_Spec):
     p2: int | None = None  # token placement: length where phase III (recompute the oldest) starts
     offload_ratio: float = 0.0  # token placement: share of tokens (the oldest) on cpu from p1
     recompute_ratio: float = 0.0  # token placement: share of tokens (the oldest) recomputed from p2
+    pick_buffer: bool = True  # token placement: keep each layer's picks on the gpu across steps (see above)
 
     def _validate(self) -> None:
         for kind in ("w", "cache", "act"):
@@ -75,6 +82,8 @@ class OffloadPolicy(_Spec):
 
     def _validate_placement(self) -> None:
         token_fields = ("p1", "p2", "offload_ratio", "recompute_ratio")
+        if not self.pick_buffer and self.kv_placement is not KVPlacement.TOKEN:
+            raise _bad("offload.pick_buffer", "only kv_placement: token fetches picks by token")
         if self.cpu_cache_compute and self.kv_placement is KVPlacement.TOKEN:
             raise _bad("offload.cpu_cache_compute", "FlexGen's setting for kv_placement: sequence")
         if self.compress_cache and self.kv_placement is KVPlacement.TOKEN:

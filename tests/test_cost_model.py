@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from policies import get_policy
+from runner import cost_model
 from runner.config import Activation, Family, ModelConfig, get_preset
 from runner.cost_model import PICK_CHURN, Plan, Workload, peak_bytes, predict
 from runner.executor import Executor
@@ -114,6 +115,25 @@ def test_token_phases_split_the_decode_time_and_sparsity_cuts_the_fetches():
         assert p.phase_s[0] > 0 and p.phase_s[1] > 0 and p.phase_s[2] > 0
         times[kv.policy.name] = p.decode_s
     assert times["swa"] < times["dense"] / 5  # dense fetches every cpu token each step, SWA only new picks
+
+
+def test_per_step_picks_fetch_every_cpu_pick_each_step(monkeypatch):
+    """offload.pick_buffer off (ALISA Alg. 2): every cpu-resident pick crosses the link each step, so the fetch
+    time is the buffered one over PICK_CHURN. Streams are summed (no overlap), and a run with no churn
+    gives the time without fetches, so the differences are the fetches alone."""
+    hw = _profile()
+    w = _workload(prompt_len=128, gen_len=32, kv=KVSettings(policy=get_policy("swa", sparsity=0.5)))
+
+    def decode(pick_buffer: bool) -> float:
+        policy = OffloadPolicy(kv_placement=KVPlacement.TOKEN, p1=16, p2=10_000, offload_ratio=0.6, overlap=False,
+                               pick_buffer=pick_buffer)
+        return predict(w, Plan(gpu_batch_size=2, offload=policy), hw).decode_s
+
+    buffered, per_step = decode(True), decode(False)
+    monkeypatch.setattr(cost_model, "PICK_CHURN", 0.0)
+    none = decode(True)
+    assert per_step > buffered > none
+    assert per_step - none == pytest.approx((buffered - none) / PICK_CHURN, rel=1e-9)
 
 
 def test_sampled_decode_estimate_is_close_to_every_step():

@@ -19,7 +19,9 @@ import torch
 
 from policies import get_policy
 from runner.copy_engine import CopyEngine
+from runner.cost_model import Plan, Workload, peak_bytes
 from runner.executor import OffloadPolicy
+from runner.kv_picks import buffer_bytes
 from runner.kv_sequences import split_rows
 from runner.kv_store import KVSettings
 from runner.kv_tokens import TokenPhases, TokenTieredKV
@@ -45,8 +47,8 @@ PLACEMENTS = {
 }
 
 
-def _policy(placement: str, overlap: bool = True, **weights) -> OffloadPolicy:
-    return OffloadPolicy(**PLACEMENTS[placement], overlap=overlap, **weights)
+def _policy(placement: str, overlap: bool = True, **fields) -> OffloadPolicy:
+    return OffloadPolicy(**PLACEMENTS[placement], overlap=overlap, **fields)
 
 
 @pytest.mark.parametrize("family, placement, overlap, ngb, kv", [
@@ -105,6 +107,23 @@ def test_token_placement_moves_far_fewer_bytes_than_flexgen(tiny, tmp_path):
                                 4, 1, 30, KVS["swa0.8"])
         moved[placement] = stats["kv_bytes_gpu_from_cpu"] + stats["kv_bytes_cpu_from_gpu"]
     assert 0 < moved["tok-II"] < moved["seq-cpu"] / 3
+
+
+def test_per_step_picks_fetch_every_cpu_pick_and_match_the_buffered_run(tiny, tmp_path):
+    """offload.pick_buffer off (ALISA Alg. 2's data path): the same selection, so the same logits within the
+    sparse summation-order tolerance, but every cpu-resident pick comes up every step, so far more bytes
+    cross the link than with the buffer, which fetches only picks new to it (here none: each pick was
+    buffered while its token was still in the gpu window)."""
+    cfg, weights = tiny["llama"]
+    prompts = [p[:12] for p in PROMPTS[:4]]
+    runs = {}
+    for buffered in (True, False):
+        policy = OffloadPolicy(**PLACEMENTS["tok-II"], pick_buffer=buffered)
+        runs[buffered] = offloaded(cfg, weights, prompts, policy, TierBudgets(offload_dir=str(tmp_path)),
+                                   4, 1, 30, KVS["swa0.8"])
+    _assert_same(runs[True][:2], runs[False][:2], SPARSE_ATOL)
+    up = {k: r[2]["kv_bytes_gpu_from_cpu"] for k, r in runs.items()}
+    assert up[False] > 0 and up[False] > 3 * up[True]  # the buffer mostly catches picks before they migrate
 
 
 def test_int8_on_cpu_stays_within_low_precision_tolerance(tiny, tmp_path):
@@ -244,3 +263,17 @@ def test_cpu_cache_compute_matches_plain_path_and_moves_no_cpu_kv(tiny, tmp_path
     assert stats["kv_bytes_gpu_from_cpu"] < loaded["kv_bytes_gpu_from_cpu"]  # disk rows are still loaded
     with pytest.raises(ValueError, match=r"^offload\.cpu_cache_compute: .* kv\.policy: dense"):
         offloaded(*tiny["llama"], PROMPTS, policy, TierBudgets(offload_dir=str(tmp_path)), 8, 1, 2, KVS["swa0.8"])
+
+
+def test_pick_buffer_off_needs_token_placement_and_reserves_one_layer(tiny):
+    """Without buffers the gpu plan reserves one layer's gather instead of one buffer per layer."""
+    with pytest.raises(JobError, match=r"^offload.pick_buffer: only kv_placement: token"):
+        OffloadPolicy(pick_buffer=False)
+    cfg, _ = tiny["llama"]
+    w = Workload(cfg=cfg, prompt_len=40, gen_len=24, num_prompts=4, dtype=torch.float32, kv=KVS["swa0.8"])
+    peaks = {buffered: peak_bytes(w, Plan(gpu_batch_size=4, offload=_policy("tok-II", pick_buffer=buffered)))
+             for buffered in (True, False)}
+    one = buffer_bytes(4, cfg.num_kv_heads, 1, cfg.head_dim, SWA.split(64)[1], torch.float32)
+    assert cfg.num_layers > 1
+    assert peaks[True]["gpu"] - peaks[False]["gpu"] == (cfg.num_layers - 1) * one
+    assert peaks[True]["cpu"] == peaks[False]["cpu"]

@@ -2,13 +2,14 @@
 retain vs evict, memory bounds, quantized storage, padding and forking."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from policies import policy_names
-from runner import kv_store
 from runner.kv_spec import KVSpec
-from runner.kv_store import kv_bytes
+from runner.kv_store import KVSettings, kv_bytes
 from runner.lm import LM, Batch
 
 SPARSE = [p for p in policy_names() if p != "dense"]
@@ -25,10 +26,11 @@ def ids(smollm2_loaded, austen_text) -> list[int]:
     return smollm2_loaded[2].encode(austen_text)[:PROMPT + STEPS + 40]
 
 
-def _run(lm: LM, prompts: list[list[int]], feed: list[list[int]], spec: KVSpec) -> tuple[torch.Tensor, Batch]:
+def _run(lm: LM, prompts: list[list[int]], feed: list[list[int]], spec: KVSpec | KVSettings
+         ) -> tuple[torch.Tensor, Batch]:
     """Prefill `prompts`, then teacher-force `feed` (one list per row); stacked logits (steps + 1, b, v)."""
     with torch.inference_mode():
-        batch = Batch(lm, prompts, len(feed[0]), spec.settings())
+        batch = Batch(lm, prompts, len(feed[0]), spec if isinstance(spec, KVSettings) else spec.settings())
         out = [batch.prefill()]
         for t in range(len(feed[0])):
             out.append(batch.decode(torch.tensor([f[t] for f in feed])))
@@ -104,14 +106,17 @@ def test_padded_rows_stay_finite_and_fork_matches_a_fresh_batch(lm, ids):
 
 
 @pytest.mark.parametrize("policy", ["swa", "h2o"])
-def test_packed_picks_match_a_fresh_gather_and_are_counted(lm, ids, policy, monkeypatch):
+def test_packed_picks_match_a_fresh_gather_and_are_counted(lm, ids, policy):
     spec = KVSpec(policy=policy, sparsity=0.8)
     packed, batch = _run(lm, *_two_rows(ids), spec)
     store = batch.kv
     assert store.picks is not None and sum(p.copied for p in store.picks) > 0
     assert store.cache.nbytes < store.nbytes <= kv_bytes(lm.cfg, spec.settings(), 2, PROMPT + STEPS, torch.float32)
-    monkeypatch.setattr(kv_store, "_pick_buffers", lambda *a: None)  # every step gathers all picks afresh
-    fresh, batch = _run(lm, *_two_rows(ids), spec)
+    per_step = dataclasses.replace(spec.settings(), pick_buffer=False)  # every step gathers all picks afresh
+    fresh, batch = _run(lm, *_two_rows(ids), per_step)
     assert batch.kv.picks is None
     # Same selection; only the order the picks are summed in differs (float rounding).
     torch.testing.assert_close(packed, fresh, rtol=1e-4, atol=1e-4)
+    # Without buffers the store holds the cache and, at most, one layer's gather.
+    assert kv_bytes(lm.cfg, per_step, 2, PROMPT + STEPS, torch.float32) < kv_bytes(
+        lm.cfg, spec.settings(), 2, PROMPT + STEPS, torch.float32)

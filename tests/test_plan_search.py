@@ -99,3 +99,17 @@ def test_flexgen_compresses_its_cache_only_when_allowed_and_never_with_cpu_atten
     assert packed.plan.offload.compress_cache and not packed.plan.offload.cpu_cache_compute
     assert _fits(packed, budgets)
     assert packed.prediction.total_throughput > 1.5 * plain.prediction.total_throughput
+
+
+@pytest.mark.parametrize("sparsity, buffered", [(0.5, False), (0.9, True)])
+def test_alisa_gathers_picks_per_step_when_buffers_would_push_weights_off_the_gpu(sparsity, buffered):
+    """OPT-30B, batch 64, 128/512 on an H100 with INT8 SWA: at 50% sparsity a buffer per layer for the picks
+    would not fit beside the 60 GB of weights, so the plan gathers them each step and keeps every weight
+    on the gpu; at 90% the buffers fit, and only new picks cross the link."""
+    h100 = load_profile("h100-80g")
+    kv = KVSettings(policy=get_policy("swa", sparsity=sparsity), bits=8)
+    found = search_alisa(_workload("opt-30b", prompt=128, gen=512, kv=kv), h100, budgets_from(h100),
+                         gpu_batch_size=64, num_gpu_batches=1)
+    assert found is not None and _fits(found, budgets_from(h100))
+    assert found.plan.offload.pick_buffer is buffered
+    assert found.plan.offload.w_gpu_percent == 100
