@@ -248,19 +248,17 @@ def _phases(ev: _Eval, plan: Plan) -> tuple[Plan, float] | None:
 
 def _alisa_place(ev: _Eval, gbs: int, ngb: int) -> Plan | None:
     """Weights (and activations) placed to fit beside the smallest KV schedule; the schedule follows.
-    A scoring policy's picks stay buffered on the gpu; where the buffers push weights off the gpu (or
-    do not fit at all), gathering the picks every step instead (pick_buffer: false) is tried too and
-    the faster kept: the weights' link time against the per-step fetches'."""
+    A scoring policy's picks stay buffered on the gpu, or are gathered every step (pick_buffer: false):
+    both are tried and the faster kept, since the buffers' gpu memory may cost more (weights off the
+    gpu, an earlier phase II) than the per-step fetches cost on the link."""
     end = ev.w.prompt_len + ev.w.gen_len
     found = []
-    for buffered in (True, False):
+    for buffered in (True, False) if ev.w.kv.policy.scoring is not None else (True,):
         tight = OffloadPolicy(kv_placement=KVPlacement.TOKEN, p1=16, p2=end, offload_ratio=0.98, pick_buffer=buffered)
         plan = _fit(ev, Plan(gpu_batch_size=gbs, num_gpu_batches=ngb, offload=tight), ("w",))
         scheduled = None if plan is None else _phases(ev, plan)
         if scheduled is not None:
             found.append(scheduled)
-        if ev.w.kv.policy.scoring is None or (plan is not None and plan.offload.w_gpu_percent >= 100):
-            break  # nothing to buffer, or the buffers cost no weights
     return max(found, key=lambda x: x[1])[0] if found else None
 
 
