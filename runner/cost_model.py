@@ -215,8 +215,17 @@ def _token_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPolic
         old = np.clip(att - (lengths - lo), 0, lo)
         span = np.maximum(lo, 1)
     fetched, recomputed = sh.k * sh.b * old * (lo - rec) / span, sh.k * sh.b * old * rec / span
-    latency = np.where(fetched > 0, 2 * sh.k * hw.overhead_us.transfer * 1e-6, 0.0)
-    streams["gpu<-cpu"] += fetched * tok / (bw.gpu_from_cpu * 1e9) + latency
+    copies = 2 if kv.bits == 16 else 6  # K and V; quantized, each as codes, scales and minimums
+    fetch = fetched * tok / (bw.gpu_from_cpu * 1e9) + np.where(fetched > 0, copies * sh.k * hw.overhead_us.transfer
+                                                              * 1e-6, 0.0)
+    if policy.pick_buffer or kv.policy.scoring is None:
+        streams["gpu<-cpu"] += fetch
+    else:
+        # Gathered every step, the picks are fetched when the layer's attention needs them and waited
+        # on there (runner/kv_tokens.py take_rows): the link time adds to the layer's instead of
+        # overlapping it; quantized ones are dequantized again every step.
+        dequant = 0.0 if kv.bits == 16 else fetched * 2 * c.kv_dim * (1 + sh.e) / (bw.gpu_memory * 1e9)
+        streams["compute"] += fetch + dequant
     flops = recomputed * 2 * c.hidden_size * 2 * c.kv_dim
     streams["compute"] += flops / (hw.tflops.gpu_recompute * 1e12) + recomputed * c.hidden_size * sh.e / (
         bw.gpu_memory * 1e9)
