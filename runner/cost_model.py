@@ -196,7 +196,8 @@ def _sequence_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPo
 def _token_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPolicy, lengths: np.ndarray,
               streams: dict[str, np.ndarray], decode: bool) -> None:
     """ALISA's token placement: tokens leaving the gpu window go to cpu; old tokens the policy attends
-    come up (only picks new to SWA's packed buffer), recomputed ones from kept activations."""
+    come up (only picks new to SWA's packed buffer, or every cpu-resident pick each step without one),
+    recomputed ones from kept activations."""
     c, bw, kv = w.cfg, hw.bandwidth_gbps, w.kv
     ph = TokenPhases(p1=policy.p1, p2=policy.p2, offload_ratio=policy.offload_ratio,
                      recompute_ratio=policy.recompute_ratio)

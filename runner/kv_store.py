@@ -106,7 +106,8 @@ def kv_bytes(cfg: ModelConfig, kv: KVSettings, batch: int, max_len: int, dtype: 
     nbytes = _make_cache(cfg, kv, batch, kv_capacity(kv, max_len), dtype, torch.device("meta")).nbytes
     scoring = kv.policy.scoring
     buffered = _pick_buffers(cfg, kv, scoring is not None) is not None
-    if not buffered and (scoring is None or kv.pick_buffer):
+    gathered = scoring is not None and not kv.pick_buffer and kv.mode is Mode.RETAIN
+    if not (buffered or gathered):
         return nbytes
     groups = cfg.num_kv_heads if scoring.per_head else 1
     m = sum(kv.policy.split(max_len))  # the whole selection (KVStore.pack_recent) at the longest length
