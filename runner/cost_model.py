@@ -196,8 +196,8 @@ def _sequence_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPo
 def _token_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPolicy, lengths: np.ndarray,
               streams: dict[str, np.ndarray], decode: bool) -> None:
     """ALISA's token placement: tokens leaving the gpu window go to cpu; old tokens the policy attends
-    come up (only picks new to SWA's packed buffer, or every cpu-resident pick each step without one),
-    recomputed ones from kept activations."""
+    come up (only picks new to SWA's packed buffer, or every cpu-resident pick each step without one,
+    fetched ahead of the layer), recomputed ones from kept activations."""
     c, bw, kv = w.cfg, hw.bandwidth_gbps, w.kv
     ph = TokenPhases(p1=policy.p1, p2=policy.p2, offload_ratio=policy.offload_ratio,
                      recompute_ratio=policy.recompute_ratio)
@@ -219,14 +219,12 @@ def _token_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPolic
     copies = 2 if kv.bits == 16 else 6  # K and V; quantized, each as codes, scales and minimums
     fetch = fetched * tok / (bw.gpu_from_cpu * 1e9) + np.where(fetched > 0, copies * sh.k * hw.overhead_us.transfer
                                                               * 1e-6, 0.0)
-    if policy.pick_buffer or kv.policy.scoring is None:
-        streams["gpu<-cpu"] += fetch
-    else:
-        # Gathered every step, the picks are fetched when the layer's attention needs them and waited
-        # on there (runner/kv_tokens.py take_rows): the link time adds to the layer's instead of
-        # overlapping it; quantized ones are dequantized again every step.
-        dequant = 0.0 if kv.bits == 16 else fetched * 2 * c.kv_dim * (1 + sh.e) / (bw.gpu_memory * 1e9)
-        streams["compute"] += fetch + dequant
+    # Gathered picks are selected and fetched ahead of their layer (runner/kv_tokens.py prefetch_picks,
+    # from the executor's load_cache), so their link time overlaps compute like every other load;
+    # quantized ones are dequantized again every step.
+    streams["gpu<-cpu"] += fetch
+    if not policy.pick_buffer and kv.policy.scoring is not None and kv.bits != 16:
+        streams["compute"] += fetched * 2 * c.kv_dim * (1 + sh.e) / (bw.gpu_memory * 1e9)
     flops = recomputed * 2 * c.hidden_size * 2 * c.kv_dim
     streams["compute"] += flops / (hw.tflops.gpu_recompute * 1e12) + recomputed * c.hidden_size * sh.e / (
         bw.gpu_memory * 1e9)

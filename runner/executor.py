@@ -299,7 +299,7 @@ class Executor:
             "peak_disk_bytes": peaks["disk"], "bytes_gpu_from_cpu": delta["gpu<-cpu"],
             "bytes_cpu_from_gpu": delta["cpu<-gpu"], "bytes_disk_read": delta["disk_read"],
             "bytes_disk_write": delta["disk_write"], "kv_bytes_gpu_from_cpu": kv.up_bytes,
-            "kv_bytes_cpu_from_gpu": kv.down_bytes,
+            "kv_bytes_cpu_from_gpu": kv.down_bytes, "kv_bytes_fetched_ahead": kv.ahead_bytes,
             "transfer_wait_s": round(self.engine.transfer_wait_s - self._wait_base, 4),
             "link_busy_gpu_from_cpu_s": round(busy["gpu<-cpu"], 4),
             "link_busy_cpu_from_gpu_s": round(busy["cpu<-gpu"], 4)}

@@ -150,6 +150,7 @@ class KVStore:
                              for _ in range(cfg.num_layers)]
             self.n_slots = [0] * cfg.num_layers
         self.picks = _pick_buffers(cfg, kv, scoring is not None)
+        self.ahead: dict[int, tuple[int, Tensor | None, Selection | None]] = {}  # per layer: (n, scores, sel)
         # With everything on one device the layer's PickBuffer holds the whole selection, recent
         # run included: attention is then one QK^T and one PV matmul over one dense buffer (the
         # recent run costs one token's copy per step), not two parts joined by cat and add. A
@@ -186,7 +187,25 @@ class KVStore:
             out.slot_pos = [p[index] for p in self.slot_pos]
             out.n_slots = list(self.n_slots)
         out.picks = _pick_buffers(self.cfg, self.kv, self.scores is not None)  # refilled on the next step
+        out.ahead = {}
         return out
+
+    def prefetch(self, layer: int) -> None:
+        """Start this layer's KV of the next decode step towards the gpu (the block executor's
+        load_cache, while earlier layers compute): FlexGen's per-sequence split loads the layer whole;
+        a token-tiered cache without pick buffers fetches the step's picks, selected now (the layer's
+        scores are final since its last step) and kept for the step itself."""
+        if hasattr(self.cache, "prefetch"):
+            self.cache.prefetch(layer, self.length)
+            return
+        if not hasattr(self.cache, "prefetch_picks") or self.picks is not None or self.evict:
+            return
+        n = self.length + 1
+        scores = self.scores[layer].current(n, self.policy.score_window(n)) if self.scores else None
+        sel = self.policy.select(n, n, scores, self.bias.device)
+        self.ahead[layer] = (n, scores, sel)
+        if sel is not None and sel.picks is not None:
+            self.cache.prefetch_picks(layer, sel.picks, n)
 
     # ---- prefill -------------------------------------------------------------------------
     def prefill(self, layer: int, rows: slice, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -243,9 +262,13 @@ class KVStore:
         clock.lap("store")
         state = self.scores[layer] if self.scores else None
         window = self.policy.score_window(n)
-        scores = state.current(n, window) if state else None
-        clock.lap("score")
-        sel = self.policy.select(n, n, scores, q.device)
+        ahead = self.ahead.pop(layer, None)
+        if ahead is not None and ahead[0] == n:  # selected by prefetch
+            _, scores, sel = ahead
+        else:
+            scores = state.current(n, window) if state else None
+            clock.lap("score")
+            sel = self.policy.select(n, n, scores, q.device)
         clock.lap("select")
         index, keys, values = self._read_selected(layer, sel, n, need_index=bool(state or self.padded))
         if sel is None:

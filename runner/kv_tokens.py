@@ -88,6 +88,7 @@ class TokenPhases:
 class KVTraffic:
     """What a token-tiered cache moved and recomputed (bytes over the link, tokens, seconds)."""
     up_bytes: int = 0  # gpu <- cpu: selected old tokens fetched
+    ahead_bytes: int = 0  # of those, fetched before their layer ran (prefetch_picks)
     down_bytes: int = 0  # cpu <- gpu: tokens leaving the gpu window
     recomputed: int = 0  # (token, layer) K/V pairs recomputed from activations
     recompute_s: float = 0.0
@@ -122,6 +123,7 @@ class TokenTieredKV:
         self.rec = [0] * L  # positions below are recomputed
         self.pending: list[list[Handle]] = [[] for _ in range(L)]  # migrations reading the window
         self.project: list[Projector | None] = [None] * L
+        self.ahead: list[_Ahead | None] = [None] * L  # picks fetched before the layer ran (prefetch_picks)
         self.traffic = KVTraffic()
 
     # ---- storage -----------------------------------------------------------------------------
@@ -152,6 +154,7 @@ class TokenTieredKV:
         """Return every allocation to its pool (idempotent)."""
         for j in range(len(self.pending)):
             self._settle(j)
+            self._drop_ahead(j)
         for t in self.wk + self.wv + self.acts + ([self.act_pos] if self.act_pos is not None else []):
             if self.memory.gpu.owns(t):
                 self.memory.gpu.free(t)
@@ -253,29 +256,35 @@ class TokenTieredKV:
         if start >= lo:
             return self.wk[layer][:, :, start - base:end - base], self.wv[layer][:, :, start - base:end - base]
         index = torch.arange(start, min(lo, end), device=self.wk[layer].device)
-        old_k, old_v = self.gather(layer, index)
+        old_k, old_v = self.gather(layer, index, ahead=False)
         if end <= lo:
             return old_k, old_v
         k = torch.cat((old_k, self.wk[layer][:, :, lo - base:end - base]), dim=2)
         v = torch.cat((old_v, self.wv[layer][:, :, lo - base:end - base]), dim=2)
         return k, v
 
-    def gather(self, layer: int, index: Tensor) -> tuple[Tensor, Tensor]:
-        """The selected positions packed dense: (b, kvh, m, d); index (m,) or (b, g, m)."""
+    def gather(self, layer: int, index: Tensor, ahead: bool = True) -> tuple[Tensor, Tensor]:
+        """The selected positions packed dense: (b, kvh, m, d); index (m,) or (b, g, m). `ahead`: use
+        what `prefetch_picks` fetched for this layer (the picks of this step)."""
         kvh, d = self.cfg.num_kv_heads, self.cfg.head_dim
-        k, v = self.take_rows(layer, flat_rows(index, self.b, kvh, self.max_len))
+        k, v = self.take_rows(layer, flat_rows(index, self.b, kvh, self.max_len), ahead)
         m = index.shape[-1]
         return k.view(self.b, kvh, m, d), v.view(self.b, kvh, m, d)
 
-    def take_rows(self, layer: int, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """Positions by flat row number into (b * kvh * max_len, d): (r, d) each, wherever they live."""
+    def take_rows(self, layer: int, rows: Tensor, ahead: bool = False) -> tuple[Tensor, Tensor]:
+        """Positions by flat row number into (b * kvh * max_len, d): (r, d) each, wherever they live.
+        `ahead`: cpu-resident rows that `prefetch_picks` already fetched come from there."""
         d = self.cfg.head_dim
         head, pos = rows // self.max_len, rows % self.max_len
         lo, rec = self.lo[layer], self.rec[layer]
         out_k = torch.empty((rows.shape[0], d), dtype=self.dtype, device=self.wk[layer].device)
         out_v = torch.empty_like(out_k)
         on_cpu = ((pos >= rec) & (pos < lo)).nonzero().squeeze(1)
-        fetch = None
+        fetch = early = None
+        if ahead and self.ahead[layer] is not None and on_cpu.numel():
+            early, hit = self._early(layer, rows[on_cpu], on_cpu)
+            on_cpu = on_cpu[~hit]  # left: tokens that moved to cpu since (this step's write)
+        self._drop_ahead(layer)
         if on_cpu.numel():
             self._settle(layer)  # a pick may be a token whose move to cpu is still in flight
             fetch = self._fetch(layer, rows[on_cpu])  # in flight while the gpu part and recompute run
@@ -287,9 +296,47 @@ class TokenTieredKV:
         gone = (pos < rec).nonzero().squeeze(1)
         if gone.numel():
             out_k[gone], out_v[gone] = self._recompute(layer, head[gone], pos[gone])
+        if early is not None:
+            at, (k, v) = early
+            out_k[at], out_v[at] = k, v
         if fetch is not None:
             out_k[on_cpu], out_v[on_cpu] = self._landed(fetch)
         return out_k, out_v
+
+    # ---- fetching ahead ------------------------------------------------------------------------
+    def prefetch_picks(self, layer: int, index: Tensor, n: int) -> None:
+        """Start fetching the cpu-resident ones of the picks `index` (b, g, m) of the step that will
+        reach length n, before the layer runs (the executor's load_cache, while earlier layers
+        compute), so that `gather` waits only on copies already under way. Picks that step's write
+        moves to cpu are fetched then; picks phase III will recompute then are not fetched."""
+        self._drop_ahead(layer)
+        rec = max(self.rec[layer], self.phases.recompute_below(n))
+        rows = flat_rows(index, self.b, self.cfg.num_kv_heads, self.max_len)
+        pos = rows % self.max_len
+        rows = rows[(pos >= rec) & (pos < self.lo[layer])]
+        if rows.numel():
+            self._settle(layer)  # a pick may be a token whose move to cpu is still in flight
+            before = self.traffic.up_bytes
+            self.ahead[layer] = _Ahead(rows, self._fetch(layer, rows))
+            self.traffic.ahead_bytes += self.traffic.up_bytes - before
+
+    def _early(self, layer: int, rows: Tensor, at: Tensor) -> tuple[tuple[Tensor, tuple[Tensor, Tensor]], Tensor]:
+        """The fetched-ahead K/V of the `rows` it holds (their places `at` in the output), and which
+        of `rows` it holds."""
+        got = self.ahead[layer]
+        order = got.rows.argsort()
+        keys = got.rows[order]
+        i = torch.searchsorted(keys, rows).clamp_(max=keys.numel() - 1)
+        hit = keys[i] == rows
+        k, v = self._landed(got.copies)
+        slot = order[i[hit]]
+        return (at[hit], (k[slot], v[slot])), hit
+
+    def _drop_ahead(self, layer: int) -> None:
+        got, self.ahead[layer] = self.ahead[layer], None
+        for _, handles in got.copies if got is not None else ():
+            for h in handles:
+                h.wait()  # the engine may still be writing into the buffers
 
     def _fetch(self, layer: int, rows: Tensor) -> list[tuple[list[Tensor], list[Handle]]]:
         """Start copying home rows (one batched index copy per stored tensor) up to the gpu."""
@@ -333,6 +380,12 @@ class TokenTieredKV:
         out = k[inverse, hk], v[inverse, hk]
         self.traffic.recompute_s += time.perf_counter() - t0
         return out
+
+
+@dataclass(frozen=True)
+class _Ahead:
+    rows: Tensor  # flat rows fetched, in fetch order
+    copies: list[tuple[list[Tensor], list[Handle]]]  # TokenTieredKV._fetch's buffers and their copies
 
 
 def _parts(q: QTensor) -> list[Tensor]:

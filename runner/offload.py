@@ -174,12 +174,11 @@ class ScheduledLayer:
         return WeightRead(weights, handles, decode)
 
     def load_cache(self, state: ForwardState | None) -> None:
-        """Start bringing this layer's KV of one GPU batch (a decode step's) to the gpu tier. Only
-        FlexGen's per-sequence split loads a layer's KV whole; the plain store needs nothing, and
-        ALISA's token placement fetches its selected tokens inside the attention (runner/kv_tokens.py)."""
-        cache = self._cache(state)
-        if hasattr(cache, "prefetch"):
-            cache.prefetch(self.unit.layer, state.kv.length)
+        """Start bringing this layer's KV of one GPU batch (a decode step's) to the gpu tier: FlexGen's
+        per-sequence split loads it whole, ALISA's token placement without pick buffers the step's
+        picks (runner.kv_store.KVStore.prefetch); the plain store needs nothing."""
+        if self._cache(state) is not None:
+            state.kv.prefetch(self.unit.layer)
 
     def store_cache(self, state: ForwardState | None) -> None:
         """Write the new token's KV of one GPU batch back to its home (no-op unless the cache offloads)."""

@@ -87,9 +87,10 @@ OFFLOAD_COLUMNS: tuple[str, ...] = (
     "bytes_gpu_from_cpu", "bytes_cpu_from_gpu", "bytes_disk_read", "bytes_disk_write",
     # time: compute thread blocked on copies, computing, recomputing KV; emulated link time per direction
     "transfer_wait_s", "compute_s", "recompute_s", "link_busy_gpu_from_cpu_s", "link_busy_cpu_from_gpu_s",
-    # ALISA's three KV phases: decode time in each, KV bytes moved per link direction, (token, layer)
-    # K/V pairs recomputed and the cpu bytes fetching them would have moved
-    "phase1_s", "phase2_s", "phase3_s", "kv_bytes_gpu_from_cpu", "kv_bytes_cpu_from_gpu",
+    # ALISA's three KV phases: decode time in each, KV bytes moved per link direction (and of those up,
+    # the picks fetched before their layer ran), (token, layer) K/V pairs recomputed and the cpu bytes
+    # fetching them would have moved
+    "phase1_s", "phase2_s", "phase3_s", "kv_bytes_gpu_from_cpu", "kv_bytes_cpu_from_gpu", "kv_bytes_fetched_ahead",
     # per phase: decode step time blocked on copies, recomputing K/V, and the rest (computing)
     "phase1_wait_s", "phase1_recompute_s", "phase1_compute_s", "phase2_wait_s", "phase2_recompute_s",
     "phase2_compute_s", "phase3_wait_s", "phase3_recompute_s", "phase3_compute_s",

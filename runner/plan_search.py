@@ -33,6 +33,8 @@ MAX_GPU_BATCHES = 64
 # disk for a predicted +0.02%).
 MIN_GAIN = 0.01
 TIERS = ("gpu", "cpu", "disk")
+ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)  # ALISA's offload ratio candidates
+BETAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)  # and its recompute ratio's
 _DOWN = (("gpu", "cpu"), ("cpu", "disk"), ("gpu", "disk"))  # (from, to): moves to a slower tier
 
 
@@ -221,7 +223,7 @@ def _phases(ev: _Eval, plan: Plan) -> tuple[Plan, float] | None:
     w = ev.w
     end = w.prompt_len + w.gen_len  # p1 = end: phase I throughout
     best: tuple[float, Plan] | None = None
-    for alpha in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98):
+    for alpha in ALPHAS:
         for p1 in ([end] if alpha == 0 else _grid(1, end - 1)):
             cand = dataclasses.replace(plan, offload=dataclasses.replace(
                 plan.offload, p1=p1, p2=end, offload_ratio=alpha, recompute_ratio=0.0))
@@ -236,24 +238,27 @@ def _phases(ev: _Eval, plan: Plan) -> tuple[Plan, float] | None:
         return None
     thr, plan = best
     p1, alpha = plan.offload.p1, plan.offload.offload_ratio
-    for beta in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9):
-        if beta > alpha:
-            break
-        for p2 in _grid(p1, end - 1, 8):
-            cand = dataclasses.replace(plan, offload=dataclasses.replace(plan.offload, p2=p2, recompute_ratio=beta))
-            if ev.fits(cand) and (t := ev.throughput(cand)) > thr:
-                thr, plan = t, cand
+    # Phase III's kept activations take gpu memory the window held: each recompute ratio is also tried
+    # with the larger offload ratios, whose smaller windows may make room for it.
+    for a in (x for x in ALPHAS if x >= alpha):
+        for beta in (b for b in BETAS if b <= a):
+            for p2 in _grid(p1, end - 1, 8):
+                cand = dataclasses.replace(plan, offload=dataclasses.replace(
+                    plan.offload, p2=p2, offload_ratio=a, recompute_ratio=beta))
+                if ev.fits(cand) and (t := ev.throughput(cand)) > thr:
+                    thr, plan = t, cand
     return plan, thr
 
 
-def _alisa_place(ev: _Eval, gbs: int, ngb: int) -> Plan | None:
+def _alisa_place(ev: _Eval, gbs: int, ngb: int, pick_buffer: bool | None = None) -> Plan | None:
     """Weights (and activations) placed to fit beside the smallest KV schedule; the schedule follows.
     A scoring policy's picks stay buffered on the gpu, or are gathered every step (pick_buffer: false):
-    both are tried and the faster kept, since the buffers' gpu memory may cost more (weights off the
-    gpu, an earlier phase II) than the per-step fetches cost on the link."""
+    unless `pick_buffer` fixes one, both are tried and the faster kept, since the buffers' gpu memory
+    may cost more (weights off the gpu, an earlier phase II) than the per-step fetches cost on the link."""
     end = ev.w.prompt_len + ev.w.gen_len
     found = []
-    for buffered in (True, False) if ev.w.kv.policy.scoring is not None else (True,):
+    paths = (True, False) if pick_buffer is None else (pick_buffer,)
+    for buffered in paths if ev.w.kv.policy.scoring is not None else (True,):
         tight = OffloadPolicy(kv_placement=KVPlacement.TOKEN, p1=16, p2=end, offload_ratio=0.98, pick_buffer=buffered)
         plan = _fit(ev, Plan(gpu_batch_size=gbs, num_gpu_batches=ngb, offload=tight), ("w",))
         scheduled = None if plan is None else _phases(ev, plan)
@@ -300,10 +305,12 @@ def _result(ev: _Eval, found: tuple[Plan, float] | None, t0: float) -> SearchRes
 
 
 def search_alisa(w: Workload, hw: HardwareProfile, budgets: dict[str, float], *, gpu_batch_size: int | None = None,
-                 num_gpu_batches: int | None = None) -> SearchResult | None:
-    """The fastest token-placement plan for `w` (its own KV policy and bits), or None if none fits."""
+                 num_gpu_batches: int | None = None, pick_buffer: bool | None = None) -> SearchResult | None:
+    """The fastest token-placement plan for `w` (its own KV policy and bits), or None if none fits;
+    `pick_buffer`: keep the picks buffered (True) or gathered every step (False), else the faster."""
     t0, ev = time.perf_counter(), _Eval(w, hw, budgets)
-    return _result(ev, _search(ev, _alisa_place, _alisa_climb, gpu_batch_size, num_gpu_batches), t0)
+    place = functools.partial(_alisa_place, pick_buffer=pick_buffer)
+    return _result(ev, _search(ev, place, _alisa_climb, gpu_batch_size, num_gpu_batches), t0)
 
 
 def search_flexgen(w: Workload, hw: HardwareProfile, budgets: dict[str, float], *, gpu_batch_size: int | None = None,

@@ -15,7 +15,7 @@ from runner.cost_model import Plan, Prediction, Workload, predict
 from runner.hardware_profile import HardwareProfile, PROFILE_DIR, load_profile
 from runner.job import DatasetFormat, DType, Engine, JobSpec
 from runner.kv_spec import KVMode, QuantAxis
-from runner.offload_policy import OffloadPolicy
+from runner.offload_policy import KVPlacement, OffloadPolicy
 from runner.plan_search import SearchResult, budgets_from, search_alisa, search_flexgen
 
 _DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
@@ -113,8 +113,16 @@ def plan_job(job: JobSpec) -> PlanReport:
     fits = own is not None and all(own.peak_bytes[t] <= budgets[t] for t in budgets)
     shape = _batch_shape(job)
     return PlanReport(profile=profile, budgets=budgets, job_plan=plan, job_prediction=own, job_fits=fits,
-                      alisa=search_alisa(w, profile, budgets, **shape) if _alisa_ready(w) else None,
+                      alisa=search_alisa(w, profile, budgets, pick_buffer=_pinned_picks(job), **shape)
+                      if _alisa_ready(w) else None,
                       flexgen=search_flexgen(w, profile, budgets, compress=w.kv.bits < 16, **shape))
+
+
+def _pinned_picks(job: JobSpec) -> bool | None:
+    """A job whose own token plan gathers its picks (`offload.pick_buffer: false`, ALISA Alg. 2's data
+    path) has the ALISA search keep that path; otherwise the search picks the faster of the two."""
+    own = job.offload
+    return False if own is not None and own.kv_placement is KVPlacement.TOKEN and not own.pick_buffer else None
 
 
 def _batch_shape(job: JobSpec) -> dict:

@@ -12,6 +12,7 @@ orders below what a wrong token, position or stale K/V causes (O(0.1)). INT8 on 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -44,6 +45,8 @@ PLACEMENTS = {
     "tok-I": dict(**TOKEN, p1=10_000, p2=10_000, offload_ratio=0.6),  # never leaves phase I
     "tok-II": dict(**TOKEN, p1=8, p2=10_000, offload_ratio=0.6),
     "tok-III": dict(**TOKEN, p1=8, p2=16, offload_ratio=0.6, recompute_ratio=0.3),
+    # ALISA Alg. 2's data path: picks gathered every step, fetched ahead of their layer
+    "tok-III-gathered": dict(**TOKEN, p1=8, p2=16, offload_ratio=0.6, recompute_ratio=0.3, pick_buffer=False),
 }
 
 
@@ -56,7 +59,7 @@ def _policy(placement: str, overlap: bool = True, **fields) -> OffloadPolicy:
     *itertools.product(["opt"], ["seq-mixed", "tok-III"], [True], [1, 4], KVS),
 ])
 def test_kv_placements_match_plain_path(tiny, tmp_path, compute_device, family, placement, overlap, ngb, kv):
-    atol = RECOMPUTE_ATOL if placement == "tok-III" else TINY_ATOL if kv == "dense" else SPARSE_ATOL
+    atol = RECOMPUTE_ATOL if placement.startswith("tok-III") else TINY_ATOL if kv == "dense" else SPARSE_ATOL
     stats = check_against_plain(tiny[family], tmp_path, _policy(placement, overlap), ngb, KVS[kv], atol,
                                 compute_device)
     moved_up, moved_down = stats["kv_bytes_gpu_from_cpu"], stats["kv_bytes_cpu_from_gpu"]
@@ -66,7 +69,7 @@ def test_kv_placements_match_plain_path(tiny, tmp_path, compute_device, family, 
         assert moved_up == moved_down == 0 and stats["phase2_s"] == stats["phase3_s"] == 0
     else:
         assert moved_down > 0 and moved_up > 0
-        phase3 = placement == "tok-III"  # prompts of 30 columns: every decode step is past p2 = 16
+        phase3 = placement.startswith("tok-III")  # prompts of 30 columns: every decode step is past p2 = 16
         assert (stats["phase3_s"] > 0) == phase3 and (stats["phase2_s"] > 0) != phase3
         assert (stats["recomputed_tokens"] > 0) == phase3 == (stats["phase3_recompute_s"] > 0)
         for p in (2, 3):  # the per-phase breakdown adds up to the phase's step time
@@ -124,6 +127,10 @@ def test_per_step_picks_fetch_every_cpu_pick_and_match_the_buffered_run(tiny, tm
     _assert_same(runs[True][:2], runs[False][:2], SPARSE_ATOL)
     up = {k: r[2]["kv_bytes_gpu_from_cpu"] for k, r in runs.items()}
     assert up[False] > 0 and up[False] > 3 * up[True]  # the buffer mostly catches picks before they migrate
+    # Gathered picks are fetched ahead of their layer (load_cache), except those the step's own write
+    # moves to cpu; buffered ones only when new to the buffer, inside the layer.
+    ahead = {k: r[2]["kv_bytes_fetched_ahead"] for k, r in runs.items()}
+    assert ahead[True] == 0 and up[False] / 2 < ahead[False] <= up[False]
 
 
 def test_int8_on_cpu_stays_within_low_precision_tolerance(tiny, tmp_path):
@@ -143,6 +150,43 @@ def test_int8_on_cpu_stays_within_low_precision_tolerance(tiny, tmp_path):
     # Phase I only: nothing is quantized, so the run is the plain one.
     same = offloaded(cfg, weights, PROMPTS, _policy("tok-I"), TierBudgets(offload_dir=str(tmp_path)), 8, 1, STEPS, kv8)
     _assert_same((ref_logits, ref_tokens), same[:2], SPARSE_ATOL)
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_picks_fetched_ahead_equal_picks_fetched_in_the_layer(tiny, bits):
+    """prefetch_picks (the executor's load_cache, before the layer runs) starts fetching the cpu-resident
+    picks of the coming step; after that step's write, gather returns exactly what it returns without
+    the prefetch, and the link carries the same bytes: the picks the write moves to cpu (positions
+    16..19 here: the gpu window starts at 16 at length 39, at 20 at length 40) come up in the layer."""
+    cfg, _ = tiny["llama"]
+    b, kvh, d, width = 2, cfg.num_kv_heads, cfg.head_dim, 39
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(b, kvh, width + 1, d, generator=gen) for _ in range(2))
+    index = torch.tensor([[[0, 5, 15, 17, 19, 30]], [[2, 16, 18, 9, 12, 33]]])  # (b, 1, m): per-sequence picks
+    phases = TokenPhases(p1=1, p2=10_000, offload_ratio=0.5, recompute_ratio=0.0, chunk=4)
+    assert (phases.gpu_from(width), phases.gpu_from(width + 1)) == (16, 20)
+    memory = Memory(TierBudgets(offload_dir="unused"))
+    got = {}
+    with CopyEngine(memory, threads=1) as engine:
+        for ahead in (False, True):
+            cache = TokenTieredKV(cfg, b, width + 1, torch.float32, phases=phases, memory=memory, engine=engine,
+                                  bits=bits, group_size=d, min_len=width)
+            cache.write(0, k[:, :, :width], v[:, :, :width], 0)
+            before = cache.traffic.up_bytes
+            if ahead:
+                cache.prefetch_picks(0, index, width + 1)
+                early = cache.traffic.up_bytes - before
+            cache.write(0, k[:, :, width:], v[:, :, width:], width)
+            got[ahead] = (*cache.gather(0, index), cache.traffic.up_bytes - before)
+            assert cache.ahead[0] is None
+            cache.free()
+    for a, z in zip(got[False], got[True]):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(z))
+    # Fetched ahead: the 6 picks below 16, on both kv heads; the 4 in 16..19 come up in the layer.
+    assert early > 0 and early * 20 == got[True][2] * 12
+    want = k[torch.arange(b)[:, None, None], torch.arange(kvh)[None, :, None], index.expand(b, kvh, -1)]
+    torch.testing.assert_close(got[True][0], want, rtol=0, atol=0 if bits == 16 else 0.02)  # INT8: half a step
+    assert memory.gpu.in_use == memory.cpu.in_use == 0
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -265,15 +309,15 @@ def test_cpu_cache_compute_matches_plain_path_and_moves_no_cpu_kv(tiny, tmp_path
         offloaded(*tiny["llama"], PROMPTS, policy, TierBudgets(offload_dir=str(tmp_path)), 8, 1, 2, KVS["swa0.8"])
 
 
-def test_pick_buffer_off_needs_token_placement_and_reserves_one_layer(tiny):
-    """Without buffers the gpu plan reserves one layer's gather instead of one buffer per layer."""
+def test_pick_buffer_off_needs_token_placement_and_reserves_two_layers(tiny):
+    """Without buffers the gpu plan reserves two layers' gathers (the attending layer's and the next one's,
+    fetched ahead) instead of one buffer per layer."""
     with pytest.raises(JobError, match=r"^offload.pick_buffer: only kv_placement: token"):
         OffloadPolicy(pick_buffer=False)
-    cfg, _ = tiny["llama"]
+    cfg = dataclasses.replace(tiny["llama"][0], num_layers=5)
     w = Workload(cfg=cfg, prompt_len=40, gen_len=24, num_prompts=4, dtype=torch.float32, kv=KVS["swa0.8"])
     peaks = {buffered: peak_bytes(w, Plan(gpu_batch_size=4, offload=_policy("tok-II", pick_buffer=buffered)))
              for buffered in (True, False)}
     one = buffer_bytes(4, cfg.num_kv_heads, 1, cfg.head_dim, SWA.split(64)[1], torch.float32)
-    assert cfg.num_layers > 1
-    assert peaks[True]["gpu"] - peaks[False]["gpu"] == (cfg.num_layers - 1) * one
+    assert peaks[True]["gpu"] - peaks[False]["gpu"] == (cfg.num_layers - 2) * one
     assert peaks[True]["cpu"] == peaks[False]["cpu"]
