@@ -102,7 +102,8 @@ def kv_bytes(cfg: ModelConfig, kv: KVSettings, batch: int, max_len: int, dtype: 
     """Bytes of KV storage a store for `batch` sequences of `max_len` tokens allocates: the cache
     (exact: the same class built on the meta device, which allocates nothing) plus, in retain
     mode with a scoring policy, the packed picks at their largest (one layer's gather without
-    `pick_buffer`: it lives until that layer's attention is done)."""
+    `pick_buffer`: it lives until that layer's attention is done; only token-tiered caches, which
+    this plain store is not, also fetch the next layer's ahead)."""
     nbytes = _make_cache(cfg, kv, batch, kv_capacity(kv, max_len), dtype, torch.device("meta")).nbytes
     scoring = kv.policy.scoring
     buffered = _pick_buffers(cfg, kv, scoring is not None) is not None
@@ -198,9 +199,10 @@ class KVStore:
         if hasattr(self.cache, "prefetch"):
             self.cache.prefetch(layer, self.length)
             return
-        if not hasattr(self.cache, "prefetch_picks") or self.picks is not None or self.evict:
-            return
         n = self.length + 1
+        if not hasattr(self.cache, "prefetch_picks") or self.picks is not None or self.evict or \
+                self.ahead.get(layer, (0,))[0] == n:  # already under way (the executor asks once per unit)
+            return
         scores = self.scores[layer].current(n, self.policy.score_window(n)) if self.scores else None
         sel = self.policy.select(n, n, scores, self.bias.device)
         self.ahead[layer] = (n, scores, sel)

@@ -26,7 +26,8 @@ is on `cpu` there, against their home, instead of loading it to the gpu: only qu
 `pick_buffer` (token placement, scoring KV policies such as swa and h2o): each layer keeps its picks packed
 on the gpu across steps and fetches only the picks new to it (the default; runner/kv_picks.py). `false`
 gathers every pick every step, ALISA Alg. 2's data path: every cpu-resident pick crosses the link each
-step, but the gpu holds one layer's gather instead of a buffer per layer.
+step (selected and fetched ahead of its layer, while earlier layers compute), but the gpu holds two
+layers' gathers (the attending one and the next, fetched ahead) instead of a buffer per layer.
 
 Unknown keys are refused by name rather than silently ignored.
 """

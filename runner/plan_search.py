@@ -8,9 +8,10 @@ steps, so opt-175b takes well under 5 s):
   weights, KV or the activations down a tier, cheapest time per byte freed first, until every tier
   fits; then hill-climb with 5-point moves (and cpu_cache_compute) while throughput improves; with
   `compress`, FlexGen's 4-bit compress_cache is one more switch the climb may flip;
-- ALISA (`search_alisa`): weights and activations placed the same way; for the KV, the least offload
-  ratio alpha whose latest phase II start p1 fits the gpu, then the recompute ratio beta and phase
-  III start p2 that predict the most throughput (ALISA §V-A's greedy over its cost model).
+- ALISA (`search_alisa`): weights and activations placed the same way; for the KV, each offload
+  ratio alpha at the latest phase II start p1 that fits the gpu, the fastest of them, then the
+  recompute ratio beta (with that alpha or a larger one) and phase III start p2 that predict the most
+  throughput (ALISA §V-A's greedy over its cost model).
 """
 from __future__ import annotations
 
@@ -219,7 +220,8 @@ def _grid(lo: int, hi: int, n: int = 16) -> list[int]:
 
 def _phases(ev: _Eval, plan: Plan) -> tuple[Plan, float] | None:
     """ALISA's KV schedule for a fixed weight placement: each offload ratio at the latest p1 that fits,
-    the fastest of them, then the recompute ratio and p2 that predict the most throughput."""
+    the fastest of them, then the recompute ratio, p2 and a larger offload ratio that predict the most
+    throughput."""
     w = ev.w
     end = w.prompt_len + w.gen_len  # p1 = end: phase I throughout
     best: tuple[float, Plan] | None = None

@@ -189,6 +189,32 @@ def test_picks_fetched_ahead_equal_picks_fetched_in_the_layer(tiny, bits):
     assert memory.gpu.in_use == memory.cpu.in_use == 0
 
 
+def test_store_fetches_a_layers_picks_ahead_once_per_step(tiny):
+    """The executor asks every unit's successor attention to load its cache, so an attention layer is asked
+    twice a step (after the attention and after the MLP before it): the second ask must not fetch again."""
+    cfg, weights = tiny["llama"]
+    lm = LM(cfg, weights, torch.device("cpu"), torch.float32)
+    memory = Memory(TierBudgets(offload_dir="unused"))
+    phases = TokenPhases(p1=1, p2=10_000, offload_ratio=0.9, recompute_ratio=0.0, chunk=1)
+    kv = dataclasses.replace(KVS["swa0.8"], pick_buffer=False)
+    with CopyEngine(memory, threads=1) as engine:
+        caches = []
+
+        def make(b, n):
+            caches.append(TokenTieredKV(cfg, b, n, torch.float32, phases=phases, memory=memory, engine=engine))
+            return caches[-1]
+        batch = Batch(lm, PROMPTS[:4], 3, kv, make_cache=make)
+        tokens = batch.prefill().argmax(-1)
+        traffic = caches[0].traffic
+        batch.kv.prefetch(1)
+        ahead = traffic.ahead_bytes
+        batch.kv.prefetch(1)
+        assert traffic.ahead_bytes == ahead > 0 and traffic.up_bytes == ahead
+        batch.decode(tokens)
+        assert traffic.ahead_bytes == ahead and traffic.up_bytes > ahead  # layer 0's picks, in the layer
+        caches[0].free()
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_recomputed_kv_equals_the_kv_it_replaces(tiny, family):
     """Prefill through a token-tiered cache whose phase III covers most positions, then read those
