@@ -196,8 +196,9 @@ def _sequence_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPo
 def _token_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPolicy, lengths: np.ndarray,
               streams: dict[str, np.ndarray], decode: bool) -> None:
     """ALISA's token placement: tokens leaving the gpu window go to cpu; old tokens the policy attends
-    come up (only picks new to SWA's packed buffer, or every cpu-resident pick each step without one,
-    fetched ahead of the layer), recomputed ones from kept activations."""
+    come up, fetched ahead of the layer (only picks new to SWA's packed buffer, or every cpu-resident
+    pick each step without one, and the recent run's part below the gpu window), recomputed ones from
+    kept activations."""
     c, bw, kv = w.cfg, hw.bandwidth_gbps, w.kv
     ph = TokenPhases(p1=policy.p1, p2=policy.p2, offload_ratio=policy.offload_ratio,
                      recompute_ratio=policy.recompute_ratio)
@@ -210,21 +211,26 @@ def _token_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPolic
     rec = np.array([ph.recompute_below(int(n)) for n in lengths], dtype=float)
     att, recent, other = _attended(kv, lengths)
     if kv.policy.scoring is not None:  # picks new to the buffer (all of them without one), over the older tokens
-        old = (PICK_CHURN if policy.pick_buffer else 1.0) * other
         span = np.maximum(lengths - recent, 1)
+        picks = (PICK_CHURN if policy.pick_buffer else 1.0) * other / span
+        # The recent run is read where the gpu window holds it; a shorter window leaves its oldest on cpu.
+        spill = np.clip(lo - (lengths - recent), 0, recent)
+        fetched = sh.k * sh.b * (picks * (np.minimum(lo, lengths - recent) - rec) + spill)
+        recomputed = sh.k * sh.b * picks * rec
+        reread = sh.k * sh.b * spill if policy.pick_buffer else fetched  # fetched again every step
     else:  # every attended token older than the gpu window, every step
-        old = np.clip(att - (lengths - lo), 0, lo)
-        span = np.maximum(lo, 1)
-    fetched, recomputed = sh.k * sh.b * old * (lo - rec) / span, sh.k * sh.b * old * rec / span
+        old = np.clip(att - (lengths - lo), 0, lo) / np.maximum(lo, 1)
+        fetched, recomputed = sh.k * sh.b * old * (lo - rec), sh.k * sh.b * old * rec
+        reread = fetched
     copies = 2 if kv.bits == 16 else 6  # K and V; quantized, each as codes, scales and minimums
     fetch = fetched * tok / (bw.gpu_from_cpu * 1e9) + np.where(fetched > 0, copies * sh.k * hw.overhead_us.transfer
                                                               * 1e-6, 0.0)
-    # Gathered picks are selected and fetched ahead of their layer (runner/kv_tokens.py prefetch_picks,
-    # from the executor's load_cache), so their link time overlaps compute like every other load;
-    # quantized ones are dequantized again every step.
+    # Tokens read every step are selected and fetched ahead of their layer (runner/kv_tokens.py
+    # fetch_ahead, from the executor's load_cache), so their link time overlaps compute like every
+    # other load; quantized ones are dequantized again every step.
     streams["gpu<-cpu"] += fetch
-    if not policy.pick_buffer and kv.policy.scoring is not None and kv.bits != 16:
-        streams["compute"] += fetched * 2 * c.kv_dim * (1 + sh.e) / (bw.gpu_memory * 1e9)
+    if kv.bits != 16:
+        streams["compute"] += reread * 2 * c.kv_dim * (1 + sh.e) / (bw.gpu_memory * 1e9)
     flops = recomputed * 2 * c.hidden_size * 2 * c.kv_dim
     streams["compute"] += flops / (hw.tflops.gpu_recompute * 1e12) + recomputed * c.hidden_size * sh.e / (
         bw.gpu_memory * 1e9)

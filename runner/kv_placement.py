@@ -92,7 +92,7 @@ class KVPlacer:
             return 0
         groups = self.cfg.num_kv_heads if scoring.per_head else 1
         m = self.kv.policy.split(n)[1]
-        # Without buffers: a layer's gather while it attends, and the next one's, fetched ahead (prefetch_picks).
+        # Without buffers: a layer's gather while it attends, and the next one's, fetched ahead (fetch_ahead).
         layers = self.cfg.num_layers if self.policy.pick_buffer else min(2, self.cfg.num_layers)
         return layers * buffer_bytes(b, self.cfg.num_kv_heads, groups, self.cfg.head_dim, m, self.dtype)
 

@@ -194,20 +194,24 @@ class KVStore:
     def prefetch(self, layer: int) -> None:
         """Start this layer's KV of the next decode step towards the gpu (the block executor's
         load_cache, while earlier layers compute): FlexGen's per-sequence split loads the layer whole;
-        a token-tiered cache without pick buffers fetches the step's picks, selected now (the layer's
-        scores are final since its last step) and kept for the step itself."""
+        a token-tiered cache fetches the cpu-resident tokens the step will read (the recent run's
+        oldest, if the gpu window is shorter, and without pick buffers every pick), selected now (the
+        layer's scores are final since its last step) and kept for the step itself."""
         if hasattr(self.cache, "prefetch"):
             self.cache.prefetch(layer, self.length)
             return
         n = self.length + 1
-        if not hasattr(self.cache, "prefetch_picks") or self.picks is not None or self.evict or \
+        if not hasattr(self.cache, "fetch_ahead") or self.evict or \
                 self.ahead.get(layer, (0,))[0] == n:  # already under way (the executor asks once per unit)
             return
         scores = self.scores[layer].current(n, self.policy.score_window(n)) if self.scores else None
         sel = self.policy.select(n, n, scores, self.bias.device)
         self.ahead[layer] = (n, scores, sel)
-        if sel is not None and sel.picks is not None:
-            self.cache.prefetch_picks(layer, sel.picks, n)
+        # The step reads the recent run (all n without a selection) in place, where the gpu window
+        # holds it, and the picks (those new to the layer's buffer, when it has one, come in the layer).
+        buffered = self.picks is not None
+        self.cache.fetch_ahead(layer, n, 0 if sel is None else n - sel.recent,
+                               None if sel is None or buffered else sel.picks)
 
     # ---- prefill -------------------------------------------------------------------------
     def prefill(self, layer: int, rows: slice, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -273,6 +277,8 @@ class KVStore:
             sel = self.policy.select(n, n, scores, q.device)
         clock.lap("select")
         index, keys, values = self._read_selected(layer, sel, n, need_index=bool(state or self.padded))
+        if hasattr(self.cache, "drop_ahead"):
+            self.cache.drop_ahead(layer)  # the step's reads are done
         if sel is None:
             bias = self.bias[..., :n] if self.padded else None
         else:

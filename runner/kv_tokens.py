@@ -88,7 +88,7 @@ class TokenPhases:
 class KVTraffic:
     """What a token-tiered cache moved and recomputed (bytes over the link, tokens, seconds)."""
     up_bytes: int = 0  # gpu <- cpu: selected old tokens fetched
-    ahead_bytes: int = 0  # of those, fetched before their layer ran (prefetch_picks)
+    ahead_bytes: int = 0  # of those, fetched before their layer ran (fetch_ahead)
     down_bytes: int = 0  # cpu <- gpu: tokens leaving the gpu window
     recomputed: int = 0  # (token, layer) K/V pairs recomputed from activations
     recompute_s: float = 0.0
@@ -123,7 +123,7 @@ class TokenTieredKV:
         self.rec = [0] * L  # positions below are recomputed
         self.pending: list[list[Handle]] = [[] for _ in range(L)]  # migrations reading the window
         self.project: list[Projector | None] = [None] * L
-        self.ahead: list[_Ahead | None] = [None] * L  # picks fetched before the layer ran (prefetch_picks)
+        self.ahead: list[_Ahead | None] = [None] * L  # rows fetched before the layer ran (fetch_ahead)
         self.traffic = KVTraffic()
 
     # ---- storage -----------------------------------------------------------------------------
@@ -154,7 +154,7 @@ class TokenTieredKV:
         """Return every allocation to its pool (idempotent)."""
         for j in range(len(self.pending)):
             self._settle(j)
-            self._drop_ahead(j)
+            self.drop_ahead(j)
         for t in self.wk + self.wv + self.acts + ([self.act_pos] if self.act_pos is not None else []):
             if self.memory.gpu.owns(t):
                 self.memory.gpu.free(t)
@@ -256,24 +256,23 @@ class TokenTieredKV:
         if start >= lo:
             return self.wk[layer][:, :, start - base:end - base], self.wv[layer][:, :, start - base:end - base]
         index = torch.arange(start, min(lo, end), device=self.wk[layer].device)
-        old_k, old_v = self.gather(layer, index, ahead=False)
+        old_k, old_v = self.gather(layer, index)
         if end <= lo:
             return old_k, old_v
         k = torch.cat((old_k, self.wk[layer][:, :, lo - base:end - base]), dim=2)
         v = torch.cat((old_v, self.wv[layer][:, :, lo - base:end - base]), dim=2)
         return k, v
 
-    def gather(self, layer: int, index: Tensor, ahead: bool = True) -> tuple[Tensor, Tensor]:
-        """The selected positions packed dense: (b, kvh, m, d); index (m,) or (b, g, m). `ahead`: use
-        what `prefetch_picks` fetched for this layer (the picks of this step)."""
+    def gather(self, layer: int, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The selected positions packed dense: (b, kvh, m, d); index (m,) or (b, g, m)."""
         kvh, d = self.cfg.num_kv_heads, self.cfg.head_dim
-        k, v = self.take_rows(layer, flat_rows(index, self.b, kvh, self.max_len), ahead)
+        k, v = self.take_rows(layer, flat_rows(index, self.b, kvh, self.max_len))
         m = index.shape[-1]
         return k.view(self.b, kvh, m, d), v.view(self.b, kvh, m, d)
 
-    def take_rows(self, layer: int, rows: Tensor, ahead: bool = False) -> tuple[Tensor, Tensor]:
-        """Positions by flat row number into (b * kvh * max_len, d): (r, d) each, wherever they live.
-        `ahead`: cpu-resident rows that `prefetch_picks` already fetched come from there."""
+    def take_rows(self, layer: int, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Positions by flat row number into (b * kvh * max_len, d): (r, d) each, wherever they live;
+        cpu-resident rows that `fetch_ahead` already fetched come from there."""
         d = self.cfg.head_dim
         head, pos = rows // self.max_len, rows % self.max_len
         lo, rec = self.lo[layer], self.rec[layer]
@@ -281,10 +280,9 @@ class TokenTieredKV:
         out_v = torch.empty_like(out_k)
         on_cpu = ((pos >= rec) & (pos < lo)).nonzero().squeeze(1)
         fetch = early = None
-        if ahead and self.ahead[layer] is not None and on_cpu.numel():
+        if self.ahead[layer] is not None and on_cpu.numel():
             early, hit = self._early(layer, rows[on_cpu], on_cpu)
             on_cpu = on_cpu[~hit]  # left: tokens that moved to cpu since (this step's write)
-        self._drop_ahead(layer)
         if on_cpu.numel():
             self._settle(layer)  # a pick may be a token whose move to cpu is still in flight
             fetch = self._fetch(layer, rows[on_cpu])  # in flight while the gpu part and recompute run
@@ -304,16 +302,27 @@ class TokenTieredKV:
         return out_k, out_v
 
     # ---- fetching ahead ------------------------------------------------------------------------
-    def prefetch_picks(self, layer: int, index: Tensor, n: int) -> None:
-        """Start fetching the cpu-resident ones of the picks `index` (b, g, m) of the step that will
-        reach length n, before the layer runs (the executor's load_cache, while earlier layers
-        compute), so that `gather` waits only on copies already under way. Picks that step's write
-        moves to cpu are fetched then; picks phase III will recompute then are not fetched."""
-        self._drop_ahead(layer)
-        rec = max(self.rec[layer], self.phases.recompute_below(n))
-        rows = flat_rows(index, self.b, self.cfg.num_kv_heads, self.max_len)
-        pos = rows % self.max_len
-        rows = rows[(pos >= rec) & (pos < self.lo[layer])]
+    def fetch_ahead(self, layer: int, n: int, start: int, picks: Tensor | None = None) -> None:
+        """Start fetching the cpu-resident ones of the positions the step that will reach length n
+        reads, the run start..n-1 (n-1 is that step's own token) and `picks` ((m,) or (b, g, m), as
+        `gather` takes them), before the layer runs (the executor's load_cache, while earlier layers
+        compute), so that the layer's reads wait only on copies already under way. Positions that
+        step's write moves to cpu are fetched then; ones phase III will recompute then are not
+        fetched. Kept until `drop_ahead`."""
+        self.drop_ahead(layer)
+        rec, lo = max(self.rec[layer], self.phases.recompute_below(n)), self.lo[layer]
+        kvh, device = self.cfg.num_kv_heads, self.wk[layer].device
+        parts = []
+        if min(n - 1, lo) > max(start, rec):
+            parts.append(flat_rows(torch.arange(max(start, rec), min(n - 1, lo), device=device), self.b, kvh,
+                                   self.max_len))  # ascending
+        if picks is not None:
+            rows = flat_rows(picks, self.b, kvh, self.max_len)
+            pos = rows % self.max_len
+            parts.append(rows[(pos >= rec) & (pos < lo)])
+        if not parts:
+            return
+        rows = parts[0] if picks is None else torch.cat(parts).unique()  # sorted, for _early's lookup
         if rows.numel():
             self._settle(layer)  # a pick may be a token whose move to cpu is still in flight
             before = self.traffic.up_bytes
@@ -324,15 +333,16 @@ class TokenTieredKV:
         """The fetched-ahead K/V of the `rows` it holds (their places `at` in the output), and which
         of `rows` it holds."""
         got = self.ahead[layer]
-        order = got.rows.argsort()
-        keys = got.rows[order]
+        keys = got.rows  # sorted (unique)
         i = torch.searchsorted(keys, rows).clamp_(max=keys.numel() - 1)
         hit = keys[i] == rows
-        k, v = self._landed(got.copies)
-        slot = order[i[hit]]
-        return (at[hit], (k[slot], v[slot])), hit
+        if got.landed is None:  # the step's reads (recent run, picks) share one dequantized copy
+            got.landed = self._landed(got.copies)
+        k, v = got.landed
+        return (at[hit], (k[i[hit]], v[i[hit]])), hit
 
-    def _drop_ahead(self, layer: int) -> None:
+    def drop_ahead(self, layer: int) -> None:
+        """Release what `fetch_ahead` fetched for `layer` (the store calls it once the step's reads are done)."""
         got, self.ahead[layer] = self.ahead[layer], None
         for _, handles in got.copies if got is not None else ():
             for h in handles:
@@ -382,10 +392,11 @@ class TokenTieredKV:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Ahead:
-    rows: Tensor  # flat rows fetched, in fetch order
+    rows: Tensor  # flat rows fetched, sorted
     copies: list[tuple[list[Tensor], list[Handle]]]  # TokenTieredKV._fetch's buffers and their copies
+    landed: tuple[Tensor, Tensor] | None = None  # their K, V once waited on (and dequantized)
 
 
 def _parts(q: QTensor) -> list[Tensor]:

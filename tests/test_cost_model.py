@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import numpy as np
 import torch
 
 from policies import get_policy
@@ -14,6 +15,7 @@ from runner.cost_model import PICK_CHURN, Plan, Workload, peak_bytes, predict
 from runner.executor import Executor
 from runner.hardware_profile import Bandwidth, Compute, HardwareProfile, TierMemory
 from runner.kv_store import KVSettings
+from runner.kv_tokens import TokenPhases
 from runner.layers import weight_shapes
 from runner.memory import TierBudgets
 from runner.offload_policy import KVPlacement, OffloadPolicy
@@ -150,6 +152,27 @@ def test_gathered_picks_are_fetched_ahead_so_their_link_time_overlaps_compute():
 
     assert decode(False, True) == pytest.approx(decode(True, True), rel=1e-12)
     assert decode(False, False) > decode(True, False)
+
+
+def test_recent_run_below_the_gpu_window_is_fetched_every_step(monkeypatch):
+    """A gpu window shorter than SWA's recent run (offload ratio 0.95 above 1 - the recent share) leaves the
+    run's oldest tokens on cpu, read and so fetched every step even with the picks buffered (none new
+    here: PICK_CHURN 0). By hand: rows x those tokens x K+V bytes at 1 GB/s."""
+    monkeypatch.setattr(cost_model, "PICK_CHURN", 0.0)
+    kv = KVSettings(policy=get_policy("swa", sparsity=0.5))
+    w = _workload(prompt_len=128, gen_len=32, kv=kv)
+    policy = OffloadPolicy(kv_placement=KVPlacement.TOKEN, p1=16, p2=10_000, offload_ratio=0.95)
+    lengths = np.arange(129, 160, dtype=float)
+    streams = cost_model._zero(len(lengths))
+    cost_model._token_kv(_profile(), w, cost_model._shape(w, Plan(gpu_batch_size=2, offload=policy)), policy,
+                         lengths, streams, decode=True)
+    phases = TokenPhases(p1=16, p2=10_000, offload_ratio=0.95, recompute_ratio=0.0)
+    spill = []
+    for n in lengths.astype(int):
+        recent = kv.policy.split(n)[0]
+        spill.append(min(max(phases.gpu_from(n) - (n - recent), 0), recent))
+    assert min(spill) > 0
+    np.testing.assert_allclose(streams["gpu<-cpu"], [2 * t * 2 * CFG.kv_dim * E / 1e9 for t in spill], rtol=1e-12)
 
 
 def test_sampled_decode_estimate_is_close_to_every_step():

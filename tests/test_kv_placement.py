@@ -153,16 +153,17 @@ def test_int8_on_cpu_stays_within_low_precision_tolerance(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("bits", [16, 8])
-def test_picks_fetched_ahead_equal_picks_fetched_in_the_layer(tiny, bits):
-    """prefetch_picks (the executor's load_cache, before the layer runs) starts fetching the cpu-resident
-    picks of the coming step; after that step's write, gather returns exactly what it returns without
-    the prefetch, and the link carries the same bytes: the picks the write moves to cpu (positions
-    16..19 here: the gpu window starts at 16 at length 39, at 20 at length 40) come up in the layer."""
+def test_reads_fetched_ahead_equal_reads_fetched_in_the_layer(tiny, bits):
+    """fetch_ahead (the executor's load_cache, before the layer runs) starts fetching the cpu-resident
+    tokens the coming step reads: its recent run (here from position 14) and its picks. After that
+    step's write, read and gather return exactly what they return without it, and the link carries the
+    same bytes: the gpu window starts at 16 at length 39 and at 20 at length 40, so positions 16..19,
+    moved to cpu by the write, come up in the layer, as without fetching ahead."""
     cfg, _ = tiny["llama"]
-    b, kvh, d, width = 2, cfg.num_kv_heads, cfg.head_dim, 39
+    b, kvh, d, width, start = 2, cfg.num_kv_heads, cfg.head_dim, 39, 14
     gen = torch.Generator().manual_seed(0)
     k, v = (torch.randn(b, kvh, width + 1, d, generator=gen) for _ in range(2))
-    index = torch.tensor([[[0, 5, 15, 17, 19, 30]], [[2, 16, 18, 9, 12, 33]]])  # (b, 1, m): per-sequence picks
+    index = torch.tensor([[[0, 5, 13, 2]], [[1, 7, 9, 12]]])  # (b, 1, m): per-sequence picks, older than the run
     phases = TokenPhases(p1=1, p2=10_000, offload_ratio=0.5, recompute_ratio=0.0, chunk=4)
     assert (phases.gpu_from(width), phases.gpu_from(width + 1)) == (16, 20)
     memory = Memory(TierBudgets(offload_dir="unused"))
@@ -174,28 +175,33 @@ def test_picks_fetched_ahead_equal_picks_fetched_in_the_layer(tiny, bits):
             cache.write(0, k[:, :, :width], v[:, :, :width], 0)
             before = cache.traffic.up_bytes
             if ahead:
-                cache.prefetch_picks(0, index, width + 1)
-                early = cache.traffic.up_bytes - before
+                cache.fetch_ahead(0, width + 1, start, index)
+                early = cache.traffic.ahead_bytes
             cache.write(0, k[:, :, width:], v[:, :, width:], width)
-            got[ahead] = (*cache.gather(0, index), cache.traffic.up_bytes - before)
+            got[ahead] = (*cache.read(0, width + 1, start), *cache.gather(0, index), cache.traffic.up_bytes - before)
+            cache.drop_ahead(0)
             assert cache.ahead[0] is None
             cache.free()
     for a, z in zip(got[False], got[True]):
         assert torch.equal(torch.as_tensor(a), torch.as_tensor(z))
-    # Fetched ahead: the 6 picks below 16, on both kv heads; the 4 in 16..19 come up in the layer.
-    assert early > 0 and early * 20 == got[True][2] * 12
+    # Fetched ahead: the 8 picks and positions 14, 15 of both sequences; 16..19 of both come up in the layer.
+    assert early > 0 and early * 20 == got[True][4] * 12
     want = k[torch.arange(b)[:, None, None], torch.arange(kvh)[None, :, None], index.expand(b, kvh, -1)]
-    torch.testing.assert_close(got[True][0], want, rtol=0, atol=0 if bits == 16 else 0.02)  # INT8: half a step
+    atol = 0 if bits == 16 else 0.02  # INT8: half a quantization step of a group's range
+    torch.testing.assert_close(got[True][2], want, rtol=0, atol=atol)
+    torch.testing.assert_close(got[True][0], k[:, :, start:], rtol=0, atol=atol)
     assert memory.gpu.in_use == memory.cpu.in_use == 0
 
 
-def test_store_fetches_a_layers_picks_ahead_once_per_step(tiny):
+def test_store_fetches_a_layers_reads_ahead_once_per_step(tiny):
     """The executor asks every unit's successor attention to load its cache, so an attention layer is asked
-    twice a step (after the attention and after the MLP before it): the second ask must not fetch again."""
+    twice a step (after the attention and after the MLP before it): the second ask must not fetch again.
+    With both layers asked before the step, the step itself fetches nothing (the gpu window starts at 16
+    at lengths 30 and 31, so its write moves nothing to cpu)."""
     cfg, weights = tiny["llama"]
     lm = LM(cfg, weights, torch.device("cpu"), torch.float32)
     memory = Memory(TierBudgets(offload_dir="unused"))
-    phases = TokenPhases(p1=1, p2=10_000, offload_ratio=0.9, recompute_ratio=0.0, chunk=1)
+    phases = TokenPhases(p1=1, p2=10_000, offload_ratio=0.9, recompute_ratio=0.0, chunk=16)
     kv = dataclasses.replace(KVS["swa0.8"], pick_buffer=False)
     with CopyEngine(memory, threads=1) as engine:
         caches = []
@@ -205,13 +211,16 @@ def test_store_fetches_a_layers_picks_ahead_once_per_step(tiny):
             return caches[-1]
         batch = Batch(lm, PROMPTS[:4], 3, kv, make_cache=make)
         tokens = batch.prefill().argmax(-1)
+        assert batch.prompt_width == 30 and phases.gpu_from(30) == phases.gpu_from(31) == 16
         traffic = caches[0].traffic
         batch.kv.prefetch(1)
         ahead = traffic.ahead_bytes
         batch.kv.prefetch(1)
         assert traffic.ahead_bytes == ahead > 0 and traffic.up_bytes == ahead
+        batch.kv.prefetch(0)
+        assert traffic.ahead_bytes > ahead
         batch.decode(tokens)
-        assert traffic.ahead_bytes == ahead and traffic.up_bytes > ahead  # layer 0's picks, in the layer
+        assert traffic.up_bytes == traffic.ahead_bytes and caches[0].ahead == [None, None]
         caches[0].free()
 
 
