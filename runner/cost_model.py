@@ -15,6 +15,7 @@ All functions are pure: a `Workload`, a `Plan` and a `HardwareProfile` in, a `Pr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -114,20 +115,25 @@ class _Shape:
 
 
 def _shape(w: Workload, plan: Plan) -> _Shape:
+    return _shape_of(w.cfg, w.dtype, plan)
+
+
+@functools.lru_cache(maxsize=1 << 14)  # the plan search predicts many plans of one workload
+def _shape_of(cfg: ModelConfig, dtype: torch.dtype, plan: Plan) -> _Shape:
     # Every layer has the same shapes: layer 0's units stand for all of them.
-    units = {"attn": Attention(w.cfg, 0), "mlp": MLP(w.cfg, 0), "embed": Embedding(w.cfg), "head": Head(w.cfg)}
+    units = {"attn": Attention(cfg, 0), "mlp": MLP(cfg, 0), "embed": Embedding(cfg), "head": Head(cfg)}
     policy = plan.offload or OffloadPolicy()
     off, staged, copies = {}, {}, {}
     for kind, u in units.items():
         shapes = u.weight_shapes()
-        off[kind], staged[kind] = plan_bytes(shapes, policy, w.dtype)
+        off[kind], staged[kind] = plan_bytes(shapes, policy, dtype)
         copies[kind] = len(shapes) if off[kind][Tier.GPU] < sum(off[kind].values()) else 0
-    return _Shape(b=plan.gpu_batch_size, k=plan.num_gpu_batches if plan.offload else 1, e=w.dtype.itemsize,
+    return _Shape(b=plan.gpu_batch_size, k=plan.num_gpu_batches if plan.offload else 1, e=dtype.itemsize,
                   attn_params=_matrix_params(units["attn"].weight_shapes()),
                   mlp_params=_matrix_params(units["mlp"].weight_shapes()),
                   head_params=_matrix_params(units["head"].weight_shapes()), off_bytes=off, staged=staged,
                   copies=copies, packed=frozenset() if plan.offload is not None else
-                  frozenset({"attn", "mlp"} | (set() if w.cfg.tie_embeddings else {"head"})))
+                  frozenset({"attn", "mlp"} | (set() if cfg.tie_embeddings else {"head"})))
 
 
 # ---------------------------------------------------------------- streams per unit
@@ -269,14 +275,13 @@ def _shared_cpu(hw: HardwareProfile, st: dict[str, np.ndarray], n: int) -> None:
 
 
 def _unit_time(streams: dict[str, np.ndarray], overlap: bool) -> np.ndarray:
-    parts = np.stack([streams[s] for s in STREAMS])
-    return parts.max(axis=0) if overlap else parts.sum(axis=0)
+    return functools.reduce(np.maximum if overlap else np.add, (streams[s] for s in STREAMS))
 
 
 def _step(hw: HardwareProfile, w: Workload, sh: _Shape, plan: Plan, lengths: np.ndarray,
-          decode: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+          decode: bool, streams: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Time of one forward of the block at each length (decode steps, or the prefill at its length),
-    and the time of each stream summed over units (for the bound)."""
+    and (with `streams`) the time of each stream summed over units (for the bound)."""
     policy = plan.offload or OffloadPolicy()
     overlap = policy.overlap
     n, tokens = len(lengths), 1 if decode else w.prompt_len
@@ -304,7 +309,7 @@ def _step(hw: HardwareProfile, w: Workload, sh: _Shape, plan: Plan, lengths: np.
         if not hw.accelerator:
             _shared_cpu(hw, st, n)
         total += count * _unit_time(st, overlap)
-        for s in STREAMS:
+        for s in STREAMS if streams else ():
             totals[s] += count * st[s]
     return total, totals
 
@@ -328,41 +333,54 @@ def peak_bytes(w: Workload, plan: Plan) -> dict[str, int]:
 def _decode_lengths(w: Workload, plan: Plan, samples: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Sequence lengths of the decode steps and how many steps each stands for: every step, or
     `samples` evenly spaced ones (the search's quick estimate), plus the phase switch steps on their
-    own (the switch to phase II moves a burst of old tokens at once)."""
-    lengths = np.arange(w.prompt_len + 1, w.prompt_len + w.gen_len, dtype=float)
-    if samples is None or len(lengths) <= samples:
-        return lengths, np.ones(len(lengths))
-    edges = set(np.linspace(0, len(lengths), samples + 1).round().astype(int).tolist())
+    own (the switch to phase II moves a burst of old tokens at once). Read-only arrays."""
     policy = plan.offload
-    if policy is not None and policy.kv_placement is KVPlacement.TOKEN:
-        for switch in (policy.p1, policy.p2):
-            i = switch - w.prompt_len - 1
+    token = policy is not None and policy.kv_placement is KVPlacement.TOKEN
+    return _lengths(w.prompt_len, w.gen_len, samples, (policy.p1, policy.p2) if token else ())
+
+
+@functools.lru_cache(maxsize=1 << 12)  # the plan search asks for the same few sample sets
+def _lengths(prompt_len: int, gen_len: int, samples: int | None, switches: tuple[int, ...]
+             ) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.arange(prompt_len + 1, prompt_len + gen_len, dtype=float)
+    if samples is None or len(lengths) <= samples:
+        out = lengths, np.ones(len(lengths))
+    else:
+        edges = set(np.linspace(0, len(lengths), samples + 1).round().astype(int).tolist())
+        for switch in switches:
+            i = switch - prompt_len - 1
             if 0 <= i < len(lengths):
                 edges |= {i, i + 1}
-    cuts = np.array(sorted(edges))
-    mids = (cuts[:-1] + cuts[1:]) // 2
-    return lengths[mids], np.diff(cuts).astype(float)
+        cuts = np.array(sorted(edges))
+        mids = (cuts[:-1] + cuts[1:]) // 2
+        out = lengths[mids], np.diff(cuts).astype(float)
+    for a in out:
+        a.setflags(write=False)  # shared between calls
+    return out
 
 
-def predict(w: Workload, plan: Plan, hw: HardwareProfile, *, samples: int | None = None) -> Prediction:
+def predict(w: Workload, plan: Plan, hw: HardwareProfile, *, samples: int | None = None,
+            quick: bool = False) -> Prediction:
     """Predicted prefill, decode and total throughput and peak memory of `plan` for `w` on `hw`;
-    `samples`: estimate decode from that many evenly spaced steps instead of every step."""
+    `samples`: estimate decode from that many evenly spaced steps instead of every step; `quick`:
+    the throughputs only, no peak memory, phase split or bound (the plan search's inner loop)."""
     sh = _shape(w, plan)
-    prefill, _ = _step(hw, w, sh, plan, np.array([w.prompt_len], dtype=float), decode=False)
+    prefill, _ = _step(hw, w, sh, plan, np.array([w.prompt_len], dtype=float), decode=False, streams=False)
     lengths, weight = _decode_lengths(w, plan, samples)
-    decode, streams = _step(hw, w, sh, plan, lengths, decode=True)
+    decode, streams = _step(hw, w, sh, plan, lengths, decode=True, streams=not quick)
     decode = decode * weight
-    streams = {s: v * weight for s, v in streams.items()}
     blocks = math.ceil(w.num_prompts / (sh.b * sh.k))
     prefill_s, decode_s = blocks * float(prefill[0]), blocks * float(decode.sum())
-    phase = np.ones(len(lengths), dtype=int)
-    if plan.offload is not None and plan.offload.kv_placement is KVPlacement.TOKEN:
-        phase = np.where(lengths < plan.offload.p1, 1, np.where(lengths < plan.offload.p2, 2, 3))
-    phase_s = tuple(blocks * float(decode[phase == p].sum()) for p in (1, 2, 3))
-    bound = max(STREAMS, key=lambda s: float(streams[s].sum()))
+    phase_s, bound = (0.0, 0.0, 0.0), ""
+    if not quick:
+        phase = np.ones(len(lengths), dtype=int)
+        if plan.offload is not None and plan.offload.kv_placement is KVPlacement.TOKEN:
+            phase = np.where(lengths < plan.offload.p1, 1, np.where(lengths < plan.offload.p2, 2, 3))
+        phase_s = tuple(blocks * float(decode[phase == p].sum()) for p in (1, 2, 3))
+        bound = max(STREAMS, key=lambda s: float((streams[s] * weight).sum()))
     n = w.num_prompts
     return Prediction(prefill_s=prefill_s, decode_s=decode_s,
                       prefill_throughput=n * w.prompt_len / prefill_s if prefill_s else 0.0,
                       decode_throughput=n * (w.gen_len - 1) / decode_s if decode_s else 0.0,
                       total_throughput=n * w.gen_len / (prefill_s + decode_s),
-                      peak_bytes=peak_bytes(w, plan), phase_s=phase_s, bound=bound)
+                      peak_bytes={} if quick else peak_bytes(w, plan), phase_s=phase_s, bound=bound)

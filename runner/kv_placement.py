@@ -6,6 +6,7 @@ builds each GPU batch's cache, and sums what the caches moved and recomputed for
 """
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -66,25 +67,42 @@ class KVPlacer:
     # ---- planning ------------------------------------------------------------------------------
     def plan(self, shapes: list[tuple[int, int]], max_new: int) -> dict[Tier, dict[str, int]]:
         """Bytes per tier and part for GPU batches of (rows, max_len) each, max_new of them generated."""
-        c, kv = self.cfg, self.kv
         need: dict[Tier, dict[str, int]] = {t: {} for t in Tier}
+        per_shape: dict[tuple[int, int], list[tuple[Tier, str, int]]] = {}  # GPU batches mostly share one shape
         for k, (b, n) in enumerate(shapes):
-            if self.phases:
-                gpu, cpu = TokenTieredKV.plan_bytes(c, b, n, self.dtype, self.phases, kv.bits, kv.group_size,
-                                                    min_len=n - max_new)
-                need[Tier.GPU][f"KV window and activations of GPU batch {k}"] = gpu
-                need[Tier.CPU][f"KV home of GPU batch {k}"] = cpu
-            elif self.split:
-                split = split_rows(b, self.policy.cache_gpu_percent, self.policy.cache_cpu_percent)
-                for tier, nbytes in SequenceSplitKV.plan_bytes(c, split, n, self.dtype, self.compress).items():
-                    need[tier][f"KV of GPU batch {k} ({tier.value} rows)"] = nbytes
-            else:
-                need[Tier.GPU][f"KV cache of GPU batch {k}"] = kv_bytes(c, kv, b, n, self.dtype)
-                continue
-            need[Tier.GPU][f"SWA picks of GPU batch {k}"] = self._picks_bytes(b, n)
+            if (b, n) not in per_shape:
+                per_shape[b, n] = self._plan_one(b, n, max_new)
+            for tier, part, nbytes in per_shape[b, n]:
+                need[tier][part.format(k=k)] = nbytes
         if self.split:
             need[Tier.GPU]["2 KV working slots"] = WorkingSlots.plan_bytes(self._slot_shape(shapes), self.dtype)
         return need
+
+    def plan_totals(self, shapes: list[tuple[int, int]], max_new: int) -> dict[Tier, int]:
+        """`plan` summed per tier, each distinct shape planned once (the plan search asks this for
+        thousands of plans and needs no part names)."""
+        out = {t: 0 for t in Tier}
+        for (b, n), count in collections.Counter(shapes).items():
+            for tier, _, nbytes in self._plan_one(b, n, max_new):
+                out[tier] += count * nbytes
+        if self.split:
+            out[Tier.GPU] += WorkingSlots.plan_bytes(self._slot_shape(shapes), self.dtype)
+        return out
+
+    def _plan_one(self, b: int, n: int, max_new: int) -> list[tuple[Tier, str, int]]:
+        """(tier, part name with a {k} for the GPU batch, bytes) of one GPU batch of b rows and n slots."""
+        c, kv = self.cfg, self.kv
+        if self.phases:
+            gpu, cpu = TokenTieredKV.plan_bytes(c, b, n, self.dtype, self.phases, kv.bits, kv.group_size,
+                                                min_len=n - max_new)
+            out = [(Tier.GPU, "KV window and activations of GPU batch {k}", gpu), (Tier.CPU, "KV home of GPU batch {k}", cpu)]
+        elif self.split:
+            split = split_rows(b, self.policy.cache_gpu_percent, self.policy.cache_cpu_percent)
+            out = [(tier, f"KV of GPU batch {{k}} ({tier.value} rows)", nbytes)
+                   for tier, nbytes in SequenceSplitKV.plan_bytes(self.cfg, split, n, self.dtype, self.compress).items()]
+        else:
+            return [(Tier.GPU, "KV cache of GPU batch {k}", kv_bytes(c, kv, b, n, self.dtype))]
+        return out + [(Tier.GPU, "SWA picks of GPU batch {k}", self._picks_bytes(b, n))]
 
     def _picks_bytes(self, b: int, n: int) -> int:
         scoring = self.kv.policy.scoring

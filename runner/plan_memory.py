@@ -85,9 +85,17 @@ def activation_elems(cfg: ModelConfig, shapes: list[tuple[int, int]], max_new: i
 
 def plan_need(cfg: ModelConfig, policy: OffloadPolicy, kv: KVSettings, dtype: torch.dtype, *, gpu_batch_size: int,
               num_gpu_batches: int, prompt_len: int, gen_len: int) -> dict[Tier, int]:
-    """Peak bytes per tier of the executor's run of full blocks of equal-length prompts."""
+    """Peak bytes per tier of the executor's run of full blocks of equal-length prompts: `block_need`
+    summed without its part names (for k equal GPU batches, each per-batch part counts k times)."""
     weights, _ = weight_need(cfg, policy, dtype)
     placer = KVPlacer(cfg, policy, kv, None, None, dtype)  # planning only: no memory, no copies
-    shapes = [(gpu_batch_size, prompt_len + gen_len)] * num_gpu_batches
-    block = block_need(cfg, placer, policy.act_tier, shapes, gen_len, dtype)
-    return {t: sum(weights[t].values()) + sum(block[t].values()) for t in Tier}
+    k, n = num_gpu_batches, prompt_len + gen_len
+    out = placer.plan_totals([(gpu_batch_size, n)] * k, gen_len)
+    acts = activation_elems(cfg, [(gpu_batch_size, n)], gen_len)[0] * dtype.itemsize
+    logits = gpu_batch_size * cfg.vocab_size * dtype.itemsize
+    if policy.act_tier is Tier.GPU:
+        out[Tier.GPU] += k * (acts + logits)
+    else:
+        out[policy.act_tier] += k * acts
+        out[Tier.GPU] += 2 * acts + k * logits
+    return {t: sum(weights[t].values()) + out[t] for t in Tier}

@@ -83,7 +83,8 @@ class _Eval:
     def throughput(self, plan: Plan) -> float:
         if plan not in self._thr:
             self.count += 1
-            self._thr[plan] = predict(self.workload(plan), plan, self.hw, samples=SAMPLES).total_throughput
+            self._thr[plan] = predict(self.workload(plan), plan, self.hw, samples=SAMPLES,
+                                      quick=True).total_throughput
         return self._thr[plan]
 
 
@@ -96,6 +97,12 @@ def budgets_from(hw: HardwareProfile, gpu_gib: float | None = None, cpu_gib: flo
 
 # ---------------------------------------------------------------- placement moves
 
+def _with(plan: Plan, offload: OffloadPolicy) -> Plan:
+    """`plan` with another offload policy (direct construction: the search builds tens of thousands)."""
+    return Plan(gpu_batch_size=plan.gpu_batch_size, num_gpu_batches=plan.num_gpu_batches, offload=offload)
+
+
+@functools.lru_cache(maxsize=1 << 16)  # each batch shape tried walks the same moves from the same start
 def _move(policy: OffloadPolicy, kind: str, src: str, dst: str, step: float) -> OffloadPolicy | None:
     """`step` points of weights ('w') or KV ('cache') from tier src to dst; None if not possible."""
     pct = {t: getattr(policy, f"{kind}_{t}_percent") for t in ("gpu", "cpu")}
@@ -108,6 +115,7 @@ def _move(policy: OffloadPolicy, kind: str, src: str, dst: str, step: float) -> 
     return dataclasses.replace(policy, **{f"{kind}_gpu_percent": pct["gpu"], f"{kind}_cpu_percent": pct["cpu"]})
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _act(policy: OffloadPolicy, tier: str) -> OffloadPolicy | None:
     pct = {"gpu": (100.0, 0.0), "cpu": (0.0, 100.0), "disk": (0.0, 0.0)}[tier]
     if policy.act_tier.value == tier:
@@ -155,12 +163,12 @@ def _freeing(ev: _Eval, plan: Plan, tier: str, kinds: tuple[str, ...], over: flo
                 moved = _move(policy, kind, src, dst, float(step))
                 if moved is None:
                     break
-                cand = dataclasses.replace(plan, offload=moved)
+                cand = _with(plan, moved)
                 if ev.over(cand, tier) < over:
                     yield cand
                     break
     for t in ("cpu", "disk"):
-        if (moved := _act(policy, t)) is not None and ev.over(cand := dataclasses.replace(plan, offload=moved),
+        if (moved := _act(policy, t)) is not None and ev.over(cand := _with(plan, moved),
                                                                 tier) < over:
             yield cand
 
@@ -170,7 +178,7 @@ def _climb(ev: _Eval, plan: Plan, kinds: tuple[str, ...], extra: Callable[[Offlo
     """Hill-climb with 5-point moves (and `extra` toggles) while predicted throughput rises."""
     best = ev.throughput(plan)
     for _ in range(100):
-        cands = [dataclasses.replace(plan, offload=p) for p in [*_moves(plan.offload, 5.0, kinds, False),
+        cands = [_with(plan, p) for p in [*_moves(plan.offload, 5.0, kinds, False),
                                                                  *extra(plan.offload)]]
         scored = [(ev.throughput(c), c) for c in cands if ev.fits(c)]
         if not scored:
@@ -227,7 +235,7 @@ def _phases(ev: _Eval, plan: Plan) -> tuple[Plan, float] | None:
     best: tuple[float, Plan] | None = None
     for alpha in ALPHAS:
         for p1 in ([end] if alpha == 0 else _grid(1, end - 1)):
-            cand = dataclasses.replace(plan, offload=dataclasses.replace(
+            cand = _with(plan, dataclasses.replace(
                 plan.offload, p1=p1, p2=end, offload_ratio=alpha, recompute_ratio=0.0))
             if ev.fits(cand):
                 thr = ev.throughput(cand)
@@ -245,7 +253,7 @@ def _phases(ev: _Eval, plan: Plan) -> tuple[Plan, float] | None:
     for a in (x for x in ALPHAS if x >= alpha):
         for beta in (b for b in BETAS if b <= a):
             for p2 in _grid(p1, end - 1, 8):
-                cand = dataclasses.replace(plan, offload=dataclasses.replace(
+                cand = _with(plan, dataclasses.replace(
                     plan.offload, p2=p2, offload_ratio=a, recompute_ratio=beta))
                 if ev.fits(cand) and (t := ev.throughput(cand)) > thr:
                     thr, plan = t, cand
