@@ -282,7 +282,7 @@ class TokenTieredKV:
         fetch = early = None
         if self.ahead[layer] is not None and on_cpu.numel():
             early, hit = self._early(layer, rows[on_cpu], on_cpu)
-            on_cpu = on_cpu[~hit]  # left: tokens that moved to cpu since (this step's write)
+            on_cpu = on_cpu[:0] if hit is None else on_cpu[~hit]  # left: tokens moved to cpu since (the write)
         if on_cpu.numel():
             self._settle(layer)  # a pick may be a token whose move to cpu is still in flight
             fetch = self._fetch(layer, rows[on_cpu])  # in flight while the gpu part and recompute run
@@ -322,24 +322,30 @@ class TokenTieredKV:
             parts.append(rows[(pos >= rec) & (pos < lo)])
         if not parts:
             return
-        rows = parts[0] if picks is None else torch.cat(parts).unique()  # sorted, for _early's lookup
+        rows = torch.cat(parts)  # in the order the reads will ask (picks never repeat the run's positions)
         if rows.numel():
             self._settle(layer)  # a pick may be a token whose move to cpu is still in flight
             before = self.traffic.up_bytes
-            self.ahead[layer] = _Ahead(rows, self._fetch(layer, rows))
+            self.ahead[layer] = _Ahead(rows, parts[0].numel() if len(parts) == 2 else 0, self._fetch(layer, rows))
             self.traffic.ahead_bytes += self.traffic.up_bytes - before
 
-    def _early(self, layer: int, rows: Tensor, at: Tensor) -> tuple[tuple[Tensor, tuple[Tensor, Tensor]], Tensor]:
+    def _early(self, layer: int, rows: Tensor, at: Tensor) -> tuple[tuple[Tensor, tuple[Tensor, Tensor]], Tensor | None]:
         """The fetched-ahead K/V of the `rows` it holds (their places `at` in the output), and which
-        of `rows` it holds."""
+        of `rows` it holds (None: all)."""
         got = self.ahead[layer]
-        keys = got.rows  # sorted (unique)
-        i = torch.searchsorted(keys, rows).clamp_(max=keys.numel() - 1)
-        hit = keys[i] == rows
         if got.landed is None:  # the step's reads (recent run, picks) share one dequantized copy
             got.landed = self._landed(got.copies)
         k, v = got.landed
-        return (at[hit], (k[i[hit]], v[i[hit]])), hit
+        for a, z in ((0, got.run), (got.run, got.rows.numel())):
+            if z - a == rows.numel() and torch.equal(got.rows[a:z], rows):  # the read asks for what was fetched
+                return (at, (k[a:z], v[a:z])), None
+        # Some rows moved to cpu since (this step's write): look each one up.
+        if got.keys is None:
+            got.keys, got.order = got.rows.sort()
+        i = torch.searchsorted(got.keys, rows).clamp_(max=got.keys.numel() - 1)
+        hit = got.keys[i] == rows
+        slot = got.order[i[hit]]
+        return (at[hit], (k[slot], v[slot])), hit
 
     def drop_ahead(self, layer: int) -> None:
         """Release what `fetch_ahead` fetched for `layer` (the store calls it once the step's reads are done)."""
@@ -394,9 +400,12 @@ class TokenTieredKV:
 
 @dataclass
 class _Ahead:
-    rows: Tensor  # flat rows fetched, sorted
+    rows: Tensor  # flat rows fetched: the recent run's, then the picks'
+    run: int  # how many are the recent run's
     copies: list[tuple[list[Tensor], list[Handle]]]  # TokenTieredKV._fetch's buffers and their copies
     landed: tuple[Tensor, Tensor] | None = None  # their K, V once waited on (and dequantized)
+    keys: Tensor | None = None  # rows sorted, and where each came from: for lookups of other requests
+    order: Tensor | None = None
 
 
 def _parts(q: QTensor) -> list[Tensor]:
