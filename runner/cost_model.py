@@ -26,7 +26,7 @@ from runner.config import ModelConfig
 from runner.hardware_profile import HardwareProfile
 from runner.kv_placement import COMPRESS_GROUP
 from runner.kv_store import KVSettings, kv_bytes
-from runner.kv_tokens import TokenPhases
+from runner.token_phases import TokenPhases
 from runner.kv_sequences import split_rows
 from runner.layers import MLP, Attention, Embedding, Head
 from runner.memory import Tier

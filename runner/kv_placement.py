@@ -18,7 +18,8 @@ from runner.kv_picks import buffer_bytes
 from runner.kv_sequences import SequenceSplitKV, WorkingSlots, split_rows
 from runner.kv_spec import KVMode, QuantAxis
 from runner.kv_store import KVSettings, kv_bytes
-from runner.kv_tokens import KVTraffic, TokenPhases, TokenTieredKV
+from runner.kv_tokens import TokenTieredKV
+from runner.token_phases import KVTraffic, TokenPhases
 from runner.memory import Memory, Tier
 from runner.offload_policy import KVPlacement, OffloadPolicy
 

@@ -21,7 +21,7 @@ from runner.config import ModelConfig
 from runner.copy_engine import CopyEngine, Handle
 from runner.kv_cache import Scratch, take_slots
 from runner.kv_quant import QTensor, dequantize, quantize
-from runner.kv_tokens import KVTraffic
+from runner.token_phases import KVTraffic
 from runner import model as M
 from runner.memory import Direction, Memory, Tier
 

@@ -15,7 +15,7 @@ from runner.cost_model import PICK_CHURN, Plan, Workload, peak_bytes, predict
 from runner.executor import Executor
 from runner.hardware_profile import Bandwidth, Compute, HardwareProfile, TierMemory
 from runner.kv_store import KVSettings
-from runner.kv_tokens import TokenPhases
+from runner.token_phases import TokenPhases
 from runner.layers import weight_shapes
 from runner.memory import TierBudgets
 from runner.offload_policy import KVPlacement, OffloadPolicy

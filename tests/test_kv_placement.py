@@ -25,7 +25,8 @@ from runner.executor import OffloadPolicy
 from runner.kv_picks import buffer_bytes
 from runner.kv_sequences import split_rows
 from runner.kv_store import KVSettings
-from runner.kv_tokens import TokenPhases, TokenTieredKV
+from runner.kv_tokens import TokenTieredKV
+from runner.token_phases import TokenPhases
 from runner.lm import LM, Batch
 from runner.memory import BudgetError, Memory, TierBudgets
 from runner.offload_policy import KVPlacement
