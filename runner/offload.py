@@ -175,8 +175,8 @@ class ScheduledLayer:
 
     def load_cache(self, state: ForwardState | None) -> None:
         """Start bringing this layer's KV of one GPU batch (a decode step's) to the gpu tier: FlexGen's
-        per-sequence split loads it whole, ALISA's token placement without pick buffers the step's
-        picks (runner.kv_store.KVStore.prefetch); the plain store needs nothing."""
+        per-sequence split loads it whole, ALISA's token placement the cpu-resident tokens the step
+        will read (runner.kv_store.KVStore.prefetch); the plain store needs nothing."""
         if self._cache(state) is not None:
             state.kv.prefetch(self.unit.layer)
 
