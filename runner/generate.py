@@ -102,12 +102,17 @@ def generate_batch(lm: LM, prompts: list[list[int]], params: SamplingParams, tok
     tracker = StopTracker(len(prompts), params, tokenizer)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        batch = Batch(lm, prompts, params.max_new_tokens, kv)
-        tokens = next_tokens(batch.prefill(), params, generator)
+        # Greedy: the LM's head returns the argmax tokens itself (exact; see runner/greedy_head.py).
+        batch = Batch(lm, prompts, params.max_new_tokens, kv, greedy=not params.do_sample)
+
+        def pick(out: torch.Tensor) -> torch.Tensor:
+            return out if batch.greedy else next_tokens(out, params, generator)
+
+        tokens = pick(batch.prefill())
         all_done = tracker.add(tokens.tolist())  # .tolist() syncs the device
         t1 = time.perf_counter()
         while not all_done:
-            tokens = next_tokens(batch.decode(tokens), params, generator)
+            tokens = pick(batch.decode(tokens))
             all_done = tracker.add(tokens.tolist())
         _sync(lm.device)
         t2 = time.perf_counter()

@@ -229,18 +229,26 @@ def _canonical_name(gguf_name: str, path: Path) -> tuple[str, int]:
 
 
 def _canonical_weights(buf: mmap.mmap, gguf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    parts: dict[str, dict[int, torch.Tensor]] = {}
+    groups: dict[str, dict[int, TensorInfo]] = {}
     for info in gguf.tensors.values():
         name, index = _canonical_name(info.name, gguf.path)
-        w = dequantize_tensor(buf, info, gguf.path)
-        if info.name.endswith(("attn_q.weight", "attn_k.weight")):
-            w = _unpermute_rope(w, cfg.num_heads if "attn_q" in info.name else cfg.num_kv_heads)
-        parts.setdefault(name, {})[index] = torch.from_numpy(w).to(dtype)
-    weights = {name: _fuse(name, pieces, gguf.path) for name, pieces in parts.items()}
+        groups.setdefault(name, {})[index] = info
+    # One fused weight at a time: only its parts are ever held twice, which sets the load's peak
+    # memory (dequantizing every part first held the fused layers' weights twice at the end).
+    weights = {name: _fuse(name, {i: _read_part(buf, info, cfg, dtype, gguf.path) for i, info in infos.items()},
+                           gguf.path)
+               for name, infos in groups.items()}
     if cfg.tie_embeddings and "embed.tok_w" in weights:
         weights["head.lm_w"] = weights["embed.tok_w"]  # tied: the same tensor, not a copy
     check_weights(weights, cfg, str(gguf.path))
     return weights
+
+
+def _read_part(buf: mmap.mmap, info: TensorInfo, cfg: ModelConfig, dtype: torch.dtype, path: Path) -> torch.Tensor:
+    w = dequantize_tensor(buf, info, path)
+    if info.name.endswith(("attn_q.weight", "attn_k.weight")):
+        w = _unpermute_rope(w, cfg.num_heads if "attn_q" in info.name else cfg.num_kv_heads)
+    return torch.from_numpy(w).to(dtype)
 
 
 def _fuse(name: str, pieces: dict[int, torch.Tensor], path: Path) -> torch.Tensor:

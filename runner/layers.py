@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from runner import kernels
+from runner import greedy_head, kernels
 from runner import model as M
 from runner.config import Family, ModelConfig
 from runner.kv_store import KVStore
@@ -37,6 +37,9 @@ class ForwardState:
     prefill_mask: Tensor | None = None  # (b, 1, s, s) bool, None when no row is padded
     rope: tuple[Tensor, Tensor] | None = None  # cos, sin gathered at positions: (b, 1, s, d)
     rope_table: tuple[Tensor, Tensor] | None = None  # the whole cos, sin tables (max_len, d): recomputing old K
+    # The caller takes only each row's argmax: the head returns those token ids (b,), not logits
+    # (through its bf16 screen where it has one: runner/greedy_head.py).
+    greedy: bool = False
 
 
 class Unit:
@@ -152,7 +155,8 @@ class MLP(Unit):
 
 
 class Head(Unit):
-    """Final norm (+ opt-350m's project_out) and the LM head, applied to the last position only."""
+    """Final norm (+ opt-350m's project_out) and the LM head, applied to the last position only:
+    logits (b, v), or with `state.greedy` each row's argmax token (b,)."""
 
     def __init__(self, cfg: ModelConfig):
         self.cfg, self.prefix = cfg, "head"
@@ -177,6 +181,8 @@ class Head(Unit):
                 x = M.layer_norm(x, w["ln_w"], w["ln_b"], self.cfg.norm_eps)
         if "proj_out_w" in w:
             x = torch.matmul(x, w["proj_out_w"].t())
+        if state.greedy:
+            return greedy_head.greedy_tokens(x, w["lm_w"], w.get(greedy_head.SCREEN), w.get(greedy_head.NORMS))  # (b,)
         return M.lm_head(x, w["lm_w"])  # (b, v)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from runner import kernels
+from runner import greedy_head, kernels
 from runner import model as M
 from runner.config import Family, ModelConfig
 from runner.kv_store import KVSettings, KVStore
@@ -28,12 +28,18 @@ class Pack(enum.Enum):
 
 class LM:
     def __init__(self, cfg: ModelConfig, weights: dict[str, Tensor], device: torch.device, dtype: torch.dtype,
-                 pack: Pack = Pack.UNSHARED, release: bool = False):
+                 pack: Pack = Pack.UNSHARED, release: bool = False, screen: bool | None = None):
         """`release`: drop each weight the LM packs from `weights` once its packed copy exists, so
-        packing holds one weight twice at a time, not the model (the caller's dict is consumed)."""
+        packing holds one weight twice at a time, not the model (the caller's dict is consumed).
+        `screen`: give the head a bf16 screen for greedy decoding (`runner.greedy_head`; a bf16
+        copy of the head, 57 MB on SmolLM2): None where `kernels.bf16_screen` says it pays,
+        True always (correct anywhere, slow without bf16 dot products), False never."""
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.units: list[Unit] = build_units(cfg)
         self.unit_weights = [_weights_of(u, weights) for u in self.units]
+        head = self.unit_weights[-1]
+        if screen if screen is not None else kernels.bf16_screen(device, dtype):
+            head.update(greedy_head.build_screen(head["lm_w"]))
         if pack is not Pack.NONE:
             self._pack(shared=pack is Pack.ALL, release=weights if release else None)
         self.rope = None
@@ -48,9 +54,12 @@ class LM:
         uses: dict[int, int] = {}  # by storage: a tied head may be another tensor over the same memory
         for w in self.unit_weights:
             for t in w.values():
-                uses[_storage(t)] = uses.get(_storage(t), 0) + 1
+                if not t.is_mkldnn:  # an opaque tensor (the head's packed screen) shares with nothing
+                    uses[_storage(t)] = uses.get(_storage(t), 0) + 1
         for unit, w in zip(self.units, self.unit_weights):
             for key in sorted(LINEAR_WEIGHTS & w.keys()):
+                if key == "lm_w" and greedy_head.SCREEN in w:
+                    continue  # the screen's candidates index the head's rows: it stays a plain matrix
                 if shared or uses[_storage(w[key])] == 1:
                     w[key] = kernels.pack(w[key])
                     if release is not None and w[key].is_mkldnn:
@@ -109,8 +118,10 @@ class Batch:
     """A left-padded batch of prompts with its KV store, advanced one step at a time."""
 
     def __init__(self, lm: LM, prompts: list[list[int]], max_new_tokens: int, kv: KVSettings | None = None,
-                 make_cache: Callable[[int, int], Any] | None = None):
-        self.lm = lm
+                 make_cache: Callable[[int, int], Any] | None = None, greedy: bool = False):
+        """`greedy`: prefill and decode return each row's greedy next token (b,), not logits
+        (`ForwardState.greedy`)."""
+        self.lm, self.greedy = lm, greedy
         dev = lm.device
         ids, valid = left_pad(prompts, pad_id=0)
         b, s = ids.shape
@@ -126,7 +137,8 @@ class Batch:
         return self.kv.length
 
     def prefill(self) -> Tensor:
-        """Run the prompts, a few rows at a time, and return the last column's logits (b, v)."""
+        """Run the prompts, a few rows at a time, and return the last column's logits (b, v)
+        (greedy: the next tokens (b,))."""
         rows_per_group = max(1, PREFILL_GROUP_TOKENS // self.prompt_width)
         logits = [self._prefill_rows(slice(r, r + rows_per_group))
                   for r in range(0, self.ids.shape[0], rows_per_group)]
@@ -145,19 +157,20 @@ class Batch:
             eye = torch.eye(s, dtype=torch.bool, device=self.lm.device)
             # Padding queries may attend to themselves so no softmax row is empty (NaN-free).
             mask = (causal & valid[:, None, None, :]) | eye  # (rows, 1, s, s)
-        return ForwardState(positions=self.positions[rows], start=0, kv=self.kv, rows=rows, prefill_mask=mask)
+        return ForwardState(positions=self.positions[rows], start=0, kv=self.kv, rows=rows, prefill_mask=mask,
+                            greedy=self.greedy)
 
     def select_rows(self, index: Tensor) -> "Batch":
         """A new batch of rows `index` (b',) of this one after prefill, sharing nothing mutable;
         rows may repeat (fork a prefilled context to score several continuations)."""
         out = Batch.__new__(Batch)
-        out.lm, out.prompt_width = self.lm, self.prompt_width
+        out.lm, out.prompt_width, out.greedy = self.lm, self.prompt_width, self.greedy
         out.ids, out.prompt_valid, out.positions = self.ids[index], self.prompt_valid[index], self.positions[index]
         out.kv = self.kv.select_rows(index)
         return out
 
     def decode(self, tokens: Tensor) -> Tensor:
-        """tokens: (b,) sampled last step -> logits (b, v) for the next one."""
+        """tokens: (b,) sampled last step -> logits (b, v) for the next one (greedy: its tokens (b,))."""
         logits = self.lm.run(tokens[:, None], self.decode_state())
         self.kv.length += 1
         return logits
@@ -166,4 +179,4 @@ class Batch:
         """Advance to the next position and return its forward state; the caller runs every unit and
         then adds 1 to `kv.length` (the store reads the length of the step being decoded)."""
         self.positions = self.positions[:, -1:] + 1  # (b, 1)
-        return ForwardState(positions=self.positions, start=self.kv.length, kv=self.kv)
+        return ForwardState(positions=self.positions, start=self.kv.length, kv=self.kv, greedy=self.greedy)

@@ -68,6 +68,7 @@ _BASE_COLUMNS: tuple[str, ...] = (
     # extras beyond FlexGen's columns
     "kv_bytes_per_token", "num_threads", "sweep_point",
     "decode_attention",  # our engine's decode attention kernels: native | torch (runner.kernels)
+    "greedy_head",  # our engine's greedy argmax: bf16-screen | full (runner.greedy_head); empty when sampling
     "kv_mode", "kv_sparsity", "kv_budget_tokens", "kv_bits", "kv_peak_bytes",
     "kv_store_s", "kv_score_s", "kv_select_s", "kv_gather_s", "kv_attend_s",
     # the run itself: complete | interrupted; prompts finished by earlier runs of the same job (resumed),

@@ -110,6 +110,8 @@ def memory_check(job: JobSpec, loaded: LoadedModel, dtype: torch.dtype,
     if job.engine is not EngineKind.ALISA or job.offload is not None:
         return lambda ids: None  # the executor checks its own tier budgets
     weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in loaded.weights.values()}.values())
+    if _greedy_head(job, device, dtype) == "bf16-screen":
+        weights += loaded.config.vocab_size * loaded.config.embed_dim * 2  # the head's bf16 copy
     gib = 2 ** 30
     if job.hardware.memory_gb is not None:
         budget, what = job.hardware.memory_gb * gib - weights, f"hardware.memory_gb ({job.hardware.memory_gb:g} GiB"
@@ -302,11 +304,20 @@ def _row(job: JobSpec, loaded: LoadedModel, totals: Totals, device: torch.device
         num_threads=torch.get_num_threads(), sweep_point=sweep_point, kv_mode=job.kv.mode.value,
         decode_attention=(kernels.decode_attention_kernel(loaded.config.head_dim, device, dtype)
                           if job.engine is EngineKind.ALISA else ""),
+        greedy_head=_greedy_head(job, device, dtype),
         kv_sparsity=job.kv.sparsity, kv_budget_tokens=job.kv.budget_tokens, kv_bits=job.kv.bits,
         kv_peak_bytes=totals.kv_peak_bytes, **_link_columns(job), **offload_columns,
         **{f"kv_{phase}_s": round(s, 4) for phase, s in totals.kv_phase_s.items()},
         status=status, resumed_prompts=resumed, rejected_prompts=totals.rejects, workers=1,
         **_predicted(job, loaded, totals, device, dtype))
+
+
+def _greedy_head(job: JobSpec, device: torch.device, dtype: torch.dtype) -> str:
+    """The CSV's greedy_head: how our engine chose greedy tokens (`runner.greedy_head`)."""
+    if job.engine is not EngineKind.ALISA or job.generation.do_sample:
+        return ""
+    screened = job.offload is None and kernels.bf16_screen(device, dtype)  # the executor's head has no screen
+    return "bf16-screen" if screened else "full"
 
 
 def _resolved(job: JobSpec) -> JobSpec:

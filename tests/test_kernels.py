@@ -71,6 +71,20 @@ def test_plain_undoes_pack_and_pack_leaves_what_it_cannot_pack():
     assert kernels.pack(packed) is packed
 
 
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_packed_bf16_weight_gives_the_plain_bf16_result(rows):
+    # The greedy head's screen (runner/greedy_head.py) multiplies through a packed bf16 copy; its
+    # bound assumes the plain bf16 product's math (fp32 sums of exact bf16 products, bf16 out).
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 576, generator=g).bfloat16(), (torch.randn(700, 576, generator=g) * 0.05).bfloat16()
+    packed = kernels.pack_bf16(w)
+    assert packed.is_mkldnn and kernels.pack_bf16(torch.randn(4, 4)).dtype == torch.float32
+    out, ref = kernels.linear(x, packed), x.double() @ w.double().t()
+    assert out.dtype == torch.bfloat16
+    assert bool(((out.double() - ref).abs() <= 2.0 ** -7 * ref.abs() + 1e-5).all())
+
+
 needs_native = pytest.mark.skipif(not native.status().available, reason=native.status().reason)
 
 

@@ -126,7 +126,8 @@ def test_packed_linears_give_the_unpacked_logits(hf_checkpoints, kind):
     from runner import kernels
     from runner.lm import Pack
     loaded = load_model(name=None, path=str(hf_checkpoints[kind]), dtype=torch.float32, device="cpu")
-    lms = {p: LM(loaded.config, loaded.weights, torch.device("cpu"), torch.float32, pack=p) for p in Pack}
+    lms = {p: LM(loaded.config, loaded.weights, torch.device("cpu"), torch.float32, pack=p, screen=False)
+           for p in Pack}
     head = {p: lm.unit_weights[-1]["lm_w"] for p, lm in lms.items()}
     if kernels._ONEDNN:
         assert lms[Pack.UNSHARED].unit_weights[1]["qkv_w"].is_mkldnn
