@@ -6,6 +6,7 @@ Kept apart from `model.py` so the model math stays free of device checks.
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 import torch.nn.functional as F
@@ -82,12 +83,17 @@ def _cpu_flags() -> frozenset[str]:
 _BF16_DOT = _ONEDNN and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
+SCREEN_ENV = "ALISA_BF16_SCREEN"  # "0" turns the greedy head's bf16 screen off
+
+
 def bf16_screen(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether greedy decoding should screen the vocabulary in bf16 (`runner.greedy_head`): an
-    fp32 model on a CPU with bf16 dot products. On this project's 2-core AVX512-BF16 machine an
-    ad-hoc microbenchmark (not a committed CSV; hf-vs-alisa shows the end-to-end effect) ran
-    SmolLM2's packed bf16 head in 40-45% of the fp32 head's time from 1 to 64 rows."""
-    return device.type == "cpu" and dtype == torch.float32 and _BF16_DOT
+    fp32 model on a CPU with bf16 dot products, unless ALISA_BF16_SCREEN=0. On this project's
+    2-core AVX512-BF16 machine an ad-hoc microbenchmark (not a committed CSV; hf-vs-alisa shows
+    the end-to-end effect) ran SmolLM2's packed bf16 head in 40-45% of the fp32 head's time
+    from 1 to 64 rows."""
+    return (device.type == "cpu" and dtype == torch.float32 and _BF16_DOT
+            and os.environ.get(SCREEN_ENV, "1") != "0")
 
 
 def plain(w: Tensor) -> Tensor:

@@ -128,8 +128,11 @@ def test_screened_generation_equals_plain_generation(hf_checkpoints, kind):
         assert torch.equal(tokens, full[False].argmax(-1))
 
 
-def test_screen_is_chosen_only_where_bf16_dot_products_pay():
+def test_screen_is_chosen_only_where_bf16_dot_products_pay(monkeypatch):
+    monkeypatch.delenv(kernels.SCREEN_ENV, raising=False)
     assert not kernels.bf16_screen(torch.device("cpu"), torch.float16)
     assert not kernels.bf16_screen(torch.device("cuda"), torch.float32)
     has_bf16 = bool({"avx512_bf16", "amx_bf16"} & kernels._cpu_flags())
     assert kernels.bf16_screen(torch.device("cpu"), torch.float32) == (has_bf16 and kernels._ONEDNN)
+    monkeypatch.setenv(kernels.SCREEN_ENV, "0")
+    assert not kernels.bf16_screen(torch.device("cpu"), torch.float32)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from runner.outputs import THROUGHPUT_COLUMNS
 
@@ -35,6 +36,9 @@ def test_main_job_both_engines_same_greedy_outputs(tmp_path, smollm2_gguf_path):
     assert list(rows.engine) == ["alisa", "hf"]
     assert (rows.num_prompts == 3).all() and (rows.total_throughput > 0).all()
     assert (rows.peak_cpu_bytes > 100e6).all()
+    from runner import kernels  # our greedy tokens came through the bf16 screen wherever it pays
+    screened = kernels.bf16_screen(torch.device("cpu"), torch.float32)
+    assert rows.greedy_head.fillna("").tolist() == ["bf16-screen" if screened else "full", ""]
     ours, hf = ([json.loads(line) for line in (tmp_path / e / "generations.jsonl").read_text().splitlines()]
                 for e in ("alisa", "hf"))
     assert [r["id"] for r in ours] == ["p01", "p02", "p03"]
@@ -133,6 +137,9 @@ def test_kv_policy_row_records_settings_and_phase_times(tmp_path):
     assert (row.kv_policy, row.kv_sparsity, row.kv_bits, row.kv_mode) == ("swa", 0.5, 8, "retain")
     assert row.kv_bytes_per_token == 30 * 2 * 3 * (64 + 2 * 4)  # int8 codes + fp32 scale and min per head
     assert row.kv_peak_bytes > 0 and row.kv_attend_s > 0 and row.kv_gather_s >= 0
+    proc = _run(*_job(tmp_path, "alisa"), "--set", "generation.do_sample=true", "--fresh")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert pd.isna(pd.read_csv(tmp_path / "throughput.csv").iloc[-1].greedy_head)  # sampling: no greedy head
 
 
 def test_offload_row_states_the_link_and_emulation_costs_its_time(tmp_path):
