@@ -28,6 +28,10 @@ from runner import kernels
 SCREEN = "lm_w_bf16"  # the head unit's weight keys for the screen (next to its "lm_w")
 NORMS = "lm_w_bf16_norms"  # (3,): max_v |w_v|, max_v |w_v - w'_v|, max_v |w'_v|
 
+# Past this many candidates a row on average, the fp32 head is cheaper than rechecking them (each
+# recheck gathers a head row). Real and seeded dummy heads give a handful; a head whose rows are
+# nearly alike (degenerate, untrained) can give thousands.
+MAX_CANDIDATES_PER_ROW = 256
 _U32 = 2.0 ** -24
 _CHUNK_ROWS = 4096  # head rows per step when building the screen: keeps the fp32 temporaries small
 
@@ -46,8 +50,8 @@ def build_screen(w: Tensor) -> dict[str, Tensor]:
 
 def greedy_tokens(x: Tensor, w: Tensor, screen: Tensor | None = None, norms: Tensor | None = None) -> Tensor:
     """x: (b, e) fp32, w: (v, e) -> each row's argmax token of the fp32 logits x @ w.T (b,),
-    through the screen when given (w then a plain matrix). Without one, or where a bound is not
-    finite (a non-finite x), the full fp32 logits decide."""
+    through the screen when given (w then a plain matrix). Without one, where a bound is not
+    finite (a non-finite x), or with too many candidates, the full fp32 logits decide."""
     if screen is None or norms is None:
         return kernels.linear(x, w).argmax(dim=-1)
     rows, cols, logits = screened_candidates(x, w, screen, norms)
@@ -62,7 +66,8 @@ def greedy_tokens(x: Tensor, w: Tensor, screen: Tensor | None = None, norms: Ten
 def screened_candidates(x: Tensor, w: Tensor, screen: Tensor,
                         norms: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor]:
     """The screen's candidates: (rows (n,), token ids (n,), their fp32 logits (n,)), or
-    (None, None, the full fp32 logits (b, v)) where a bound is not finite."""
+    (None, None, the full fp32 logits (b, v)) where a bound is not finite or the candidates are
+    too many to pay."""
     xb = x.to(torch.bfloat16)
     a = kernels.linear(xb, screen).float()  # (b, v); fp32 here: torch's bf16 reductions are slow on CPU
     high, low = a.amax(dim=-1), a.amin(dim=-1)  # (b,) each
@@ -70,6 +75,8 @@ def screened_candidates(x: Tensor, w: Tensor, screen: Tensor,
     if not bool(torch.isfinite(bound).all()):
         return None, None, kernels.linear(x, w)
     rows, cols = (a >= (high - 2 * bound)[:, None]).nonzero(as_tuple=True)  # (n,) each
+    if rows.numel() > MAX_CANDIDATES_PER_ROW * x.shape[0]:
+        return None, None, kernels.linear(x, w)  # near-flat logits: the recheck would cost more
     return rows, cols, (x[rows] * w[cols]).sum(dim=-1)
 
 

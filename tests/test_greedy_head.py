@@ -106,6 +106,17 @@ def test_non_finite_states_get_the_full_logits():
     assert torch.equal(greedy_head.greedy_tokens(x, w, *_screen(w)), M.lm_head(x, w).argmax(dim=-1))
 
 
+def test_flat_logits_take_the_full_head_instead_of_rechecking_most_of_the_vocabulary():
+    # A head whose rows are nearly one row (a degenerate or untrained model): bf16 cannot rank
+    # them, so nearly every token is a candidate and the fp32 head is the cheaper way.
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(1, 64, generator=g) + torch.randn(5000, 64, generator=g) * 1e-4
+    x = torch.randn(4, 64, generator=g)
+    rows, _, logits = greedy_head.screened_candidates(x, w, *_screen(w))
+    assert rows is None and logits.shape == (4, 5000)
+    assert torch.equal(greedy_head.greedy_tokens(x, w, *_screen(w)), M.lm_head(x, w).argmax(dim=-1))
+
+
 @pytest.mark.parametrize("kind", ["llama_gqa_tied", "llama_mha"])
 def test_screened_generation_equals_plain_generation(hf_checkpoints, kind):
     from runner.weights import load_model
