@@ -1,8 +1,8 @@
 """Greedy decoding's argmax over the vocabulary, exact, for less than the fp32 head costs.
 
 Greedy decoding needs only each row's largest logit. Where the CPU has bf16 dot products
-(AVX512-BF16, AMX; `kernels.bf16_screen`), a bf16 copy of the head multiplies in about half
-the fp32 head's time. Its logits a_v differ from the fp32 logits z_v by at most a bound e per
+(AVX512-BF16, AMX; `kernels.bf16_screen`), a bf16 copy of the head multiplies in well under
+half the fp32 head's time (a scratch microbenchmark on this project's machine). Its logits a_v differ from the fp32 logits z_v by at most a bound e per
 row (below), so only the tokens with a_v >= max(a) - 2e can hold the fp32 argmax. Those few
 are recomputed in fp32 and the largest wins: the argmax of the fp32 logits, up to a tie
 within fp32 rounding (the recomputed dot products sum in another order than a full fp32 head

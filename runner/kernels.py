@@ -90,8 +90,8 @@ def bf16_screen(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether greedy decoding should screen the vocabulary in bf16 (`runner.greedy_head`): an
     fp32 model on a CPU with bf16 dot products, unless ALISA_BF16_SCREEN=0. On this project's
     2-core AVX512-BF16 machine an ad-hoc microbenchmark (not a committed CSV; hf-vs-alisa shows
-    the end-to-end effect) ran SmolLM2's packed bf16 head in 40-45% of the fp32 head's time
-    from 1 to 64 rows."""
+    the end-to-end effect) ran SmolLM2's packed bf16 head in well under half the fp32 head's
+    time from 1 to 64 rows."""
     return (device.type == "cpu" and dtype == torch.float32 and _BF16_DOT
             and os.environ.get(SCREEN_ENV, "1") != "0")
 

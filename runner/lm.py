@@ -31,14 +31,18 @@ class LM:
                  pack: Pack = Pack.UNSHARED, release: bool = False, screen: bool | None = None):
         """`release`: drop each weight the LM packs from `weights` once its packed copy exists, so
         packing holds one weight twice at a time, not the model (the caller's dict is consumed).
-        `screen`: give the head a bf16 screen for greedy decoding (`runner.greedy_head`; a bf16
-        copy of the head, 57 MB on SmolLM2): None where `kernels.bf16_screen` says it pays,
-        True always (correct anywhere, slow without bf16 dot products), False never."""
+        `screen`: give an fp32 model's head a bf16 screen for greedy decoding (`runner.greedy_head`;
+        a bf16 copy of the head, 57 MB on SmolLM2): None where `kernels.bf16_screen` says it pays,
+        True always (correct anywhere, slow without bf16 dot products), False never. A screened
+        head's fp32 matrix stays plain (the screen indexes its rows), so an untied head's full
+        logits (sampling, scoring) lose packing's speed-up."""
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.units: list[Unit] = build_units(cfg)
         self.unit_weights = [_weights_of(u, weights) for u in self.units]
-        head = self.unit_weights[-1]
-        if screen if screen is not None else kernels.bf16_screen(device, dtype):
+        if screen is None:
+            screen = kernels.bf16_screen(device, dtype)
+        if screen and dtype == torch.float32:  # the screen's bound is for fp32 logits
+            head = self.unit_weights[-1]  # build_units puts the head last
             head.update(greedy_head.build_screen(head["lm_w"]))
         if pack is not Pack.NONE:
             self._pack(shared=pack is Pack.ALL, release=weights if release else None)
@@ -66,7 +70,7 @@ class LM:
                         release.pop(f"{unit.prefix}.{key}", None)
 
     def run(self, ids: Tensor, state: ForwardState) -> Tensor:
-        """ids: (b, s) -> logits of the last column (b, v)."""
+        """ids: (b, s) -> logits of the last column (b, v), or with `state.greedy` its argmax tokens (b,)."""
         set_rope(state, self.rope)
         x = ids
         for unit, w in zip(self.units, self.unit_weights):

@@ -30,7 +30,7 @@ def smollm2_states(smollm2_lm, smollm2_loaded, austen_text):
     try:
         generate_batch(smollm2_lm, prompts, SamplingParams(max_new_tokens=12, ignore_eos=True), tok)
     finally:
-        head.forward = forward
+        del head.forward  # the class's method again
     return torch.cat(states)
 
 
