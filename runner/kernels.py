@@ -55,34 +55,23 @@ def pack(w: Tensor) -> Tensor:
     values and the same kernel; results equal the unpacked call's bit for bit from 2 rows up,
     and within fp32 rounding (another summation order) at 1 row. Anything else is returned as is.
     """
-    if _ONEDNN and not w.is_mkldnn and w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2:
-        return torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
-    return w
+    return _reorder(w, torch.float32)
 
 
 def pack_bf16(w: Tensor) -> Tensor:
     """A bf16 matrix (out, in) packed like `pack` does fp32 ones (the greedy head's screen,
     `runner.greedy_head`); as is without oneDNN or off the CPU."""
-    if _ONEDNN and not w.is_mkldnn and w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.dim() == 2:
+    return _reorder(w, torch.bfloat16)
+
+
+def _reorder(w: Tensor, dtype: torch.dtype) -> Tensor:
+    if _ONEDNN and not w.is_mkldnn and w.device.type == "cpu" and w.dtype == dtype and w.dim() == 2:
         return torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
     return w
 
 
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 # Native bf16 dot products (vdpbf16ps, AMX). Without them oneDNN emulates bf16, far slower than fp32.
-_BF16_DOT = _ONEDNN and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
-
-
+_BF16_DOT = _ONEDNN and bool({"avx512_bf16", "amx_bf16"} & native.cpu_flags())
 SCREEN_ENV = "ALISA_BF16_SCREEN"  # "0" turns the greedy head's bf16 screen off
 
 

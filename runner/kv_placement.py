@@ -96,11 +96,12 @@ class KVPlacer:
         if self.phases:
             gpu, cpu = TokenTieredKV.plan_bytes(c, b, n, self.dtype, self.phases, kv.bits, kv.group_size,
                                                 min_len=n - max_new)
-            out = [(Tier.GPU, "KV window and activations of GPU batch {k}", gpu), (Tier.CPU, "KV home of GPU batch {k}", cpu)]
+            out = [(Tier.GPU, "KV window and activations of GPU batch {k}", gpu),
+                   (Tier.CPU, "KV home of GPU batch {k}", cpu)]
         elif self.split:
             split = split_rows(b, self.policy.cache_gpu_percent, self.policy.cache_cpu_percent)
             out = [(tier, f"KV of GPU batch {{k}} ({tier.value} rows)", nbytes)
-                   for tier, nbytes in SequenceSplitKV.plan_bytes(self.cfg, split, n, self.dtype, self.compress).items()]
+                   for tier, nbytes in SequenceSplitKV.plan_bytes(c, split, n, self.dtype, self.compress).items()]
         else:
             return [(Tier.GPU, "KV cache of GPU batch {k}", kv_bytes(c, kv, b, n, self.dtype))]
         return out + [(Tier.GPU, "SWA picks of GPU batch {k}", self._picks_bytes(b, n))]

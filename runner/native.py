@@ -45,14 +45,25 @@ def _compiler() -> list[str] | None:
     return [path, *cmd[1:]] if path else None
 
 
-def _cpu_signature() -> str:
+@functools.lru_cache(maxsize=1)
+def _cpu_flags_line() -> str | None:
     try:  # Linux: the feature flags -march=native compiles for
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
                 return line
     except OSError:
         pass
-    return platform.machine() + platform.processor()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags (Linux; empty elsewhere), e.g. "avx512_bf16"."""
+    line = _cpu_flags_line()
+    return frozenset(line.split(":", 1)[1].split()) if line else frozenset()
+
+
+def _cpu_signature() -> str:
+    return _cpu_flags_line() or platform.machine() + platform.processor()
 
 
 def _cache_dir() -> Path:

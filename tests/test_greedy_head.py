@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner import greedy_head, kernels
+from runner import greedy_head, kernels, native
 from runner import model as M
 from runner.generate import generate_batch
 from runner.lm import LM, Batch
@@ -143,7 +143,7 @@ def test_screen_is_chosen_only_where_bf16_dot_products_pay(monkeypatch):
     monkeypatch.delenv(kernels.SCREEN_ENV, raising=False)
     assert not kernels.bf16_screen(torch.device("cpu"), torch.float16)
     assert not kernels.bf16_screen(torch.device("cuda"), torch.float32)
-    has_bf16 = bool({"avx512_bf16", "amx_bf16"} & kernels._cpu_flags())
+    has_bf16 = bool({"avx512_bf16", "amx_bf16"} & native.cpu_flags())
     assert kernels.bf16_screen(torch.device("cpu"), torch.float32) == (has_bf16 and kernels._ONEDNN)
     monkeypatch.setenv(kernels.SCREEN_ENV, "0")
     assert not kernels.bf16_screen(torch.device("cpu"), torch.float32)
