@@ -83,7 +83,7 @@ def _run_point(cmd: list[str]) -> int:
 
 
 def _run_eval(job) -> int:
-    from runner.eval.harness import run_eval  # heavy imports (torch) only when actually running
+    from runner.run_eval import run_eval  # heavy imports (torch) only when actually running
     try:
         report = run_eval(job)
     except (ValueError, OSError) as e:
@@ -142,7 +142,7 @@ def _rejected(job, row: dict) -> str:
 def _calibrate(argv: list[str]) -> int:
     """`python run.py calibrate`: measure this machine, print each measurement, write the profile YAML."""
     parser = argparse.ArgumentParser(prog="run.py calibrate",
-                                     description="measure this machine into a hardware profile (runner/calibrate.py)")
+                                     description="measure this machine into a hardware profile (runner/plan/calibrate.py)")
     parser.add_argument("--out", default=None, help="profile YAML to write (default results/calibration/<hostname>.yaml)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--offload-dir", default=None,
@@ -154,8 +154,8 @@ def _calibrate(argv: list[str]) -> int:
     out = Path(args.out or f"results/calibration/{socket.gethostname()}.yaml")
     offload_dir = args.offload_dir or "offload/"
     import torch  # heavy imports only when actually running
-    from runner.calibrate import calibrate, describe_machine
-    from runner.hardware_profile import dump_profile
+    from runner.plan.calibrate import calibrate, describe_machine
+    from runner.plan.hardware import dump_profile
     try:  # fail before a minute of measuring, not after
         device = torch.device(_calibration_device(args.device, torch.cuda.is_available()))
         _check_calibration_paths(out, offload_dir, create_offload_dir=args.offload_dir is None)

@@ -5,7 +5,7 @@ tokens the new query attends to. It sees candidate slots in age order (oldest fi
 the newest token is the last slot) and, if it scores tokens, one score per slot. It
 returns slot indices, or None for "all of them". Where the KV lives, how scores are
 accumulated and whether unselected KV is freed are the runner's business
-(`runner.kv_store`), so each policy stays a few lines of selection logic.
+(`runner.kv.store`), so each policy stays a few lines of selection logic.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class Scoring:
 class Selection:
     """The slots one decode step attends: `picks` among the older slots plus the `recent`
     newest ones. Kept apart because the recent run is contiguous and most picks carry over
-    from step to step: storage copies only what is new (`runner.kv_picks`)."""
+    from step to step: storage copies only what is new (`runner.kv.picks`)."""
     picks: Tensor | None  # (k,) shared by all rows, ascending; or (b, g, k) per row, any order; all < n - recent
     recent: int
 

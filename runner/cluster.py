@@ -32,8 +32,8 @@ import ray
 import yaml
 
 from runner.job import Device, JobSpec, OutputOrder, apply_overrides, job_from_dict
-from runner.outputs import OFFLOAD_COLUMNS, append_csv_row, git_commit, throughput_row
-from runner.reports import BATCH_COLUMNS, plot_report
+from runner.data.outputs import OFFLOAD_COLUMNS, append_csv_row, git_commit, throughput_row
+from runner.data.reports import BATCH_COLUMNS, plot_report
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: on workers' PYTHONPATH, so they import runner
 SHARDS = "shards"

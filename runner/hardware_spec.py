@@ -19,7 +19,7 @@ class LinkSpec(_Spec):
     """`hardware.link`: the host <-> gpu link's bandwidth, stated in the CSV, optionally emulated."""
     _section = "hardware.link"
     gbps: float  # GB/s (10**9 bytes per second) per direction
-    # true: the copy engine holds each gpu<->cpu copy for bytes / bandwidth (runner.copy_engine.LinkEmulation),
+    # true: the copy engine holds each gpu<->cpu copy for bytes / bandwidth (runner.memory.copy_engine.LinkEmulation),
     # so a CPU-only machine pays a slow link's time; false: the figure is only recorded (e.g. a real GPU's link).
     emulate: bool
 
@@ -44,14 +44,14 @@ class HardwareSpec(_Spec):
     # the device; true (the OS default) lets spare RAM serve "disk" reads at memory speed.
     disk_page_cache: bool = True
     link: LinkSpec | None = None  # with `offload`: the host <-> gpu link (see LinkSpec)
-    # A hardware profile (shipped name such as `t4-16g`, or a YAML path; runner.hardware_profile) for the
+    # A hardware profile (shipped name such as `t4-16g`, or a YAML path; runner.plan.hardware) for the
     # cost model and plan search (`--plan`, `offload: auto`); tier budgets left unset come from it.
     profile: str | None = None
 
     def _validate(self) -> None:
         _at_least(self, "num_threads", 1)
         if self.profile is not None:
-            from runner.hardware_profile import load_profile
+            from runner.plan.hardware import load_profile
             load_profile(self.profile)  # a missing or malformed profile fails when the job loads
         if self.memory_gb is not None and self.memory_gb <= 0:
             raise _bad("hardware.memory_gb", f"must be > 0, got {self.memory_gb}")

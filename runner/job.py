@@ -27,11 +27,11 @@ from typing import Any
 import yaml
 
 from runner.cluster_spec import ClusterSpec, cluster_section
-from runner.dataset_spec import DatasetFormat, DatasetSpec  # noqa: F401 (re-exported)
+from runner.data.spec import DatasetFormat, DatasetSpec  # noqa: F401 (re-exported)
 from runner.eval.spec import EvalSpec
 from runner.hardware_spec import Device, HardwareSpec, LinkSpec  # noqa: F401 (re-exported)
-from runner.kv_spec import KVSpec
-from runner.offload_policy import OffloadPolicy
+from runner.kv.spec import KVSpec
+from runner.offload.policy import OffloadPolicy
 from runner.spec import (JobError, _at_least, _bad, _build, _freeze, _hints, _plain, _Spec,  # noqa: F401
                          _UniqueKeyLoader, _yaml_error, parse_override)
 
@@ -133,7 +133,7 @@ class JobSpec(_Spec):
     output: OutputSpec = dataclasses.field(default_factory=OutputSpec)
     sweep: tuple[tuple[str, tuple], ...] = ()  # (dotted key, values) pairs; YAML: a mapping
     eval: EvalSpec | None = None  # accuracy grid instead of generation (runner/eval/)
-    offload: OffloadPolicy | None = None  # generate through the block executor (runner/executor.py); or "auto"
+    offload: OffloadPolicy | None = None  # generate through the block executor (runner/offload/executor.py); or "auto"
     cluster: ClusterSpec = dataclasses.field(default_factory=ClusterSpec)  # this process, or Ray (runner/cluster.py)
     auto_offload: typing.ClassVar[bool]  # per instance, set from `offload: auto` (see __post_init__)
     auto_batch: typing.ClassVar[bool]  # per instance, set from `batch: auto`

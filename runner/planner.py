@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from runner.config import PRESETS, ModelConfig
-from runner.cost_model import Plan, Prediction, Workload, predict
-from runner.hardware_profile import HardwareProfile, PROFILE_DIR, load_profile
+from runner.model.config import PRESETS, ModelConfig
+from runner.plan.cost_model import Plan, Prediction, Workload, predict
+from runner.plan.hardware import HardwareProfile, PROFILE_DIR, load_profile
 from runner.job import DatasetFormat, DType, Engine, JobSpec
-from runner.kv_spec import KVMode, QuantAxis
-from runner.offload_policy import KVPlacement, OffloadPolicy
-from runner.plan_search import SearchResult, budgets_from, search_alisa, search_flexgen
+from runner.kv.spec import KVMode, QuantAxis
+from runner.offload.policy import KVPlacement, OffloadPolicy
+from runner.plan.search import SearchResult, budgets_from, search_alisa, search_flexgen
 
 _DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
 CPU_PROFILE = "cpu-only"  # the profile a CPU run's predicted columns use when its job names none
@@ -52,7 +52,7 @@ def model_config(job: JobSpec) -> ModelConfig:
     """The architecture without weights: a preset by name, else the checkpoint's own config."""
     if job.model.name in PRESETS and (job.model.path in ("auto", "dummy") or not Path(job.model.path).exists()):
         return PRESETS[job.model.name]
-    from runner.weights import load_model
+    from runner.model.weights import load_model
     return load_model(name=job.model.name, path=job.model.path, dtype=torch.float32, with_weights=False).config
 
 
@@ -62,8 +62,8 @@ def prompt_shape(job: JobSpec, cfg: ModelConfig) -> tuple[int, int]:
     block = job.batch.gpu_batch_size * job.batch.num_gpu_batches
     if ds.format is DatasetFormat.SYNTHETIC:
         return ds.prompt_len, ds.num_prompts or block
-    from runner.dataset import load_prompts
-    from runner.weights import load_model
+    from runner.data.dataset import load_prompts
+    from runner.model.weights import load_model
     tok = load_model(name=job.model.name, path=job.model.path, dtype=torch.float32, with_weights=False).tokenizer
     ids = [tok.encode(p.text) for p in load_prompts(ds, tok)]
     return max(len(i) for i in ids), len(ids)

@@ -12,7 +12,6 @@ the dataset: batches finish window by window, so the set above the frontier hold
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner.data.outputs import named_errors
 from runner.job import JobSpec
 
 STATE_FILE = "state.json"
@@ -202,17 +202,6 @@ def append_lines(path: Path, lines: Iterable[str], *, durable: bool) -> None:
         f.flush()
         if durable:
             os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def named_errors(path: Path) -> Iterator[None]:
-    """A failed write (disk full) names its file: Python's write errors carry no file name."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is not None:
-            raise
-        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def reorder_windows(path: Path, window: int) -> None:

@@ -13,17 +13,17 @@ from collections.abc import Callable, Iterator
 import torch
 import yaml
 
-from runner import kernels
-from runner.dataset import DatasetError, Prompt, count_records, iter_records
-from runner.engines import Engine
+from runner.model import kernels
+from runner.data.dataset import DatasetError, Prompt, count_records, iter_records
+from runner.engines.base import Engine
 from runner.job import Device, DType, Engine as EngineKind, JobSpec, OutputOrder
-from runner.kv_store import kv_bytes
-from runner.outputs import append_csv_row, git_commit, peak_rss_bytes, throughput_row
-from runner.reports import plot_report
+from runner.kv.store import kv_bytes
+from runner.data.outputs import append_csv_row, git_commit, peak_rss_bytes, throughput_row
+from runner.data.reports import plot_report
 from runner.resume import GENERATIONS, RunState, open_state, reorder_windows, write_atomic
 from runner.run_loop import Loop, RunError, StopRequest, Totals
-from runner.sampling import SamplingParams
-from runner.weights import LoadedModel, available_memory, load_model
+from runner.engines.sampling import SamplingParams
+from runner.model.weights import LoadedModel, available_memory, load_model
 
 _DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
 
@@ -56,9 +56,9 @@ def _make_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype:
 
 
 def _offload_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> Engine:
-    from runner.copy_engine import LinkEmulation
-    from runner.executor import Executor
-    from runner.memory import TierBudgets
+    from runner.memory.copy_engine import LinkEmulation
+    from runner.offload.executor import Executor
+    from runner.memory.tiers import TierBudgets
     hw = job.hardware
     budgets = TierBudgets.from_gb(offload_dir=hw.offload_dir, gpu_gb=hw.gpu_gb, cpu_gb=hw.cpu_gb, disk_gb=hw.disk_gb,
                                   disk_page_cache=hw.disk_page_cache)
@@ -82,7 +82,7 @@ def _link_columns(job: JobSpec) -> dict:
 @contextlib.contextmanager
 def _budget_errors() -> Iterator[None]:
     """A tier budget the executor's plan does not fit is a job error naming the budget's key."""
-    from runner.memory import BudgetError
+    from runner.memory.tiers import BudgetError
     try:
         yield
     except BudgetError as e:
@@ -313,7 +313,7 @@ def _row(job: JobSpec, loaded: LoadedModel, totals: Totals, device: torch.device
 
 
 def _greedy_head(job: JobSpec, device: torch.device, dtype: torch.dtype) -> str:
-    """The CSV's greedy_head: how our engine chose greedy tokens (`runner.greedy_head`)."""
+    """The CSV's greedy_head: how our engine chose greedy tokens (`runner.model.greedy_head`)."""
     if job.engine is not EngineKind.ALISA or job.generation.do_sample:
         return ""
     screened = job.offload is None and kernels.bf16_screen(device, dtype)  # the executor's head has no screen

@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from runner.dataset import Prompt, Reject
-from runner.dataset_spec import OnError
-from runner.engines import Engine
-from runner.generate import BatchOutput
+from runner.data.dataset import Prompt, Reject
+from runner.data.spec import OnError
+from runner.engines.base import Engine
+from runner.engines.base import BatchOutput
 from runner.job import JobSpec
-from runner.outputs import GenerationRecord, peak_rss_bytes
-from runner.reports import BatchLog
+from runner.data.outputs import GenerationRecord, peak_rss_bytes
+from runner.data.reports import BatchLog
 from runner.resume import GENERATIONS, REJECTS, RunState, append_lines
-from runner.sampling import SamplingParams
+from runner.engines.sampling import SamplingParams
 
 
 class RunError(ValueError):

@@ -134,7 +134,7 @@ def hf_smollm2(smollm2_gguf_path: Path, hf_smollm2_tokenizer):
 @pytest.fixture(scope="session")
 def smollm2_loaded(smollm2_gguf_path: Path):
     """Our `read_gguf` of the SmolLM2 file: (config, weights, tokenizer), float32."""
-    from runner.gguf_loader import read_gguf
+    from runner.model.gguf import read_gguf
 
     return read_gguf(smollm2_gguf_path)
 
@@ -142,7 +142,7 @@ def smollm2_loaded(smollm2_gguf_path: Path):
 @pytest.fixture(scope="session")
 def smollm2_lm(smollm2_loaded):
     """Our LM over the SmolLM2 weights, float32 on the CPU."""
-    from runner.lm import LM
+    from runner.engines.lm import LM
 
     cfg, weights, _ = smollm2_loaded
     return LM(cfg, weights, torch.device("cpu"), torch.float32)

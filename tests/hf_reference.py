@@ -1,10 +1,10 @@
 """Canonical weight names written out by hand from HF state dicts: the loaders' test oracle,
-independent of runner.weights and runner.gguf_loader."""
+independent of runner.model.weights and runner.model.gguf."""
 from __future__ import annotations
 
 import torch
 
-from runner.config import Family
+from runner.model.config import Family
 
 
 def hf_llama_reference(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
@@ -22,7 +22,7 @@ def hf_llama_reference(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str
 
 
 def hf_canonical_reference(sd: dict[str, torch.Tensor], family: Family, num_layers: int) -> dict[str, torch.Tensor]:
-    """Canonical weights written out by hand from an HF state dict (independent of runner.weights)."""
+    """Canonical weights written out by hand from an HF state dict (independent of runner.model.weights)."""
     if family is Family.LLAMA:
         return {**hf_llama_reference(sd, num_layers), "head.lm_w": sd["lm_head.weight"]}
     d = "model.decoder."

@@ -1,4 +1,4 @@
-"""Calibration (`runner.calibrate`, `python run.py calibrate`): a quick run on this CPU measures plausible
+"""Calibration (`runner.plan.calibrate`, `python run.py calibrate`): a quick run on this CPU measures plausible
 figures through the runner's own code paths and writes a profile that `load_profile` reads."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.calibrate import QUICK, calibrate
-from runner.calibrate_compute import MIB
-from runner.hardware_profile import dump_profile, load_profile
+from runner.plan.calibrate import QUICK, calibrate
+from runner.plan.measure import MIB
+from runner.plan.hardware import dump_profile, load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.copy_engine import CopyEngine, LinkEmulation, LinkSchedule
-from runner.memory import Direction, Memory, Tier, TierBudgets, copy
+from runner.memory.copy_engine import CopyEngine, LinkEmulation, LinkSchedule
+from runner.memory.tiers import Direction, Memory, Tier, TierBudgets, copy
 
 MIB = 2 ** 20
 G2C, C2G = Direction.GPU_FROM_CPU, Direction.CPU_FROM_GPU
@@ -195,11 +195,11 @@ def test_overlap_off_counts_the_copy_itself_as_waiting(memory: Memory):
 def test_executor_overlap_on_equals_off(compute_device: torch.device, tmp_path: Path):
     """Weight prefetch into alternating staging slots (on CUDA: side streams racing the compute that reads
     the other slot) gives bit-identical logits to the synchronous schedule: same kernels, same operands."""
-    from runner.config import Activation, Family, ModelConfig
-    from runner.executor import Executor, OffloadPolicy
-    from runner.layers import weight_shapes
-    from runner.sampling import SamplingParams
-    from runner.tokenizer import ByteTokenizer
+    from runner.model.config import Activation, Family, ModelConfig
+    from runner.offload.executor import Executor, OffloadPolicy
+    from runner.model.layers import weight_shapes
+    from runner.engines.sampling import SamplingParams
+    from runner.model.tokenizer import ByteTokenizer
 
     cfg = ModelConfig(name="tiny-llama", family=Family.LLAMA, vocab_size=300, hidden_size=128,
                       intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2, max_seq_len=64,

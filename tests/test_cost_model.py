@@ -9,18 +9,18 @@ import numpy as np
 import torch
 
 from policies import get_policy
-from runner import cost_model
-from runner.config import Activation, Family, ModelConfig, get_preset
-from runner.cost_model import PICK_CHURN, Plan, Workload, peak_bytes, predict
-from runner.executor import Executor
-from runner.hardware_profile import Bandwidth, Compute, HardwareProfile, TierMemory
-from runner.kv_store import KVSettings
-from runner.token_phases import TokenPhases
-from runner.layers import weight_shapes
-from runner.memory import TierBudgets
-from runner.offload_policy import KVPlacement, OffloadPolicy
-from runner.sampling import SamplingParams
-from runner.tokenizer import ByteTokenizer
+from runner.plan import cost_model
+from runner.model.config import Activation, Family, ModelConfig, get_preset
+from runner.plan.cost_model import PICK_CHURN, Plan, Workload, peak_bytes, predict
+from runner.offload.executor import Executor
+from runner.plan.hardware import Bandwidth, Compute, HardwareProfile, TierMemory
+from runner.kv.store import KVSettings
+from runner.offload.phases import TokenPhases
+from runner.model.layers import weight_shapes
+from runner.memory.tiers import TierBudgets
+from runner.offload.policy import KVPlacement, OffloadPolicy
+from runner.engines.sampling import SamplingParams
+from runner.model.tokenizer import ByteTokenizer
 
 # One OPT layer: hidden 64, ffn 256, 4 heads of 16, vocab 100.
 CFG = ModelConfig(name="one-layer", family=Family.OPT, vocab_size=100, hidden_size=64, intermediate_size=256,
@@ -61,7 +61,7 @@ def test_plain_decode_is_weight_and_kv_reads_by_hand():
 
 def test_packed_weights_read_at_their_own_rate_on_the_plain_cpu_path():
     # A CPU profile with packed_weights 2 GB/s: the plain path's attention and MLP matrices (packed,
-    # runner.lm.Pack.UNSHARED) stream at 2 GB/s; the tied head (kept plain), and every matrix the
+    # runner.engines.lm.Pack.UNSHARED) stream at 2 GB/s; the tied head (kept plain), and every matrix the
     # executor runs, at gpu_memory's 1 GB/s. FLOPs are free here, so max and sum agree.
     hw = dataclasses.replace(_profile(packed_weights=2.0), accelerator=False)
     w = _workload()
@@ -219,7 +219,7 @@ def test_peak_bytes_equal_a_real_executor_runs_pools(policy, tmp_path):
 def test_flexgen_reference_policies_on_t4_land_within_35_percent_of_published(model, gbs, ngb, policy, published):
     """FlexGen's README max-throughput runs (benchmark/flexgen/bench_suite.py policies, prompt 512, gen 32,
     dummy weights) on the t4-16g profile, whose figures are FlexGen's fitted constants and paper specs."""
-    from runner.hardware_profile import load_profile
+    from runner.plan.hardware import load_profile
     w = Workload(cfg=get_preset(model), prompt_len=512, gen_len=32, num_prompts=gbs * ngb, dtype=torch.float16)
     p = predict(w, Plan(gpu_batch_size=gbs, num_gpu_batches=ngb, offload=policy), load_profile("t4-16g"))
     assert abs(p.total_throughput / published - 1) <= 0.35

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import AUSTEN
-from runner.dataset import DatasetError, Prompt, Reject, count_records, iter_records, load_prompts, reflow_paragraphs
+from runner.data.dataset import DatasetError, Prompt, Reject, count_records, iter_records, load_prompts, reflow_paragraphs
 from runner.job import DatasetSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -306,8 +306,8 @@ def test_count_records_per_format(tmp_path):
 _STREAM_CHILD = """
 import json, os, sys, time
 t0 = time.perf_counter()
-from runner.dataset import Prompt, iter_records
-from runner.dataset_spec import DatasetSpec
+from runner.data.dataset import Prompt, iter_records
+from runner.data.spec import DatasetSpec
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

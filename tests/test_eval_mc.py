@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from runner.eval.mc import MCDataError, build_prompts, choice_loglikelihoods, load_questions, score_prompts
-from runner.kv_spec import KVSpec
-from runner.lm import LM, Batch
+from runner.kv.spec import KVSpec
+from runner.engines.lm import LM, Batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

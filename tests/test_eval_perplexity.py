@@ -10,8 +10,8 @@ import torch
 
 from conftest import AUSTEN
 from runner.eval.perplexity import read_paragraphs, score_windows, text_windows
-from runner.kv_spec import KVSpec
-from runner.lm import LM
+from runner.kv.spec import KVSpec
+from runner.engines.lm import LM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,7 +1,7 @@
 """Block executor: same tokens and logits as the plain path under every weight placement, overlap on and
 off, 1 and 4 GPU batches, dense and SWA; exact byte accounting; budgets; disk cleanup.
 
-Tolerance: the executor runs the very same units (`runner.layers`) with the same shapes on bit-exact
+Tolerance: the executor runs the very same units (`runner.model.layers`) with the same shapes on bit-exact
 copies of the weights, so logits are expected to be bit-identical (and are, on this machine). The
 tolerance only leaves room for BLAS kernels that pick a different reduction order for operands at a
 different address (staged weights live at other offsets): about one float32 ulp per op, so 1e-5 for a
@@ -21,16 +21,16 @@ import pytest
 import torch
 
 from policies import get_policy
-from runner.config import Activation, Family, ModelConfig
-from runner.executor import Executor, OffloadPolicy
-from runner.kv_store import KVSettings
-from runner.layers import weight_shapes
-from runner.lm import LM, Batch
-from runner.memory import BudgetError, Tier, TierBudgets
-from runner.offload import split_by_size
-from runner.sampling import SamplingParams
+from runner.model.config import Activation, Family, ModelConfig
+from runner.offload.executor import Executor, OffloadPolicy
+from runner.kv.store import KVSettings
+from runner.model.layers import weight_shapes
+from runner.engines.lm import LM, Batch
+from runner.memory.tiers import BudgetError, Tier, TierBudgets
+from runner.offload.scheduled import split_by_size
+from runner.engines.sampling import SamplingParams
 from runner.spec import JobError
-from runner.tokenizer import ByteTokenizer
+from runner.model.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -68,7 +68,7 @@ def tiny() -> dict[str, tuple[ModelConfig, dict]]:
 
 
 def plain(cfg, weights, prompts, gbs, steps, kv=None, dtype=torch.float32, device=torch.device("cpu")):
-    """Greedy with `runner.lm.Batch`, one GPU batch at a time -> (per-step logits of all rows, tokens), on cpu."""
+    """Greedy with `runner.engines.lm.Batch`, one GPU batch at a time -> (per-step logits of all rows, tokens), on cpu."""
     lm = LM(cfg, {k: w.to(device) for k, w in weights.items()}, device, dtype)
     per_batch = []
     for r in range(0, len(prompts), gbs):
@@ -155,7 +155,7 @@ def test_bytes_moved_are_exactly_the_offloaded_weights_per_step(tiny, tmp_path):
 
 
 def _unit_shapes(cfg):
-    from runner.layers import build_units
+    from runner.model.layers import build_units
     return [(u.prefix, u.weight_shapes()) for u in build_units(cfg)]
 
 
@@ -313,8 +313,8 @@ def test_split_activation_percentages_are_refused():
 def test_compress_weight_equals_the_plain_path_on_the_same_4bit_weights(tiny, tmp_path, placement):
     """FlexGen's compress_weight: matrices stored as 4-bit group codes in their home tier (norms and biases
     as they are), dequantized on the gpu per load. The plain path on the dequantized weights is the oracle."""
-    from runner.kv_quant import dequantize, quantize
-    from runner.offload import compress_group
+    from runner.kv.quant import dequantize, quantize
+    from runner.offload.scheduled import compress_group
     cfg, weights = tiny["llama"]
     policy = OffloadPolicy(**dict(zip(("w_gpu_percent", "w_cpu_percent"), PLACEMENTS[placement])), compress_weight=True)
     lossy = {}

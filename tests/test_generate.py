@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner.generate import generate_batch
-from runner.lm import LM, Batch
-from runner.outputs import FinishReason
-from runner.sampling import SamplingParams
-from runner.weights import load_model
+from runner.engines.base import generate_batch
+from runner.engines.lm import LM, Batch
+from runner.data.outputs import FinishReason
+from runner.engines.sampling import SamplingParams
+from runner.model.weights import load_model
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 QUESTIONS = ["What is the capital of France?",

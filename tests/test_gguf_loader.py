@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from runner.config import Activation, Family
-from runner.gguf_loader import _unpermute_rope, read_gguf
-from runner.layers import weight_shapes
+from runner.model.config import Activation, Family
+from runner.model.gguf import _unpermute_rope, read_gguf
+from runner.model.layers import weight_shapes
 
 from hf_reference import hf_llama_reference
 

@@ -1,15 +1,17 @@
-"""The greedy head's bf16 screen (runner/greedy_head.py): its bound holds on SmolLM2's real hidden
+"""The greedy head's bf16 screen (runner/model/greedy_head.py): its bound holds on SmolLM2's real hidden
 states and on made-up ones, and it keeps the fp32 argmax where bf16 cannot tell tokens apart."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from runner import greedy_head, kernels, native
-from runner import model as M
-from runner.generate import generate_batch
-from runner.lm import LM, Batch
-from runner.sampling import SamplingParams
+from runner.model import greedy_head
+from runner.model import kernels
+from runner.model import native
+from runner.model import ops as M
+from runner.engines.base import generate_batch
+from runner.engines.lm import LM, Batch
+from runner.engines.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +121,7 @@ def test_flat_logits_take_the_full_head_instead_of_rechecking_most_of_the_vocabu
 
 @pytest.mark.parametrize("kind", ["llama_gqa_tied", "llama_mha"])
 def test_screened_generation_equals_plain_generation(hf_checkpoints, kind):
-    from runner.weights import load_model
+    from runner.model.weights import load_model
     loaded = load_model(name=None, path=str(hf_checkpoints[kind]), dtype=torch.float32, device="cpu")
     lms = {s: LM(loaded.config, dict(loaded.weights), torch.device("cpu"), torch.float32, screen=s)
            for s in (True, False)}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.hardware_profile import PROFILE_DIR, dump_profile, load_profile, shipped_profiles
+from runner.plan.hardware import PROFILE_DIR, dump_profile, load_profile, shipped_profiles
 from runner.spec import JobError
 
 EXPECTED = {"t4-16g", "v100-32g", "h100-80g", "a100-40g", "rtx4090-24g", "cpu-only"}

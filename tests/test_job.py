@@ -262,7 +262,7 @@ def test_synthetic_dataset_spec():
 # ---------------------------------------------------------------- offload section and tier budgets
 
 def test_offload_section_parses_round_trips_and_defaults_to_absent(tmp_path):
-    from runner.offload_policy import OffloadPolicy
+    from runner.offload.policy import OffloadPolicy
     assert job_from_dict(minimal()).offload is None
     job = job_from_dict(minimal(hardware={"gpu_gb": 1, "cpu_gb": 2.5, "offload_dir": str(tmp_path)},
                                 offload={"w_gpu_percent": 30, "w_cpu_percent": 50, "overlap": False}))

@@ -13,9 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runner import kernels, native
-
-
+from runner.model import kernels
+from runner.model import native
 @pytest.mark.parametrize("shape, out_features, bias", [((1, 576), 49152, False), ((8, 1, 576), 960, True),
                                                       ((2, 37, 64), 320, True), ((3, 16), 16, False),
                                                       ((32, 1, 1536), 576, False)])
@@ -74,7 +73,7 @@ def test_plain_undoes_pack_and_pack_leaves_what_it_cannot_pack():
 @needs_onednn
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_packed_bf16_weight_gives_the_plain_bf16_result(rows):
-    # The greedy head's screen (runner/greedy_head.py) multiplies through a packed bf16 copy; its
+    # The greedy head's screen (runner/model/greedy_head.py) multiplies through a packed bf16 copy; its
     # bound assumes the plain bf16 product's math (fp32 sums of exact bf16 products, bf16 out).
     g = torch.Generator().manual_seed(rows)
     x, w = torch.randn(rows, 576, generator=g).bfloat16(), (torch.randn(700, 576, generator=g) * 0.05).bfloat16()
@@ -186,7 +185,7 @@ def test_decode_attention_falls_back_to_matmul_where_native_does_not_apply():
 
 
 def _status_in_subprocess(tmp_path, **env) -> str:
-    code = "from runner import native; s = native.status(); print(s.available, s.reason)"
+    code = "from runner.model import native; s = native.status(); print(s.available, s.reason)"
     full_env = {**os.environ, "ALISA_NATIVE_CACHE": str(tmp_path), **env}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
                           cwd=Path(__file__).resolve().parents[1], timeout=300)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner.config import get_preset
-from runner.kv_cache import KVCache
-from runner.kv_picks import PickBuffer
-from runner.kv_quant import QuantizedKVCache
+from runner.model.config import get_preset
+from runner.kv.cache import KVCache
+from runner.kv.picks import PickBuffer
+from runner.kv.quant import QuantizedKVCache
 
 CFG = get_preset("smollm2-135m").replace(num_layers=2)  # kvh 3, head_dim 64
 B, N = 3, 200

@@ -19,17 +19,17 @@ import pytest
 import torch
 
 from policies import get_policy
-from runner.copy_engine import CopyEngine
-from runner.cost_model import Plan, Workload, peak_bytes
-from runner.executor import OffloadPolicy
-from runner.kv_picks import buffer_bytes
-from runner.kv_sequences import split_rows
-from runner.kv_store import KVSettings
-from runner.kv_tokens import TokenTieredKV
-from runner.token_phases import TokenPhases
-from runner.lm import LM, Batch
-from runner.memory import BudgetError, Memory, TierBudgets
-from runner.offload_policy import KVPlacement
+from runner.memory.copy_engine import CopyEngine
+from runner.plan.cost_model import Plan, Workload, peak_bytes
+from runner.offload.executor import OffloadPolicy
+from runner.kv.picks import buffer_bytes
+from runner.offload.sequence_kv import split_rows
+from runner.kv.store import KVSettings
+from runner.offload.token_kv import TokenTieredKV
+from runner.offload.phases import TokenPhases
+from runner.engines.lm import LM, Batch
+from runner.memory.tiers import BudgetError, Memory, TierBudgets
+from runner.offload.policy import KVPlacement
 from runner.spec import JobError
 from test_executor import (PROMPTS, SPARSE_ATOL, STEPS, TINY_ATOL, _assert_same, check_against_plain, offloaded, plain,  # noqa: F401
                            tiny)  # tiny: the fixture

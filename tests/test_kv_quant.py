@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from runner.config import get_preset
-from runner.kv_cache import KVCache
-from runner.kv_quant import QTensor, QuantizedKVCache, dequantize, quantize
+from runner.model.config import get_preset
+from runner.kv.cache import KVCache
+from runner.kv.quant import QTensor, QuantizedKVCache, dequantize, quantize
 
 CFG = get_preset("smollm2-135m").replace(num_layers=2)  # kvh 3, head_dim 64
 B, KVH, D = 3, CFG.num_kv_heads, CFG.head_dim

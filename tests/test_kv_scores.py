@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from policies import ScoreMode, Scoring
-from runner.kv_scores import ScoreState
+from runner.kv.scores import ScoreState
 
 
 def _state(mode: ScoreMode, track_alive: bool = False, groups: int = 1) -> ScoreState:

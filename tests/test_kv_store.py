@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from policies import policy_names
-from runner.kv_spec import KVSpec
-from runner.kv_store import KVSettings, kv_bytes
-from runner.lm import LM, Batch
+from runner.kv.spec import KVSpec
+from runner.kv.store import KVSettings, kv_bytes
+from runner.engines.lm import LM, Batch
 
 SPARSE = [p for p in policy_names() if p != "dense"]
 PROMPT, STEPS = 96, 24

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.memory import (GIB, BudgetError, DiskPool, DiskTensor, Memory, Pool, Tier, TierBudgets, copy,
+from runner.memory.tiers import (GIB, BudgetError, DiskPool, DiskTensor, Memory, Pool, Tier, TierBudgets, copy,
                            format_bytes)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -317,7 +317,7 @@ def test_two_pools_share_an_offload_dir_without_clashing(tmp_path: Path):
 _CHILD = textwrap.dedent("""
     import os, signal, sys, time
     import torch
-    from runner.memory import DiskPool
+    from runner.memory.tiers import DiskPool
 
     # A parent started in the background (nohup, `&` in a script) hands down SIGINT ignored: restore
     # Python's handler so the signal this test sends arrives as KeyboardInterrupt wherever it runs.

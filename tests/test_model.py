@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner.lm import LM, Batch
-from runner.weights import load_model
+from runner.engines.lm import LM, Batch
+from runner.model.weights import load_model
 
 KINDS = ["opt_preln", "opt_postln_proj", "llama_mha", "llama_gqa_tied"]
 
@@ -72,7 +72,7 @@ def test_hf_checkpoint_fixture_is_not_trivial(hf_checkpoints):
 
 
 def test_prefill_in_row_groups_equals_one_group(hf_checkpoints, monkeypatch):
-    import runner.lm as lm_mod
+    import runner.engines.lm as lm_mod
     lm = _ours(hf_checkpoints["llama_gqa_tied"])
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, lm.cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 8, 3, 8, 6)]
@@ -105,7 +105,7 @@ def test_half_precision_runs_close_to_fp32(hf_checkpoints, dtype):
 
 def test_attention_probs_matches_a_naive_causal_softmax():
     # The prompt-scoring probabilities: queries 5..8 of a 9-token prompt, GQA 4 heads on 2 kv heads.
-    from runner import model as M
+    from runner.model import ops as M
     torch.manual_seed(0)
     q, k = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8)
     ref = torch.softmax((q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) / 8 ** 0.5
@@ -123,8 +123,8 @@ def test_attention_probs_matches_a_naive_causal_softmax():
 @pytest.mark.parametrize("kind", ["opt_postln_proj", "llama_gqa_tied"])
 def test_packed_linears_give_the_unpacked_logits(hf_checkpoints, kind):
     # Packing (kernels.pack) changes the weights' layout, not the math: 2+ rows are bit-equal.
-    from runner import kernels
-    from runner.lm import Pack
+    from runner.model import kernels
+    from runner.engines.lm import Pack
     loaded = load_model(name=None, path=str(hf_checkpoints[kind]), dtype=torch.float32, device="cpu")
     lms = {p: LM(loaded.config, loaded.weights, torch.device("cpu"), torch.float32, pack=p, screen=False)
            for p in Pack}
@@ -148,7 +148,7 @@ def test_packed_linears_give_the_unpacked_logits(hf_checkpoints, kind):
 
 def test_project_kv_reads_a_packed_qkv_weight(hf_checkpoints):
     # ALISA phase III recomputes K/V from a layer's inputs through the K/V rows of the QKV weight.
-    from runner.lm import Pack
+    from runner.engines.lm import Pack
     loaded = load_model(name=None, path=str(hf_checkpoints["llama_gqa_tied"]), dtype=torch.float32, device="cpu")
     packed = LM(loaded.config, loaded.weights, torch.device("cpu"), torch.float32, pack=Pack.UNSHARED)
     plain = LM(loaded.config, loaded.weights, torch.device("cpu"), torch.float32, pack=Pack.NONE)
@@ -161,7 +161,7 @@ def test_project_kv_reads_a_packed_qkv_weight(hf_checkpoints):
 
 
 def test_release_takes_exactly_the_packed_weights_out_of_the_callers_dict(hf_checkpoints):
-    from runner import kernels
+    from runner.model import kernels
     loaded = load_model(name=None, path=str(hf_checkpoints["llama_gqa_tied"]), dtype=torch.float32, device="cpu")
     weights = dict(loaded.weights)
     lm = LM(loaded.config, weights, torch.device("cpu"), torch.float32, release=True)

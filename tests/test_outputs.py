@@ -8,7 +8,7 @@ import subprocess
 import pandas as pd
 import pytest
 
-from runner.outputs import (
+from runner.data.outputs import (
     OFFLOAD_COLUMNS, THROUGHPUT_COLUMNS, FinishReason, GenerationRecord, append_csv_row, git_commit, peak_rss_bytes,
     throughput_row, write_generations,
 )

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from policies import get_policy
-from runner.config import get_preset
-from runner.kv_placement import KVPlacer
-from runner.kv_store import KVSettings
-from runner.memory import Tier
-from runner.offload_policy import KVPlacement, OffloadPolicy
-from runner.plan_memory import block_need, plan_need, weight_need
+from runner.model.config import get_preset
+from runner.offload.placement import KVPlacer
+from runner.kv.store import KVSettings
+from runner.memory.tiers import Tier
+from runner.offload.policy import KVPlacement, OffloadPolicy
+from runner.offload.sizing import block_need, plan_need, weight_need
 
 POLICIES = {
     "plain": OffloadPolicy(w_gpu_percent=50, w_cpu_percent=50),

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from policies import get_policy
-from runner.config import get_preset
-from runner.cost_model import Plan, Workload, peak_bytes, predict
-from runner.hardware_profile import load_profile
-from runner.kv_store import KVSettings
-from runner.offload_policy import OffloadPolicy
-from runner.plan_search import budgets_from, search_alisa, search_flexgen
+from runner.model.config import get_preset
+from runner.plan.cost_model import Plan, Workload, peak_bytes, predict
+from runner.plan.hardware import load_profile
+from runner.kv.store import KVSettings
+from runner.offload.policy import OffloadPolicy
+from runner.plan.search import budgets_from, search_alisa, search_flexgen
 
 T4 = load_profile("t4-16g")
 SWA8 = KVSettings(policy=get_policy("swa", sparsity=0.8), bits=8)
@@ -76,7 +76,7 @@ def test_flexgen_search_is_within_10_percent_of_a_brute_force_grid():
 def test_without_an_accelerator_gpu_and_cpu_tiers_share_one_ram():
     """cpu-only: the 'gpu' is the CPU, so a plan's gpu and cpu bytes together must fit the RAM once."""
     import dataclasses
-    from runner.hardware_profile import TierMemory
+    from runner.plan.hardware import TierMemory
     cpu_only = load_profile("cpu-only")
     hw = dataclasses.replace(cpu_only, memory_gb=TierMemory(gpu=4.0, cpu=4.0, disk=100.0), usable_fraction=1.0)
     w = Workload(cfg=get_preset("opt-1.3b"), prompt_len=128, gen_len=16, num_prompts=1, dtype=torch.float32)

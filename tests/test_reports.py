@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from runner.reports import BATCH_COLUMNS, BatchLog
+from runner.data.reports import BATCH_COLUMNS, BatchLog
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from runner.outputs import THROUGHPUT_COLUMNS
+from runner.data.outputs import THROUGHPUT_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_main_job_both_engines_same_greedy_outputs(tmp_path, smollm2_gguf_path):
     assert list(rows.engine) == ["alisa", "hf"]
     assert (rows.num_prompts == 3).all() and (rows.total_throughput > 0).all()
     assert (rows.peak_cpu_bytes > 100e6).all()
-    from runner import kernels  # our greedy tokens came through the bf16 screen wherever it pays
+    from runner.model import kernels  # our greedy tokens came through the bf16 screen wherever it pays
     screened = kernels.bf16_screen(torch.device("cpu"), torch.float32)
     assert rows.greedy_head.fillna("").tolist() == ["bf16-screen" if screened else "full", ""]
     ours, hf = ([json.loads(line) for line in (tmp_path / e / "generations.jsonl").read_text().splitlines()]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from runner.tokenizer import ByteTokenizer, Tokenizer
+from runner.model.tokenizer import ByteTokenizer, Tokenizer
 
 SAMPLES = {
     "digits": "In 1815, 24 of 365 days",
@@ -126,7 +126,7 @@ SP_SAMPLES = [
 
 def test_sentencepiece_gguf_tokenizer_matches_transformers(tiny_llama_ggufs, hf_tiny_gguf, austen_text):
     """tokenizer.ggml.model = llama (byte fallback, merges rebuilt from scores) on a trained 1000-token vocab."""
-    from runner.gguf_loader import read_gguf
+    from runner.model.gguf import read_gguf
 
     _, _, ours = read_gguf(tiny_llama_ggufs["gqa_tied_q8"])
     hf_tok = hf_tiny_gguf("gqa_tied_q8")[1]

@@ -9,10 +9,10 @@ import torch
 
 from conftest import build_hf_model
 from hf_reference import hf_canonical_reference
-from runner.config import Family, get_preset
-from runner.layers import weight_shapes
-from runner.tokenizer import ByteTokenizer
-from runner.weights import ModelSourceError, hf_config, load_model
+from runner.model.config import Family, get_preset
+from runner.model.layers import weight_shapes
+from runner.model.tokenizer import ByteTokenizer
+from runner.model.weights import ModelSourceError, hf_config, load_model
 
 
 KINDS = ["opt_preln", "opt_postln_proj", "llama_mha", "llama_gqa_tied"]

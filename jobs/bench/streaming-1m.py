@@ -27,8 +27,8 @@ LINES = 1_000_000
 READER = """
 import json, resource, sys, time
 t0 = time.perf_counter()
-from runner.dataset import iter_records
-from runner.dataset_spec import DatasetSpec
+from runner.data.dataset import iter_records
+from runner.data.spec import DatasetSpec
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 out, start = {}, time.perf_counter()
 for i, r in enumerate(iter_records(DatasetSpec(path=sys.argv[1])), start=1):

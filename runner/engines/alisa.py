@@ -1,13 +1,13 @@
-"""Our engine: the units of `runner.layers` on one device with a preallocated KV cache."""
+"""Our engine: the units of `runner.model.layers` on one device with a preallocated KV cache."""
 from __future__ import annotations
 
 import torch
 
-from runner.kv_store import KVSettings
-from runner.generate import BatchOutput, TextDecoder, generate_batch
-from runner.lm import LM
-from runner.sampling import SamplingParams
-from runner.weights import LoadedModel
+from runner.kv.store import KVSettings
+from runner.engines.base import BatchOutput, TextDecoder, generate_batch
+from runner.engines.lm import LM
+from runner.engines.sampling import SamplingParams
+from runner.model.weights import LoadedModel
 
 
 class AlisaEngine:

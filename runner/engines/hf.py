@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from runner.generate import BatchOutput, StopTracker, TextDecoder
-from runner.lm import left_pad
-from runner.sampling import SamplingParams
+from runner.engines.base import BatchOutput, StopTracker, TextDecoder
+from runner.engines.lm import left_pad
+from runner.engines.sampling import SamplingParams
 
 
 class HFEngine:

@@ -22,12 +22,13 @@ finishes; a rerun skips the points already there) and `accuracy.png` (quality vs
       mode: retain                # retain | evict
       extra: [{policy: swa, score: decay}]   # more kv mappings; swept over sparsities / bits they omit
 
-CSV columns (`harness.ACCURACY_COLUMNS`): job, task, data, model, dtype, kv_policy, kv_label,
+CSV columns (`runner.run_eval.ACCURACY_COLUMNS`): job, task, data, model, dtype, kv_policy, kv_label,
 sparsity (0 for dense), budget_tokens, bits, mode, score, metric (perplexity | acc | acc_norm),
 value, tokens_scored, questions, context_len (mc: mean context tokens), prefill_len, windows, shots,
 decode_context, seconds, started_at, git_commit, kv_config and eval_config (canonical settings: with
 task, data, model and dtype they are a point's key for resume).
 
 Modules: `spec` is the section (light: the job loader imports it); `perplexity` and `mc` score one
-point; `harness` runs the grid; `plot` draws it.
+point; `plot` draws it; `runner/run_eval.py` runs the grid (it sits beside `run_job`, as it reads a whole
+job and resolves its device).
 """

@@ -43,9 +43,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from runner.dataset import json_object
-from runner.kv_store import KVSettings
-from runner.lm import LM, Batch
+from runner.data.dataset import json_object
+from runner.kv.store import KVSettings
+from runner.engines.lm import LM, Batch
 
 
 class MCDataError(ValueError):

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from runner.dataset import reflow_paragraphs
-from runner.kv_store import KVSettings
-from runner.lm import LM, Batch
+from runner.data.dataset import reflow_paragraphs
+from runner.kv.store import KVSettings
+from runner.engines.lm import LM, Batch
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,7 +24,7 @@ _HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "perplexity": False}
 
 def curve_name(kv_config: str) -> str:
     """The policy and its non-default settings, without sparsity and bits (those are x and style)."""
-    d = json.loads(kv_config)  # holds only non-default settings (see harness.kv_config)
+    d = json.loads(kv_config)  # holds only non-default settings (see runner.run_eval.kv_config)
     extra = [f"{k}={v}" for k, v in sorted(d.items()) if k not in _PLOT_SKIP]
     return " ".join([d["policy"], *extra])
 

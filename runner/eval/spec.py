@@ -2,7 +2,7 @@
 
 A job with an `eval` section runs no generation: for every grid point (dense once per bits, then
 policy x sparsity x bits, plus `extra` kv mappings) it measures model quality with that KV policy
-and appends rows to `accuracy.csv` (see `runner.eval.harness`). Errors name the dotted key, e.g.
+and appends rows to `accuracy.csv` (see `runner.run_eval`). Errors name the dotted key, e.g.
 `eval.sparsities[1]: must be in [0, 1), got 1.5`.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
-from runner.kv_spec import KVMode, KVSpec
+from runner.kv.spec import KVMode, KVSpec
 from runner.spec import JobError, _at_least, _bad, _build, _freeze, _Spec
 
 

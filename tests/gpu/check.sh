@@ -6,7 +6,7 @@
 #
 # (a) the copy-engine / executor / KV-tier tests with ALISA_TEST_DEVICE=cuda (the `compute_device`
 #     fixture in tests/conftest.py): equivalence with overlap on and off, side-stream ordering;
-# (b) issue 5: `run.py calibrate --device cuda` (the CUDA path of runner/calibrate.py, never run on a GPU
+# (b) issue 5: `run.py calibrate --device cuda` (the CUDA path of runner/plan/calibrate.py, never run on a GPU
 #     before) writes results/gpu/calibrated.yaml;
 # (c) one throughput job on CUDA (jobs/gpu/flexgen-vs-alisa-opt1.3b.yaml, dummy OPT-1.3B fp16, weights
 #     half on the gpu pool and half in pinned host memory) on that profile, whose CSV rows it prints with

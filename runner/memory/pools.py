@@ -1,0 +1,324 @@
+"""Memory tiers' allocators: byte budgets that refuse an allocation before making it, exact
+in-use and peak accounting, and the disk tier's file-backed tensors.
+
+`Pool` (GPU or CPU tier) hands out tensors on a device; `DiskPool` hands out `DiskTensor` handles
+to memory-mapped files under `<offload_dir>/run-<pid>-<random>/`, removed by `close()` (also on
+leaving its `with` block, normally, by an exception or by Ctrl-C's KeyboardInterrupt), when the
+pool is garbage-collected, and at interpreter exit. A `DiskPool(page_cache=False)` evicts each file
+from the OS page cache after every write and read, so reads measure the device rather than spare RAM.
+`runner.memory.tiers` puts the pools together and counts the bytes copied between them.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import enum
+import itertools
+import math
+import mmap
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+GIB = 2 ** 30
+_MADV_DONTNEED = 4  # <sys/mman.h> on Linux
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # for madvise on torch's map
+
+
+class Tier(str, enum.Enum):
+    GPU = "gpu"
+    CPU = "cpu"
+    DISK = "disk"
+
+
+
+def format_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB' (binary units, like the GiB used elsewhere in the runner)."""
+    for unit, size in (("GiB", GIB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+class BudgetError(RuntimeError):
+    """An allocation or reservation that would exceed a tier's budget (nothing was allocated)."""
+
+    def __init__(self, tier: Tier, label: str, nbytes: int, budget: int, in_use: int):
+        self.tier, self.label, self.nbytes, self.budget, self.in_use = tier, label, nbytes, budget, in_use
+        free = max(budget - in_use, 0)
+        super().__init__(f"{tier.value}: {label} needs {format_bytes(nbytes)} but only {format_bytes(free)} "
+                         f"of the {format_bytes(budget)} budget is free")
+
+
+def _check_budget(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"{name}: must be an integer >= 0 or None (unlimited), got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TierBudgets:
+    """Byte budget per tier (None = unlimited) and where disk tensors go."""
+    gpu_bytes: int | None = None
+    cpu_bytes: int | None = None
+    disk_bytes: int | None = None
+    offload_dir: str
+    disk_page_cache: bool = True  # False: disk files leave the OS page cache after each write and read
+
+    def __post_init__(self) -> None:
+        for name in ("gpu_bytes", "cpu_bytes", "disk_bytes"):
+            _check_budget(name, getattr(self, name))
+
+    @classmethod
+    def from_gb(cls, *, offload_dir: str, gpu_gb: float | None = None, cpu_gb: float | None = None,
+                disk_gb: float | None = None, disk_page_cache: bool = True) -> TierBudgets:
+        """Budgets in GiB (2**30 bytes, as `hardware.memory_gb`), rounded down to whole bytes."""
+        def to_bytes(gb: float | None) -> int | None:
+            return None if gb is None else int(gb * GIB)
+        return cls(gpu_bytes=to_bytes(gpu_gb), cpu_bytes=to_bytes(cpu_gb), disk_bytes=to_bytes(disk_gb),
+                   offload_dir=offload_dir, disk_page_cache=disk_page_cache)
+
+    def budget(self, tier: Tier) -> int | None:
+        return getattr(self, f"{Tier(tier).value}_bytes")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Reservation:
+    """Bytes held against a budget without allocating them (see `Pool.reserve`)."""
+    tier: Tier
+    label: str
+    nbytes: int
+    key: int  # unique per reservation, so equal sizes and labels stay distinct
+
+
+_reservation_keys = itertools.count()
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+class _Budgeted:
+    """Byte accounting shared by `Pool` and `DiskPool`; thread-safe (copy threads may free/alloc)."""
+
+    def __init__(self, tier: Tier, budget: int | None):
+        _check_budget(f"{tier.value} budget", budget)
+        self.tier, self.budget = tier, budget
+        self._in_use = self._peak = 0
+        self._lock = threading.Lock()
+        self._reserved: dict[int, Reservation] = {}
+
+    @property
+    def in_use(self) -> int:
+        """Bytes allocated plus bytes reserved."""
+        return self._in_use
+
+    @property
+    def peak(self) -> int:
+        return self._peak
+
+    def free_bytes(self) -> int | None:
+        """Bytes still allowed, or None when unlimited."""
+        return None if self.budget is None else max(self.budget - self._in_use, 0)
+
+    def reset_peak(self) -> None:
+        """Start a new peak measurement from what is in use now (e.g. per phase)."""
+        with self._lock:
+            self._peak = self._in_use
+
+    def reserve(self, nbytes: int, label: str) -> Reservation:
+        """Hold `nbytes` against the budget (e.g. a whole plan, checked up front); `release` returns them."""
+        self._take(nbytes, label)
+        r = Reservation(tier=self.tier, label=label, nbytes=nbytes, key=next(_reservation_keys))
+        with self._lock:
+            self._reserved[r.key] = r
+        return r
+
+    def release(self, reservation: Reservation) -> None:
+        with self._lock:
+            if self._reserved.pop(reservation.key, None) is None:
+                raise ValueError(f"{self.tier.value}: reservation {reservation.label!r} is not held "
+                                 "(released twice, or from another pool)")
+            self._in_use -= reservation.nbytes
+
+    def _take(self, nbytes: int, label: str) -> None:
+        if nbytes < 0:
+            raise ValueError(f"{self.tier.value}: {label} asks for {nbytes} bytes")
+        with self._lock:
+            if self.budget is not None and self._in_use + nbytes > self.budget:
+                raise BudgetError(self.tier, label, nbytes, self.budget, self._in_use)
+            self._in_use += nbytes
+            self._peak = max(self._peak, self._in_use)
+
+    def _give(self, nbytes: int) -> None:
+        with self._lock:
+            self._in_use -= nbytes
+
+
+class Pool(_Budgeted):
+    """One tier's allocator on a torch device (the GPU tier, or the CPU tier in host memory)."""
+
+    def __init__(self, tier: Tier, budget: int | None, device: torch.device | str, *, pin: bool = False):
+        super().__init__(tier, budget)
+        self.device, self.pin = torch.device(device), pin
+        # storage address -> (tensor, bytes). Holding the tensor keeps its memory from being reused by
+        # another allocation until `free`, so an address never names two live tensors.
+        self._live: dict[int, tuple[Tensor, int]] = {}
+
+    def alloc(self, shape: Sequence[int], dtype: torch.dtype, label: str) -> Tensor:
+        """An uninitialised tensor, accounted; raises BudgetError (allocating nothing) if over budget."""
+        nbytes = _nbytes(shape, dtype)
+        self._take(nbytes, label)
+        try:
+            t = torch.empty(tuple(shape), dtype=dtype, device=self.device, pin_memory=self.pin)
+        except BaseException:
+            self._give(nbytes)
+            raise
+        if nbytes:  # empty tensors share address 0: nothing to account or look up
+            with self._lock:
+                self._live[t.untyped_storage().data_ptr()] = (t, nbytes)
+        return t
+
+    def free(self, t: Tensor) -> None:
+        """Return an allocation (`t` or any view of it: the whole allocation goes)."""
+        if t.numel() == 0:
+            return
+        with self._lock:
+            entry = self._live.pop(t.untyped_storage().data_ptr(), None)
+        if entry is None:
+            raise ValueError(f"{self.tier.value}: free of a tensor this pool did not allocate (or freed already)")
+        self._give(entry[1])
+
+    def owns(self, t: Tensor) -> bool:
+        return t.numel() > 0 and t.untyped_storage().data_ptr() in self._live
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiskTensor:
+    """A handle to a tensor stored in a file of a `DiskPool` (read and write it through the pool or `copy`)."""
+    path: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    label: str
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.shape, self.dtype)
+
+
+class DiskPool(_Budgeted):
+    """Disk tier: one file per tensor under a fresh run directory inside `offload_dir`.
+
+    With `page_cache=False` every write and read (`write`, `read`, and `runner.memory.tiers.copy` through
+    `after_io`) ends by evicting the file from the OS page cache, so the next read of it comes from the
+    device. Otherwise spare RAM keeps the files cached and "disk" reads run at memory speed.
+    """
+
+    def __init__(self, offload_dir: str, budget: int | None = None, *, page_cache: bool = True):
+        super().__init__(Tier.DISK, budget)
+        if not page_cache and _LIBC is None:
+            raise ValueError("disk: page_cache=False (evicting files from the page cache) needs Linux")
+        self.page_cache = page_cache
+        os.makedirs(offload_dir, exist_ok=True)
+        self.root = tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=offload_dir)
+        self._maps: dict[str, Tensor] = {}  # path -> shared memory map of the file
+        self._names = itertools.count()
+        # Runs on close(), on garbage collection, and at interpreter exit (weakref.finalize registers with
+        # atexit), so a KeyboardInterrupt that ends the program outside any `with` still removes the files.
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True)
+
+    @property
+    def closed(self) -> bool:
+        return not self._cleanup.alive
+
+    def alloc(self, shape: Sequence[int], dtype: torch.dtype, label: str) -> DiskTensor:
+        """A file of the tensor's size (contents unspecified); raises BudgetError if over budget."""
+        if self.closed:
+            raise ValueError(f"disk: alloc of {label} after close()")
+        dt = DiskTensor(path=os.path.join(self.root, f"{next(self._names):06d}.bin"), shape=tuple(shape),
+                        dtype=dtype, label=label)
+        self._take(dt.nbytes, label)
+        try:
+            with open(dt.path, "wb") as f:
+                f.truncate(dt.nbytes)  # sparse until written: no disk traffic for the allocation itself
+            numel = math.prod(dt.shape)
+            data = (torch.from_file(dt.path, shared=True, size=numel, dtype=dtype) if numel
+                    else torch.empty(0, dtype=dtype))
+        except BaseException:
+            self._give(dt.nbytes)
+            raise
+        self._maps[dt.path] = data.view(dt.shape)
+        return dt
+
+    def free(self, dt: DiskTensor) -> None:
+        if self._maps.pop(dt.path, None) is None:
+            raise ValueError(f"disk: free of {dt.label!r}, which this pool does not hold (or freed already)")
+        os.remove(dt.path)
+        self._give(dt.nbytes)
+
+    def owns(self, dt: DiskTensor) -> bool:
+        return dt.path in self._maps
+
+    def view(self, dt: DiskTensor) -> Tensor:
+        """The file as a CPU tensor (a shared memory map: writes to it land in the file)."""
+        data = self._maps.get(dt.path)
+        if data is None:
+            raise ValueError(f"disk: {dt.label!r} is not held by this pool (freed, or pool closed)")
+        return data
+
+    def read(self, dt: DiskTensor, rows: slice | Tensor | None = None) -> Tensor:
+        """A copy in RAM of the whole tensor or of `rows` along dim 0. Not counted: schedulers use `copy`."""
+        data = self.view(dt)
+        out = (data if rows is None else data[rows]).clone()
+        self.after_io(dt)
+        return out
+
+    def write(self, dt: DiskTensor, src: Tensor, rows: slice | Tensor | None = None) -> None:
+        """Store `src` as the whole tensor or as `rows` along dim 0. Not counted: schedulers use `copy`."""
+        data = self.view(dt)
+        if rows is None:
+            data.copy_(src)
+        else:
+            data[rows] = src.to(data.device)
+        self.after_io(dt)
+
+    def after_io(self, dt: DiskTensor) -> None:
+        """Called after each read or write of `dt`: evicts its file from the page cache if this pool has none."""
+        if not self.page_cache:
+            self.drop_cache(dt)
+
+    def drop_cache(self, dt: DiskTensor) -> None:
+        """Write `dt`'s dirty pages to the device and evict its file from the OS page cache."""
+        data = self.view(dt)
+        # The kernel keeps pages that a process has mapped (fadvise skips them), and our map of the file
+        # stays for the pool's life: unmap its pages first. The map stays valid; the next access faults
+        # them back in from the file. Only a map starting on a page boundary is released (torch.from_file
+        # maps from offset 0, so it always does); a tensor of zero bytes has no map.
+        addr, nbytes = data.data_ptr(), dt.nbytes
+        if nbytes and addr % mmap.PAGESIZE == 0 and _LIBC is not None:
+            if _LIBC.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes), _MADV_DONTNEED) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"disk: madvise of {dt.label!r}: {os.strerror(err)}")
+        fd = os.open(dt.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be evicted: write them out first
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Delete the run directory and every file in it; idempotent."""
+        self._maps.clear()
+        self._cleanup()
+
+    def __enter__(self) -> DiskPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,186 @@
+"""Kernel choice where the default CPU one is measurably slow: the linears, RMSNorm, and decode
+attention's two passes over the KV cache.
+
+Kept apart from `model.py` so the model math stays free of device checks.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from runner.model import native
+def _has_onednn_linear() -> bool:
+    try:
+        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN = _has_onednn_linear()
+# The row count oneDNN picks its packed weight layout for. Any row count runs on any layout; an
+# ad-hoc microbenchmark on this project's 2-core AVX-512 machine found hints 8 and 32 equally fast
+# from 1 to 64 rows, and hint 1 no faster than no packing.
+PACK_ROWS = 32
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """F.linear, through oneDNN on CPU fp32 (w plain or from `pack`).
+
+    MKL's sgemm (F.linear's CPU path) handles the skinny (few-row) products of decode poorly.
+    On this project's current 2-core AVX-512 machine, an ad-hoc microbenchmark (not a committed
+    CSV; the hf-vs-alisa bench shows the end-to-end effect) ran SmolLM2's decode linears faster
+    through oneDNN at every batch from 1 to 64, and prefill-sized products too. The earlier
+    2-core AVX2 machine favoured MKL for the narrow down projection only, by a little. Same fp32
+    math, no weight copy; one kernel everywhere keeps results independent of shape choices.
+    """
+    if w.is_mkldnn or (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+                       and w.dtype == torch.float32):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
+    return F.linear(x, w, b)
+
+
+def pack(w: Tensor) -> Tensor:
+    """w (out, in) reordered once into oneDNN's blocked layout, where `linear` would use it.
+
+    Given a plain weight, oneDNN reorders it into that layout on every call: at decode's few rows
+    the reorder re-reads and re-writes the whole weight, a second pass over memory per product.
+    The packed tensor is opaque (no slicing, no storage): `plain` gets the matrix back. Same
+    values and the same kernel; results equal the unpacked call's bit for bit from 2 rows up,
+    and within fp32 rounding (another summation order) at 1 row. Anything else is returned as is.
+    """
+    return _reorder(w, torch.float32)
+
+
+def pack_bf16(w: Tensor) -> Tensor:
+    """A bf16 matrix (out, in) packed like `pack` does fp32 ones (the greedy head's screen,
+    `runner.model.greedy_head`); as is without oneDNN or off the CPU."""
+    return _reorder(w, torch.bfloat16)
+
+
+def _reorder(w: Tensor, dtype: torch.dtype) -> Tensor:
+    if _ONEDNN and not w.is_mkldnn and w.device.type == "cpu" and w.dtype == dtype and w.dim() == 2:
+        return torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+    return w
+
+
+# Native bf16 dot products (vdpbf16ps, AMX). Without them oneDNN emulates bf16, far slower than fp32.
+_BF16_DOT = _ONEDNN and bool({"avx512_bf16", "amx_bf16"} & native.cpu_flags())
+SCREEN_ENV = "ALISA_BF16_SCREEN"  # "0" turns the greedy head's bf16 screen off
+
+
+def bf16_screen(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether greedy decoding should screen the vocabulary in bf16 (`runner.model.greedy_head`): an
+    fp32 model on a CPU with bf16 dot products, unless ALISA_BF16_SCREEN=0. On this project's
+    2-core AVX512-BF16 machine an ad-hoc microbenchmark (not a committed CSV; hf-vs-alisa shows
+    the end-to-end effect) ran SmolLM2's packed bf16 head in well under half the fp32 head's
+    time from 1 to 64 rows."""
+    return (device.type == "cpu" and dtype == torch.float32 and _BF16_DOT
+            and os.environ.get(SCREEN_ENV, "1") != "0")
+
+
+def plain(w: Tensor) -> Tensor:
+    """The (out, in) matrix of a weight, packed or not (a packed one is copied out)."""
+    return w.to_dense() if w.is_mkldnn else w
+
+
+def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim: natively in one pass per row for fp32 CPU tensors (torch's CPU
+    rms_norm is about eight elementwise kernels, mostly dispatch at decode's few rows), else
+    F.rms_norm. Same order of operations as HF's LlamaRMSNorm; the sum of squares may round
+    differently (fp32, another summation order)."""
+    lib = None
+    if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
+            and not (x.requires_grad or w.requires_grad) and w.dim() == 1 and w.is_contiguous()):
+        lib = native.status().library
+    if lib is None:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    d = x.shape[-1]
+    lib.rms_norm(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() // d if d else 0, d, eps,
+                 torch.get_num_threads())
+    return out
+
+
+# ---- decode attention ---------------------------------------------------------------------------
+_NATIVE_MAX_D = 256  # runner/model/csrc/decode_attention.c: MAX_D; d must also be a multiple of 16
+
+
+def _native_head_dim(d: int) -> bool:
+    return d % 16 == 0 and d <= _NATIVE_MAX_D
+
+
+def _native_for(x: Tensor, parts: list[Tensor]) -> ctypes.CDLL | None:
+    """The native library if it takes these tensors (queries or probabilities `x`, K or V `parts`):
+    fp32 CPU, no autograd, a head dim it was built for, each part's rows of d contiguous."""
+    d = parts[0].shape[-1]
+    if not _native_head_dim(d):
+        return None
+    for t in (x, *parts):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 or t.requires_grad:
+            return None
+    if any(x.stride(-1) != 1 or (x.shape[-2] > 1 and x.stride(-2) != d) for x in parts):
+        return None
+    return native.status().library
+
+
+def decode_attention_kernel(head_dim: int, device: torch.device, dtype: torch.dtype) -> str:
+    """What decode attention runs on for this model and device: "native" or "torch" (a CSV column,
+    so a slow row can be told from a machine without a compiler)."""
+    usable = device.type == "cpu" and dtype == torch.float32 and _native_head_dim(head_dim)
+    return "native" if usable and native.status().available else "torch"
+
+
+def decode_scores(qg: Tensor, ks: list[Tensor], scale: float) -> Tensor:
+    """scale * qg @ K^T over the parts of K, side by side: qg (b, kvh, g, d), each part
+    (b, kvh, t_i, d) -> (b, kvh, g, sum t_i).
+
+    Natively, each key's score is the same tree of sums whatever part or slot holds it (so a
+    sparse selection scores a token exactly as the dense cache does), written straight into one
+    buffer (no concatenation); else batched matmuls.
+    """
+    lib = _native_for(qg, ks)
+    if lib is None:
+        parts = [torch.matmul(qg, k.transpose(-1, -2)) for k in ks]  # (b, kvh, g, t_i)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)) * scale
+    b, kvh, g, d = qg.shape
+    total = sum(k.shape[2] for k in ks)
+    q = qg.contiguous()
+    scores = torch.empty((b, kvh, g, total), dtype=q.dtype)
+    offset = 0
+    for k in ks:
+        t = k.shape[2]
+        if t and b:
+            lib.decode_scores(q.data_ptr(), k.data_ptr(), scores.data_ptr() + 4 * offset, b * kvh, g, d, t,
+                              k.stride(0), k.stride(1), kvh, total, scale, torch.get_num_threads())
+        offset += t
+    return scores
+
+
+def decode_values(probs: Tensor, vs: list[Tensor]) -> Tensor:
+    """probs @ V over the parts of V: probs (b, kvh, g, sum t_i), each part (b, kvh, t_i, d) ->
+    (b, kvh, g, d). Natively one running sum per output, continued across the parts in order
+    (so it equals the sum over their concatenation); else a matmul per part, added."""
+    lib = _native_for(probs, vs)
+    sizes = [v.shape[2] for v in vs]
+    if lib is None:
+        out = None
+        for p, v in zip(probs.split(sizes, dim=-1), vs):
+            out = torch.matmul(p, v) if out is None else out.add_(torch.matmul(p, v))  # (b, kvh, g, d)
+        return out
+    b, kvh, g, total = probs.shape
+    d = vs[0].shape[-1]
+    p = probs.contiguous()
+    out = torch.empty((b, kvh, g, d), dtype=p.dtype)
+    offset = 0
+    for i, v in enumerate(vs):
+        if b:
+            lib.decode_values(p.data_ptr() + 4 * offset, v.data_ptr(), out.data_ptr(), b * kvh, g, d, v.shape[2],
+                              v.stride(0), v.stride(1), kvh, total, int(i > 0), torch.get_num_threads())
+        offset += v.shape[2]
+    return out

@@ -1,0 +1,199 @@
+"""Schedulable units: embedding, attention, MLP and output head, each with explicit weights.
+
+A unit declares the weights it needs (`weight_shapes`, canonical names under `prefix`)
+and computes `forward(w, x, state)` from a plain dict of tensors, so an executor can
+load, offload and run the units one at a time. The whole model is the list from
+`build_units`; `weight_shapes(cfg)` is the canonical flat state dict layout every
+loader (HF directory, GGUF, dummy) produces.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from runner.model import greedy_head
+from runner.model import kernels
+from runner.model import ops as M
+from runner.model.config import Family, ModelConfig
+from runner.kv.store import KVStore
+
+Shapes = dict[str, tuple[int, ...]]
+
+# Weights the units read only through `kernels.linear` (and `kernels.plain`), so an all-resident
+# model may hold them packed (`kernels.pack`). The embedding's rows are indexed, never packed.
+LINEAR_WEIGHTS = frozenset({"qkv_w", "o_w", "gate_up_w", "down_w", "fc1_w", "fc2_w", "lm_w"})
+
+
+@dataclass
+class ForwardState:
+    """Per-call inputs shared by all units of one forward pass over a batch."""
+    positions: Tensor  # (b, s) absolute position of each new token
+    start: int  # position of the first new token (all rows share it: prompts are left-padded)
+    kv: KVStore
+    rows: slice = dataclasses.field(default_factory=lambda: slice(None))  # batch rows this prefill call runs (prefill goes in row groups)
+    prefill_mask: Tensor | None = None  # (b, 1, s, s) bool, None when no row is padded
+    rope: tuple[Tensor, Tensor] | None = None  # cos, sin gathered at positions: (b, 1, s, d)
+    rope_table: tuple[Tensor, Tensor] | None = None  # the whole cos, sin tables (max_len, d): recomputing old K
+    # The caller takes only each row's argmax: the head returns those token ids (b,), not logits
+    # (through its bf16 screen where it has one: runner/model/greedy_head.py).
+    greedy: bool = False
+
+
+class Unit:
+    prefix: str
+
+    def weight_shapes(self) -> Shapes:
+        raise NotImplementedError
+
+    def forward(self, w: dict[str, Tensor], x: Tensor, state: ForwardState) -> Tensor:
+        raise NotImplementedError
+
+
+class Embedding(Unit):
+    def __init__(self, cfg: ModelConfig):
+        self.cfg, self.prefix = cfg, "embed"
+
+    def weight_shapes(self) -> Shapes:
+        c = self.cfg
+        shapes: Shapes = {"tok_w": (c.vocab_size, c.embed_dim)}
+        if c.family is Family.OPT:
+            shapes["pos_w"] = (c.max_seq_len + c.pos_offset, c.hidden_size)
+            if c.word_embed_proj_dim:
+                shapes["proj_in_w"] = (c.hidden_size, c.embed_dim)
+        return shapes
+
+    def forward(self, w: dict[str, Tensor], ids: Tensor, state: ForwardState) -> Tensor:
+        x = w["tok_w"][ids]  # (b, s, e)
+        if self.cfg.family is Family.OPT:
+            if "proj_in_w" in w:
+                x = torch.matmul(x, w["proj_in_w"].t())
+            x = x + w["pos_w"][state.positions.clamp(min=0) + self.cfg.pos_offset]
+        return x
+
+
+class Attention(Unit):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        self.cfg, self.layer, self.prefix = cfg, layer, f"layers.{layer}.attn"
+
+    def weight_shapes(self) -> Shapes:
+        c = self.cfg
+        qkv_out = c.hidden_size + 2 * c.kv_dim
+        shapes: Shapes = {"ln_w": (c.hidden_size,), "qkv_w": (qkv_out, c.hidden_size),
+                          "o_w": (c.hidden_size, c.hidden_size)}
+        if c.family is Family.OPT:
+            shapes.update(ln_b=(c.hidden_size,), qkv_b=(qkv_out,), o_b=(c.hidden_size,))
+        return shapes
+
+    def forward(self, w: dict[str, Tensor], h: Tensor, state: ForwardState) -> Tensor:
+        c = self.cfg
+        pre_ln = c.family is Family.LLAMA or c.do_layer_norm_before
+        if state.kv.wants_inputs:  # ALISA phase III: keep h, and how to get K/V back from it
+            state.kv.observe_inputs(self.layer, h, state.positions, state.start,
+                                    functools.partial(self.project_kv, w, state.rope_table))
+        x = self._norm(w, h) if pre_ln else h
+        qkv = kernels.linear(x, w["qkv_w"], w.get("qkv_b"))  # (b, s, h + 2*kv_dim)
+        qk, v = qkv.split([c.hidden_size + c.kv_dim, c.kv_dim], dim=-1)
+        qk = M.split_heads(qk, c.num_heads + c.num_kv_heads)  # (b, nh + kvh, s, d)
+        if state.rope is not None:
+            qk = M.apply_rope(qk, *state.rope)  # q and k rotated together: half the small ops
+        q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
+        v = M.split_heads(v, c.num_kv_heads)
+        if state.start == 0:
+            out = state.kv.prefill(self.layer, state.rows, q, k, v, state.prefill_mask)
+        else:
+            out = state.kv.decode(self.layer, q, k, v)
+        out = kernels.linear(M.merge_heads(out), w["o_w"], w.get("o_b"))
+        h = h + out
+        return h if pre_ln else self._norm(w, h)
+
+    def project_kv(self, w: dict[str, Tensor], rope: tuple[Tensor, Tensor] | None, h: Tensor,
+                   positions: Tensor) -> tuple[Tensor, Tensor]:
+        """K, V (r, kvh, d) of tokens from their layer inputs h (r, hidden) at `positions` (r,): the
+        same norm, projection rows and rotary as `forward`, for K/V deleted from the cache."""
+        c = self.cfg
+        x = self._norm(w, h) if c.family is Family.LLAMA or c.do_layer_norm_before else h
+        bias = w.get("qkv_b")
+        kv_w = kernels.plain(w["qkv_w"])[c.hidden_size:]  # recompute only: a packed weight is copied out
+        kv = kernels.linear(x, kv_w, None if bias is None else bias[c.hidden_size:])
+        k, v = kv.view(-1, 2, c.num_kv_heads, c.head_dim).unbind(1)  # (r, kvh, d) each
+        if rope is not None:
+            cos, sin = rope[0][positions].unsqueeze(1), rope[1][positions].unsqueeze(1)  # (r, 1, d)
+            k = M.apply_rope(k, cos, sin)
+        return k, v
+
+    def _norm(self, w: dict[str, Tensor], x: Tensor) -> Tensor:
+        if self.cfg.family is Family.LLAMA:
+            return M.rms_norm(x, w["ln_w"], self.cfg.norm_eps)
+        return M.layer_norm(x, w["ln_w"], w["ln_b"], self.cfg.norm_eps)
+
+
+class MLP(Unit):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        self.cfg, self.layer, self.prefix = cfg, layer, f"layers.{layer}.mlp"
+
+    def weight_shapes(self) -> Shapes:
+        c = self.cfg
+        if c.family is Family.LLAMA:
+            return {"ln_w": (c.hidden_size,), "gate_up_w": (2 * c.intermediate_size, c.hidden_size),
+                    "down_w": (c.hidden_size, c.intermediate_size)}
+        return {"ln_w": (c.hidden_size,), "ln_b": (c.hidden_size,),
+                "fc1_w": (c.intermediate_size, c.hidden_size), "fc1_b": (c.intermediate_size,),
+                "fc2_w": (c.hidden_size, c.intermediate_size), "fc2_b": (c.hidden_size,)}
+
+    def forward(self, w: dict[str, Tensor], h: Tensor, state: ForwardState) -> Tensor:
+        c = self.cfg
+        if c.family is Family.LLAMA:
+            return h + M.swiglu_mlp(M.rms_norm(h, w["ln_w"], c.norm_eps), w["gate_up_w"], w["down_w"])
+        if c.do_layer_norm_before:
+            x = M.layer_norm(h, w["ln_w"], w["ln_b"], c.norm_eps)
+            return h + M.relu_mlp(x, w["fc1_w"], w["fc1_b"], w["fc2_w"], w["fc2_b"])
+        h = h + M.relu_mlp(h, w["fc1_w"], w["fc1_b"], w["fc2_w"], w["fc2_b"])
+        return M.layer_norm(h, w["ln_w"], w["ln_b"], c.norm_eps)
+
+
+class Head(Unit):
+    """Final norm (+ opt-350m's project_out) and the LM head, applied to the last position only:
+    logits (b, v), or with `state.greedy` each row's argmax token (b,)."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg, self.prefix = cfg, "head"
+
+    def weight_shapes(self) -> Shapes:
+        c = self.cfg
+        shapes: Shapes = {"lm_w": (c.vocab_size, c.embed_dim)}
+        if c.family is Family.LLAMA:
+            shapes["ln_w"] = (c.hidden_size,)
+        elif c.do_layer_norm_before:
+            shapes.update(ln_w=(c.hidden_size,), ln_b=(c.hidden_size,))
+        if c.word_embed_proj_dim:
+            shapes["proj_out_w"] = (c.embed_dim, c.hidden_size)
+        return shapes
+
+    def forward(self, w: dict[str, Tensor], h: Tensor, state: ForwardState) -> Tensor:
+        x = h[:, -1]  # (b, h): prompts are left-padded, so the last column is every row's newest token
+        if "ln_w" in w:
+            if self.cfg.family is Family.LLAMA:
+                x = M.rms_norm(x, w["ln_w"], self.cfg.norm_eps)
+            else:
+                x = M.layer_norm(x, w["ln_w"], w["ln_b"], self.cfg.norm_eps)
+        if "proj_out_w" in w:
+            x = torch.matmul(x, w["proj_out_w"].t())
+        if state.greedy:
+            return greedy_head.greedy_tokens(x, w["lm_w"], w.get(greedy_head.SCREEN), w.get(greedy_head.NORMS))  # (b,)
+        return M.lm_head(x, w["lm_w"])  # (b, v)
+
+
+def build_units(cfg: ModelConfig) -> list[Unit]:
+    units: list[Unit] = [Embedding(cfg)]
+    for i in range(cfg.num_layers):
+        units += [Attention(cfg, i), MLP(cfg, i)]
+    return units + [Head(cfg)]
+
+
+def weight_shapes(cfg: ModelConfig) -> Shapes:
+    """Canonical flat names ("layers.3.attn.qkv_w") and shapes of every weight of the model."""
+    return {f"{u.prefix}.{k}": s for u in build_units(cfg) for k, s in u.weight_shapes().items()}

@@ -1,0 +1,141 @@
+"""Native CPU kernels: the C sources under runner/model/csrc/, compiled on first use into one library
+with the system C compiler and loaded through ctypes.
+
+No build step and no new package: a machine without a compiler (or with ALISA_NATIVE=0) runs
+the pure-torch path, which computes the same math. The library is built for the host CPU
+(-march=native), so its cache key names the CPU's flags, the compiler and the source: a home
+directory shared by different machines never loads a library built for another CPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+SOURCES = tuple(sorted((Path(__file__).with_name("csrc")).glob("*.c")))
+DISABLE_ENV = "ALISA_NATIVE"  # "0" turns the native kernels off
+CACHE_ENV = "ALISA_NATIVE_CACHE"  # where built libraries go (default ~/.cache/alisa-runner/native)
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+_BUILD_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True, kw_only=True)
+class NativeStatus:
+    """Whether the native kernels are in use, and if not, why (one line)."""
+    library: ctypes.CDLL | None
+    reason: str
+
+    @property
+    def available(self) -> bool:
+        return self.library is not None
+
+
+def _compiler() -> list[str] | None:
+    """The C compiler command ($CC, which may carry flags, else cc), or None if it is not on PATH."""
+    cmd = shlex.split(os.environ.get("CC") or "cc")
+    path = shutil.which(cmd[0]) if cmd else None
+    return [path, *cmd[1:]] if path else None
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags_line() -> str | None:
+    try:  # Linux: the feature flags -march=native compiles for
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags (Linux; empty elsewhere), e.g. "avx512_bf16"."""
+    line = _cpu_flags_line()
+    return frozenset(line.split(":", 1)[1].split()) if line else frozenset()
+
+
+def _cpu_signature() -> str:
+    return _cpu_flags_line() or platform.machine() + platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "alisa-runner" / "native"
+
+
+def _build(cc: list[str], out: Path) -> str | None:
+    """Compile SOURCES into `out` (atomically: concurrent processes may build at once).
+    Returns None, or the compiler's first error line. OpenMP if the compiler has it."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create {out.parent}: {e.strerror}"
+    error = "no attempt"
+    for extra in (["-fopenmp"], []):
+        try:
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        except OSError as e:
+            return f"cannot write in {out.parent}: {e.strerror}"
+        os.close(fd)
+        try:
+            proc = subprocess.run([*cc, *_FLAGS, *extra, *map(str, SOURCES), "-o", tmp, "-lm"],
+                                  capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
+            if proc.returncode == 0:
+                os.replace(tmp, out)
+                return None
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+            error = lines[0] if lines else f"exit status {proc.returncode}"
+        except (OSError, subprocess.TimeoutExpired) as e:
+            error = str(e).splitlines()[0]
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return error
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    ptr, long_, f32, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
+    lib.decode_scores.argtypes = [ptr, ptr, ptr, *[long_] * 8, f32, int_]
+    lib.decode_values.argtypes = [ptr, ptr, ptr, *[long_] * 8, int_, int_]
+    lib.rms_norm.argtypes = [ptr, ptr, ptr, long_, long_, f32, int_]
+    lib.decode_scores.restype = lib.decode_values.restype = lib.rms_norm.restype = None
+
+
+@functools.cache
+def status() -> NativeStatus:
+    """Build (once per machine and source) and load the kernels, or say why not."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return NativeStatus(library=None, reason=f"turned off by {DISABLE_ENV}=0")
+    cc = _compiler()
+    if cc is None:
+        return NativeStatus(library=None, reason=f"no C compiler ({os.environ.get('CC') or 'cc'}) on PATH")
+    try:
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return NativeStatus(library=None, reason=f"{cc[0]} --version failed: {e}")
+    sources = [f"{p.name}\0{p.read_text()}" for p in SOURCES]
+    key = hashlib.sha256("\0".join([*sources, version, " ".join(cc + _FLAGS), _cpu_signature()])
+                         .encode()).hexdigest()[:16]
+    path = _cache_dir() / f"kernels-{key}.so"
+    if not path.exists():
+        error = _build(cc, path)
+        if error is not None:
+            names = ", ".join(p.name for p in SOURCES)
+            return NativeStatus(library=None, reason=f"{cc[0]} failed on {names}: {error}")
+    try:
+        lib = ctypes.CDLL(str(path))
+        _declare(lib)
+    except (OSError, AttributeError) as e:
+        return NativeStatus(library=None, reason=f"cannot load {path}: {e}")
+    return NativeStatus(library=lib, reason=f"built by {cc[0]} in {path.parent}")

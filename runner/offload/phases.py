@@ -1,0 +1,61 @@
+"""ALISA's three KV phases as pure functions of the sequence length (ISCA'24 §V-A): which positions
+live on the gpu, which are recomputed, and the window and activation sizes that follows; shared by the
+token-tiered cache (runner/offload/token_kv.py), its memory plan and the cost model. Also the traffic record
+such caches keep."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenPhases:
+    """Phase switch lengths and the shares of tokens offloaded to cpu and recomputed."""
+    p1: int
+    p2: int
+    offload_ratio: float
+    recompute_ratio: float
+    chunk: int = 16  # tokens moved gpu -> cpu together (fewer, larger copies)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.p1 <= self.p2:
+            raise ValueError(f"offload.p1, offload.p2: need 0 < p1 <= p2, got {self.p1}, {self.p2}")
+        if not 0 <= self.recompute_ratio <= self.offload_ratio < 1:
+            raise ValueError("offload.recompute_ratio, offload.offload_ratio: need 0 <= recompute_ratio <= "
+                             f"offload_ratio < 1, got {self.recompute_ratio:g}, {self.offload_ratio:g}")
+
+    def gpu_from(self, n: int) -> int:
+        """First position whose K/V is on the gpu tier at length n."""
+        if n < self.p1:
+            return 0
+        return int(self.offload_ratio * n) // self.chunk * self.chunk
+
+    def recompute_below(self, n: int) -> int:
+        """Positions below this are recomputed (their K/V deleted) at length n."""
+        return 0 if n < self.p2 else min(int(self.recompute_ratio * n), self.gpu_from(n))
+
+    def phase(self, n: int) -> int:
+        return 1 if n < self.p1 else 2 if n < self.p2 else 3
+
+    # Cached: the plan search sizes caches for thousands of candidate phases, each a scan over lengths.
+    @functools.lru_cache(maxsize=1 << 14)
+    def window(self, max_len: int, min_len: int = 1) -> int:
+        """Gpu window slots: the most tokens on gpu at once at lengths min_len..max_len (min_len: the
+        prompt, written first), plus a chunk of slack for sliding."""
+        return min(max_len, max(n - self.gpu_from(n) for n in range(min_len, max_len + 1)) + self.chunk)
+
+    @functools.lru_cache(maxsize=1 << 14)
+    def recompute_span(self, max_len: int) -> int:
+        """Positions whose layer inputs are kept: the most recomputed at any length up to max_len."""
+        return min(max_len, max((self.recompute_below(n) for n in range(1, max_len + 1)), default=0))
+
+
+@dataclass
+class KVTraffic:
+    """What a token-tiered cache moved and recomputed (bytes over the link, tokens, seconds)."""
+    up_bytes: int = 0  # gpu <- cpu: selected old tokens fetched
+    ahead_bytes: int = 0  # of those, fetched before their layer ran (fetch_ahead)
+    down_bytes: int = 0  # cpu <- gpu: tokens leaving the gpu window
+    recomputed: int = 0  # (token, layer) K/V pairs recomputed from activations
+    recompute_s: float = 0.0
+    recompute_saved_bytes: int = 0  # what fetching the recomputed tokens from cpu would have moved
