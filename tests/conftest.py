@@ -37,19 +37,24 @@ HF_CHECKPOINT_SPECS: dict[str, tuple[str, dict, str]] = {
                                      intermediate_size=160, vocab_size=1000, rope_theta=500000.0,
                                      max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True),
                        "safetensors"),
+    # LLaMA's layout plus q/k/v biases: a family the runner computes from data (runner.model.config.Arch).
+    "qwen2": ("qwen2", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=160, vocab_size=1000, rope_theta=1000000.0, max_position_embeddings=256,
+                            rms_norm_eps=1e-6, tie_word_embeddings=True), "safetensors"),
 }
 
 
 def build_hf_model(kind: str, seed: int = 0) -> torch.nn.Module:
     """A seeded random transformers model of `kind`, with norms and biases perturbed so they matter."""
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     family, kwargs, _ = HF_CHECKPOINT_SPECS[kind]
     torch.manual_seed(seed)
-    if family == "opt":
-        model = OPTForCausalLM(OPTConfig(**kwargs))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    classes = {"opt": (OPTConfig, OPTForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_class, model_class = classes[family]
+    model = model_class(config_class(**kwargs))
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -66,7 +71,8 @@ def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """{kind: directory} of real `save_pretrained` checkpoints (float32, no tokenizer files).
 
     opt_preln: safetensors; opt_postln_proj: pytorch_model.bin (opt-350m style, project_in/out,
-    post-LN); llama_mha: sharded safetensors with an index; llama_gqa_tied: GQA 4/2, tied embeddings.
+    post-LN); llama_mha: sharded safetensors with an index; llama_gqa_tied: GQA 4/2, tied embeddings;
+    qwen2: GQA 4/2, tied embeddings, q/k/v biases.
     """
     root = tmp_path_factory.mktemp("hf_checkpoints")
     dirs = {}

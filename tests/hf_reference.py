@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from runner.model.config import Family
 
-
-def hf_llama_reference(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Canonical weights written out by hand from a transformers LLaMA state dict."""
+def hf_llama_reference(sd: dict[str, torch.Tensor], num_layers: int, qkv_bias: bool = False) -> dict[str, torch.Tensor]:
+    """Canonical weights written out by hand from a transformers LLaMA state dict (`qkv_bias`: Qwen2's)."""
     ref = {"embed.tok_w": sd["model.embed_tokens.weight"], "head.ln_w": sd["model.norm.weight"]}
     for i in range(num_layers):
         p = f"model.layers.{i}."
         ref[f"layers.{i}.attn.ln_w"] = sd[p + "input_layernorm.weight"]
         ref[f"layers.{i}.attn.qkv_w"] = torch.cat([sd[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        if qkv_bias:
+            ref[f"layers.{i}.attn.qkv_b"] = torch.cat([sd[p + f"self_attn.{x}_proj.bias"] for x in "qkv"])
         ref[f"layers.{i}.attn.o_w"] = sd[p + "self_attn.o_proj.weight"]
         ref[f"layers.{i}.mlp.ln_w"] = sd[p + "post_attention_layernorm.weight"]
         ref[f"layers.{i}.mlp.gate_up_w"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
@@ -21,10 +21,10 @@ def hf_llama_reference(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str
     return ref
 
 
-def hf_canonical_reference(sd: dict[str, torch.Tensor], family: Family, num_layers: int) -> dict[str, torch.Tensor]:
+def hf_canonical_reference(sd: dict[str, torch.Tensor], model_type: str, num_layers: int) -> dict[str, torch.Tensor]:
     """Canonical weights written out by hand from an HF state dict (independent of runner.model.weights)."""
-    if family is Family.LLAMA:
-        return {**hf_llama_reference(sd, num_layers), "head.lm_w": sd["lm_head.weight"]}
+    if model_type in ("llama", "qwen2"):
+        return {**hf_llama_reference(sd, num_layers, qkv_bias=model_type == "qwen2"), "head.lm_w": sd["lm_head.weight"]}
     d = "model.decoder."
     ref = {"embed.tok_w": sd[d + "embed_tokens.weight"], "embed.pos_w": sd[d + "embed_positions.weight"],
            "head.lm_w": sd["lm_head.weight"]}

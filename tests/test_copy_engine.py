@@ -195,15 +195,15 @@ def test_overlap_off_counts_the_copy_itself_as_waiting(memory: Memory):
 def test_executor_overlap_on_equals_off(compute_device: torch.device, tmp_path: Path):
     """Weight prefetch into alternating staging slots (on CUDA: side streams racing the compute that reads
     the other slot) gives bit-identical logits to the synchronous schedule: same kernels, same operands."""
-    from runner.model.config import Activation, Family, ModelConfig
+    from runner.model.config import LLAMA_ARCH, ModelConfig
     from runner.offload.executor import Executor, OffloadPolicy
     from runner.model.layers import weight_shapes
     from runner.engines.sampling import SamplingParams
     from runner.model.tokenizer import ByteTokenizer
 
-    cfg = ModelConfig(name="tiny-llama", family=Family.LLAMA, vocab_size=300, hidden_size=128,
+    cfg = ModelConfig(name="tiny-llama", arch=LLAMA_ARCH, vocab_size=300, hidden_size=128,
                       intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2, max_seq_len=64,
-                      norm_eps=1e-5, tie_embeddings=False, activation=Activation.SILU)
+                      norm_eps=1e-5, tie_embeddings=False)
     gen = torch.Generator().manual_seed(0)
     weights = {k: 0.3 * torch.randn(s, generator=gen) for k, s in weight_shapes(cfg).items()}
     prompts = [[(5 * i + r) % 290 + 3 for i in range(n)] for r, n in enumerate([12, 7, 15, 9])]

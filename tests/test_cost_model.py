@@ -10,7 +10,7 @@ import torch
 
 from policies import get_policy
 from runner.plan import cost_model
-from runner.model.config import Activation, Family, ModelConfig, get_preset
+from runner.model.config import OPT_ARCH, ModelConfig, get_preset
 from runner.plan.cost_model import PICK_CHURN, Plan, Workload, peak_bytes, predict
 from runner.offload.executor import Executor
 from runner.plan.hardware import Bandwidth, Compute, HardwareProfile, TierMemory
@@ -23,9 +23,9 @@ from runner.engines.sampling import SamplingParams
 from runner.model.tokenizer import ByteTokenizer
 
 # One OPT layer: hidden 64, ffn 256, 4 heads of 16, vocab 100.
-CFG = ModelConfig(name="one-layer", family=Family.OPT, vocab_size=100, hidden_size=64, intermediate_size=256,
+CFG = ModelConfig(name="one-layer", arch=OPT_ARCH, vocab_size=100, hidden_size=64, intermediate_size=256,
                   num_layers=1, num_heads=4, num_kv_heads=4, max_seq_len=256, norm_eps=1e-5,
-                  activation=Activation.RELU, tie_embeddings=True)
+                  tie_embeddings=True)
 ATTN_PARAMS = 64 * (64 + 2 * 64) + 64 * 64  # qkv + out
 MLP_PARAMS = 2 * 64 * 256
 HEAD_PARAMS = 100 * 64

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from policies import get_policy
-from runner.model.config import Activation, Family, ModelConfig
+from runner.model.config import LLAMA_ARCH, OPT_ARCH, ModelConfig
 from runner.offload.executor import Executor, OffloadPolicy
 from runner.kv.store import KVSettings
 from runner.model.layers import weight_shapes
@@ -45,8 +45,8 @@ SMOLLM2_ATOL = 1e-3
 _COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, max_seq_len=128,
                norm_eps=1e-5, tie_embeddings=False)
 CONFIGS = {
-    "llama": ModelConfig(name="tiny-llama", family=Family.LLAMA, num_kv_heads=2, activation=Activation.SILU, **_COMMON),
-    "opt": ModelConfig(name="tiny-opt", family=Family.OPT, num_kv_heads=4, activation=Activation.RELU, **_COMMON),
+    "llama": ModelConfig(name="tiny-llama", arch=LLAMA_ARCH, num_kv_heads=2, **_COMMON),
+    "opt": ModelConfig(name="tiny-opt", arch=OPT_ARCH, num_kv_heads=4, **_COMMON),
 }
 # Prompts of different lengths (left padding inside a GPU batch), long enough for SWA 0.8 to drop tokens.
 PROMPTS = [[(7 * i + 3 * r) % 290 + 3 for i in range(n)] for r, n in enumerate([24, 17, 30, 9, 21, 28, 12, 25])]

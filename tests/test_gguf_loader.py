@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from runner.model.config import Activation, Family
+from runner.model.config import LLAMA_ARCH
 from runner.model.gguf import _unpermute_rope, read_gguf
 from runner.model.layers import weight_shapes
 
@@ -14,7 +14,7 @@ from hf_reference import hf_llama_reference
 
 def test_smollm2_config(smollm2_loaded):
     cfg, weights, tok = smollm2_loaded
-    assert cfg.family is Family.LLAMA and cfg.activation is Activation.SILU
+    assert cfg.arch == LLAMA_ARCH
     assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (9, 3, 64)
     assert cfg.rope_theta == 100000.0 and cfg.max_seq_len == 8192

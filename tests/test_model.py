@@ -1,4 +1,4 @@
-"""Our OPT / LLaMA math against HF transformers logits on real (tiny, random) checkpoint dirs.
+"""Our OPT / LLaMA / Qwen2 math against HF transformers logits on real (tiny, random) checkpoint dirs.
 
 Tolerance: fp32 end to end; the two implementations differ only in reduction order and
 in fused vs separate projections, which moves logits by ~1e-6 relative. 1e-4 relative
@@ -13,7 +13,7 @@ import torch
 from runner.engines.lm import LM, Batch
 from runner.model.weights import load_model
 
-KINDS = ["opt_preln", "opt_postln_proj", "llama_mha", "llama_gqa_tied"]
+KINDS = ["opt_preln", "opt_postln_proj", "llama_mha", "llama_gqa_tied", "qwen2"]
 
 
 def _hf(path):

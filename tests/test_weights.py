@@ -1,6 +1,7 @@
 """`load_model`: HF checkpoint directories, dummy weights and the user-facing errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -9,13 +10,13 @@ import torch
 
 from conftest import build_hf_model
 from hf_reference import hf_canonical_reference
-from runner.model.config import Family, get_preset
+from runner.model.config import LLAMA_ARCH, OPT_ARCH, QWEN2_ARCH, get_preset
 from runner.model.layers import weight_shapes
 from runner.model.tokenizer import ByteTokenizer
 from runner.model.weights import ModelSourceError, hf_config, load_model
 
 
-KINDS = ["opt_preln", "opt_postln_proj", "llama_mha", "llama_gqa_tied"]
+KINDS = ["opt_preln", "opt_postln_proj", "llama_mha", "llama_gqa_tied", "qwen2"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -27,7 +28,7 @@ def test_hf_checkpoint_matches_state_dict(kind, hf_checkpoints, hf_models):
     # Against the model transformers loads back, and against the model as it was built before saving
     # (so a tensor transformers silently re-initialised on load would also be caught).
     for model in (hf_models(kind), build_hf_model(kind)):
-        ref = hf_canonical_reference(model.state_dict(), cfg.family, cfg.num_layers)
+        ref = hf_canonical_reference(model.state_dict(), model.config.model_type, cfg.num_layers)
         assert set(ref) == set(w)
         for name, t in ref.items():
             assert w[name].dtype == torch.float32
@@ -44,7 +45,8 @@ def test_hf_config_fields(kind, hf_checkpoints, hf_models):
         hc.vocab_size, hc.hidden_size, hc.num_hidden_layers, hc.num_attention_heads)
     assert cfg.tie_embeddings == bool(hc.tie_word_embeddings)
     assert (cfg.bos_token_id, cfg.eos_token_id) == (hc.bos_token_id, hc.eos_token_id)
-    if cfg.family is Family.LLAMA:
+    if hc.model_type != "opt":
+        assert cfg.arch == {"llama": LLAMA_ARCH, "qwen2": QWEN2_ARCH}[hc.model_type]
         assert cfg.num_kv_heads == hc.num_key_value_heads
         assert cfg.intermediate_size == hc.intermediate_size
         assert cfg.rope_theta == hc.rope_parameters["rope_theta"]
@@ -52,7 +54,7 @@ def test_hf_config_fields(kind, hf_checkpoints, hf_models):
         assert cfg.max_seq_len == hc.max_position_embeddings
     else:
         assert cfg.intermediate_size == hc.ffn_dim
-        assert cfg.do_layer_norm_before == hc.do_layer_norm_before
+        assert cfg.arch == dataclasses.replace(OPT_ARCH, norm_before=hc.do_layer_norm_before)
         assert cfg.word_embed_proj_dim == (None if hc.word_embed_proj_dim == hc.hidden_size else hc.word_embed_proj_dim)
 
 
@@ -61,7 +63,7 @@ def test_expected_special_cases(hf_checkpoints):
              for k in ("llama_mha", "llama_gqa_tied")}
     assert theta == {"llama_mha": 10000.0, "llama_gqa_tied": 500000.0}
     post = load_model(name=None, path=str(hf_checkpoints["opt_postln_proj"]), dtype=torch.float32)
-    assert post.config.word_embed_proj_dim == 32 and not post.config.do_layer_norm_before
+    assert post.config.word_embed_proj_dim == 32 and not post.config.arch.norm_before
     assert "head.ln_w" not in post.weights and "embed.proj_in_w" in post.weights
     assert isinstance(post.tokenizer, ByteTokenizer)  # no tokenizer files in the checkpoint
 
@@ -82,6 +84,24 @@ def test_hf_eos_list_and_rope_scaling(hf_checkpoints, tmp_path):
         hf_config({**hf, "model_type": "gpt2"}, name="x", source="config.json")
     with pytest.raises(ModelSourceError, match="head_dim"):
         hf_config({**hf, "head_dim": 32}, name="x", source="config.json")
+
+
+# Qwen/Qwen2.5-0.5B's config.json (the keys the loader reads), as published.
+QWEN25_05B = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", "hidden_size": 896,
+              "intermediate_size": 4864, "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+              "sliding_window": 32768, "use_sliding_window": False, "tie_word_embeddings": True,
+              "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151643}
+
+
+def test_qwen2_preset_is_what_the_loader_makes_of_its_config():
+    cfg, eos = hf_config(QWEN25_05B, name="qwen2.5-0.5b", source="config.json")
+    assert cfg == get_preset("qwen2.5-0.5b") and eos == [151643]
+    assert cfg.arch == QWEN2_ARCH and cfg.arch.qkv_bias and not cfg.arch.out_bias
+    shapes = weight_shapes(cfg)
+    assert shapes["layers.0.attn.qkv_b"] == (896 + 2 * 128,) and "layers.0.attn.o_b" not in shapes
+    with pytest.raises(ModelSourceError, match="use_sliding_window"):
+        hf_config({**QWEN25_05B, "use_sliding_window": True}, name="x", source="config.json")
 
 
 def test_hf_missing_tensor_is_named(hf_checkpoints, tmp_path):

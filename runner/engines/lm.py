@@ -15,7 +15,7 @@ from torch import Tensor
 from runner.model import greedy_head
 from runner.model import kernels
 from runner.model import ops as M
-from runner.model.config import Family, ModelConfig
+from runner.model.config import ModelConfig, Positions
 from runner.kv.store import KVSettings, KVStore
 from runner.model.layers import LINEAR_WEIGHTS, ForwardState, Unit, build_units
 
@@ -48,7 +48,7 @@ class LM:
         if pack is not Pack.NONE:
             self._pack(shared=pack is Pack.ALL, release=weights if release else None)
         self.rope = None
-        if cfg.family is Family.LLAMA:
+        if cfg.arch.positions is Positions.ROPE:
             self.rope = M.rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, dtype, device)
 
     def _pack(self, shared: bool, release: dict[str, Tensor] | None) -> None:

@@ -1,8 +1,10 @@
 """Model architecture description (`ModelConfig`) and the named presets.
 
-One frozen dataclass covers both families the ALISA paper runs (OPT and LLaMA); the
-family-specific switches (post-LN, project_in/out, RoPE, GQA, tied embeddings) are
-plain fields so the model math can branch on data instead of on class hierarchies.
+One frozen dataclass covers every decoder the runner computes (OPT, LLaMA 1/2/3, SmolLM2,
+Qwen2). What differs between families (norm kind and placement, MLP, biases, positions) is
+an `Arch` value the layers read, so the model math branches on data, never on a family name:
+a new LLaMA-like family is an `Arch` (or a preset) here plus its checkpoint name mapping in
+`runner.model.weights`.
 """
 from __future__ import annotations
 
@@ -11,20 +13,46 @@ import enum
 from dataclasses import dataclass
 
 
-class Family(str, enum.Enum):
-    OPT = "opt"
-    LLAMA = "llama"
+class Norm(str, enum.Enum):
+    LAYER = "layer"  # LayerNorm: weight and bias
+    RMS = "rms"  # RMSNorm: weight only
 
 
-class Activation(str, enum.Enum):
-    RELU = "relu"
-    SILU = "silu"
+class Mlp(str, enum.Enum):
+    # The MLPs runner.model.ops computes, each with its activation and its biases (or none):
+    RELU = "relu"  # fc2(relu(fc1(x) + fc1_b)) + fc2_b
+    SWIGLU = "swiglu"  # down(silu(gate(x)) * up(x)), gate and up fused as gate_up_w
+
+
+class Positions(str, enum.Enum):
+    LEARNED = "learned"  # a position embedding table added to the token embeddings
+    ROPE = "rope"  # rotary embedding of q and k in every attention layer
+
+
+@dataclass(frozen=True, kw_only=True)
+class Arch:
+    """What a decoder layer stack computes, apart from its sizes. The units of
+    `runner.model.layers` read these fields (for their math and their weight shapes)."""
+    norm: Norm
+    norm_before: bool  # pre-LN (norm, then sublayer, then residual; plus a final norm) or post-LN
+    mlp: Mlp
+    qkv_bias: bool
+    out_bias: bool  # the attention output projection's bias
+    positions: Positions
+    pos_offset: int = 0  # row of the learned table for position 0 (OPT's starts at 2)
+
+
+OPT_ARCH = Arch(norm=Norm.LAYER, norm_before=True, mlp=Mlp.RELU, qkv_bias=True, out_bias=True,
+                positions=Positions.LEARNED, pos_offset=2)
+LLAMA_ARCH = Arch(norm=Norm.RMS, norm_before=True, mlp=Mlp.SWIGLU, qkv_bias=False, out_bias=False,
+                  positions=Positions.ROPE)
+QWEN2_ARCH = dataclasses.replace(LLAMA_ARCH, qkv_bias=True)  # LLaMA with q/k/v biases
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     name: str
-    family: Family
+    arch: Arch
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -33,17 +61,12 @@ class ModelConfig:
     num_kv_heads: int
     max_seq_len: int
     norm_eps: float
-    activation: Activation
     tie_embeddings: bool
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
-    # LLaMA
-    rope_theta: float = 10000.0
-    # OPT
-    do_layer_norm_before: bool = True
+    rope_theta: float = 10000.0  # read with Positions.ROPE
     word_embed_proj_dim: int | None = None  # opt-350m: 512, projected in/out of hidden
-    pos_offset: int = 2  # OPT's learned positions start at index 2
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -71,40 +94,39 @@ class ModelConfig:
     def num_params(self) -> int:
         h, f, v, e = self.hidden_size, self.intermediate_size, self.vocab_size, self.embed_dim
         attn = h * (h + 2 * self.kv_dim) + h * h
-        mlp = (3 if self.family is Family.LLAMA else 2) * h * f
+        mlp = (3 if self.arch.mlp is Mlp.SWIGLU else 2) * h * f
         emb = v * e + (0 if self.tie_embeddings else v * e)
-        if self.family is Family.OPT:
-            emb += (self.max_seq_len + self.pos_offset) * h
-            if self.word_embed_proj_dim:
-                emb += 2 * h * e
+        if self.arch.positions is Positions.LEARNED:
+            emb += (self.max_seq_len + self.arch.pos_offset) * h
+        if self.word_embed_proj_dim:
+            emb += 2 * h * e
         return self.num_layers * (attn + mlp) + emb
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
 
-def _opt(name: str, hidden: int, layers: int, heads: int, **kw) -> ModelConfig:
+def _opt(name: str, hidden: int, layers: int, heads: int, *, post_ln: bool = False, **kw) -> ModelConfig:
     # Sizes from the OPT paper / facebook/opt-* config.json (ffn = 4 * hidden).
     return ModelConfig(
-        name=name, family=Family.OPT, vocab_size=50272, hidden_size=hidden,
+        name=name, arch=dataclasses.replace(OPT_ARCH, norm_before=not post_ln), vocab_size=50272, hidden_size=hidden,
         intermediate_size=4 * hidden, num_layers=layers, num_heads=heads, num_kv_heads=heads,
-        max_seq_len=2048, norm_eps=1e-5, activation=Activation.RELU, tie_embeddings=True,
+        max_seq_len=2048, norm_eps=1e-5, tie_embeddings=True,
         bos_token_id=2, eos_token_id=2, pad_token_id=1, **kw)
 
 
 def _llama(name: str, hidden: int, layers: int, heads: int, ffn: int, *, kv_heads: int | None = None,
            vocab: int = 32000, max_len: int = 2048, theta: float = 10000.0, eps: float = 1e-6,
-           tied: bool = False, bos: int = 1, eos: int = 2) -> ModelConfig:
+           tied: bool = False, bos: int = 1, eos: int = 2, arch: Arch = LLAMA_ARCH) -> ModelConfig:
     return ModelConfig(
-        name=name, family=Family.LLAMA, vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+        name=name, arch=arch, vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
         num_layers=layers, num_heads=heads, num_kv_heads=kv_heads or heads, max_seq_len=max_len,
-        norm_eps=eps, activation=Activation.SILU, tie_embeddings=tied, rope_theta=theta,
-        bos_token_id=bos, eos_token_id=eos)
+        norm_eps=eps, tie_embeddings=tied, rope_theta=theta, bos_token_id=bos, eos_token_id=eos)
 
 
 PRESETS: dict[str, ModelConfig] = {c.name: c for c in [
     _opt("opt-125m", 768, 12, 12),
-    _opt("opt-350m", 1024, 24, 16, word_embed_proj_dim=512, do_layer_norm_before=False),
+    _opt("opt-350m", 1024, 24, 16, word_embed_proj_dim=512, post_ln=True),
     _opt("opt-1.3b", 2048, 24, 32),
     _opt("opt-2.7b", 2560, 32, 32),
     _opt("opt-6.7b", 4096, 32, 32),
@@ -125,6 +147,9 @@ PRESETS: dict[str, ModelConfig] = {c.name: c for c in [
            eps=1e-5, bos=128000, eos=128001),
     _llama("smollm2-135m", 576, 30, 9, 1536, kv_heads=3, vocab=49152, max_len=8192, theta=100000.0,
            eps=1e-5, tied=True, bos=1, eos=2),
+    # Qwen/Qwen2.5-0.5B config.json: a LLaMA layout with q/k/v biases
+    _llama("qwen2.5-0.5b", 896, 24, 14, 4864, kv_heads=2, vocab=151936, max_len=32768, theta=1000000.0,
+           tied=True, bos=151643, eos=151643, arch=QWEN2_ARCH),
 ]}
 
 

@@ -18,7 +18,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
-from runner.model.config import Activation, Family, ModelConfig
+from runner.model.config import LLAMA_ARCH, ModelConfig
 from runner.model.layers import weight_shapes
 from runner.model.tokenizer import Tokenizer
 
@@ -147,11 +147,11 @@ def gguf_config(gguf: GGUFFile) -> ModelConfig:
     if not tokens:
         raise ValueError(f"{path}: metadata tokenizer.ggml.tokens is missing")
     return ModelConfig(
-        name=str(md.get("general.name") or path.stem), family=Family.LLAMA, vocab_size=len(tokens),
+        name=str(md.get("general.name") or path.stem), arch=LLAMA_ARCH, vocab_size=len(tokens),
         hidden_size=hidden, intermediate_size=int(need("feed_forward_length")), num_layers=int(need("block_count")),
         num_heads=heads, num_kv_heads=int(md.get("llama.attention.head_count_kv", heads)),
         max_seq_len=int(need("context_length")), norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        activation=Activation.SILU, tie_embeddings="output.weight" not in gguf.tensors,
+        tie_embeddings="output.weight" not in gguf.tensors,
         bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=md.get("tokenizer.ggml.padding_token_id"),
         rope_theta=float(md.get("llama.rope.freq_base", 10000.0)))

@@ -18,7 +18,7 @@ from torch import Tensor
 from runner.model import greedy_head
 from runner.model import kernels
 from runner.model import ops as M
-from runner.model.config import Family, ModelConfig
+from runner.model.config import Mlp, ModelConfig, Norm, Positions
 from runner.kv.store import KVStore
 
 Shapes = dict[str, tuple[int, ...]]
@@ -26,6 +26,20 @@ Shapes = dict[str, tuple[int, ...]]
 # Weights the units read only through `kernels.linear` (and `kernels.plain`), so an all-resident
 # model may hold them packed (`kernels.pack`). The embedding's rows are indexed, never packed.
 LINEAR_WEIGHTS = frozenset({"qkv_w", "o_w", "gate_up_w", "down_w", "fc1_w", "fc2_w", "lm_w"})
+
+
+def norm_shapes(cfg: ModelConfig) -> Shapes:
+    """The weights of one norm (`ln_w`, and `ln_b` for a LayerNorm) over the hidden size."""
+    if cfg.arch.norm is Norm.LAYER:
+        return {"ln_w": (cfg.hidden_size,), "ln_b": (cfg.hidden_size,)}
+    return {"ln_w": (cfg.hidden_size,)}
+
+
+def norm(cfg: ModelConfig, w: dict[str, Tensor], x: Tensor) -> Tensor:
+    """The norm `norm_shapes` declares, applied to x (..., h)."""
+    if cfg.arch.norm is Norm.RMS:
+        return M.rms_norm(x, w["ln_w"], cfg.norm_eps)
+    return M.layer_norm(x, w["ln_w"], w["ln_b"], cfg.norm_eps)
 
 
 @dataclass
@@ -60,18 +74,18 @@ class Embedding(Unit):
     def weight_shapes(self) -> Shapes:
         c = self.cfg
         shapes: Shapes = {"tok_w": (c.vocab_size, c.embed_dim)}
-        if c.family is Family.OPT:
-            shapes["pos_w"] = (c.max_seq_len + c.pos_offset, c.hidden_size)
-            if c.word_embed_proj_dim:
-                shapes["proj_in_w"] = (c.hidden_size, c.embed_dim)
+        if c.arch.positions is Positions.LEARNED:
+            shapes["pos_w"] = (c.max_seq_len + c.arch.pos_offset, c.hidden_size)
+        if c.word_embed_proj_dim:
+            shapes["proj_in_w"] = (c.hidden_size, c.embed_dim)
         return shapes
 
     def forward(self, w: dict[str, Tensor], ids: Tensor, state: ForwardState) -> Tensor:
         x = w["tok_w"][ids]  # (b, s, e)
-        if self.cfg.family is Family.OPT:
-            if "proj_in_w" in w:
-                x = torch.matmul(x, w["proj_in_w"].t())
-            x = x + w["pos_w"][state.positions.clamp(min=0) + self.cfg.pos_offset]
+        if "proj_in_w" in w:
+            x = torch.matmul(x, w["proj_in_w"].t())  # (b, s, h)
+        if self.cfg.arch.positions is Positions.LEARNED:
+            x = x + w["pos_w"][state.positions.clamp(min=0) + self.cfg.arch.pos_offset]
         return x
 
 
@@ -82,19 +96,23 @@ class Attention(Unit):
     def weight_shapes(self) -> Shapes:
         c = self.cfg
         qkv_out = c.hidden_size + 2 * c.kv_dim
-        shapes: Shapes = {"ln_w": (c.hidden_size,), "qkv_w": (qkv_out, c.hidden_size),
-                          "o_w": (c.hidden_size, c.hidden_size)}
-        if c.family is Family.OPT:
-            shapes.update(ln_b=(c.hidden_size,), qkv_b=(qkv_out,), o_b=(c.hidden_size,))
+        ln = norm_shapes(c)
+        # The order is the offload split's and the staging offsets' (runner.offload.scheduled): biases last.
+        shapes: Shapes = {"ln_w": ln.pop("ln_w"), "qkv_w": (qkv_out, c.hidden_size),
+                          "o_w": (c.hidden_size, c.hidden_size), **ln}
+        if c.arch.qkv_bias:
+            shapes["qkv_b"] = (qkv_out,)
+        if c.arch.out_bias:
+            shapes["o_b"] = (c.hidden_size,)
         return shapes
 
     def forward(self, w: dict[str, Tensor], h: Tensor, state: ForwardState) -> Tensor:
         c = self.cfg
-        pre_ln = c.family is Family.LLAMA or c.do_layer_norm_before
+        pre_ln = c.arch.norm_before
         if state.kv.wants_inputs:  # ALISA phase III: keep h, and how to get K/V back from it
             state.kv.observe_inputs(self.layer, h, state.positions, state.start,
                                     functools.partial(self.project_kv, w, state.rope_table))
-        x = self._norm(w, h) if pre_ln else h
+        x = norm(c, w, h) if pre_ln else h
         qkv = kernels.linear(x, w["qkv_w"], w.get("qkv_b"))  # (b, s, h + 2*kv_dim)
         qk, v = qkv.split([c.hidden_size + c.kv_dim, c.kv_dim], dim=-1)
         qk = M.split_heads(qk, c.num_heads + c.num_kv_heads)  # (b, nh + kvh, s, d)
@@ -108,14 +126,14 @@ class Attention(Unit):
             out = state.kv.decode(self.layer, q, k, v)
         out = kernels.linear(M.merge_heads(out), w["o_w"], w.get("o_b"))
         h = h + out
-        return h if pre_ln else self._norm(w, h)
+        return h if pre_ln else norm(c, w, h)
 
     def project_kv(self, w: dict[str, Tensor], rope: tuple[Tensor, Tensor] | None, h: Tensor,
                    positions: Tensor) -> tuple[Tensor, Tensor]:
         """K, V (r, kvh, d) of tokens from their layer inputs h (r, hidden) at `positions` (r,): the
         same norm, projection rows and rotary as `forward`, for K/V deleted from the cache."""
         c = self.cfg
-        x = self._norm(w, h) if c.family is Family.LLAMA or c.do_layer_norm_before else h
+        x = norm(c, w, h) if c.arch.norm_before else h
         bias = w.get("qkv_b")
         kv_w = kernels.plain(w["qkv_w"])[c.hidden_size:]  # recompute only: a packed weight is copied out
         kv = kernels.linear(x, kv_w, None if bias is None else bias[c.hidden_size:])
@@ -125,11 +143,6 @@ class Attention(Unit):
             k = M.apply_rope(k, cos, sin)
         return k, v
 
-    def _norm(self, w: dict[str, Tensor], x: Tensor) -> Tensor:
-        if self.cfg.family is Family.LLAMA:
-            return M.rms_norm(x, w["ln_w"], self.cfg.norm_eps)
-        return M.layer_norm(x, w["ln_w"], w["ln_b"], self.cfg.norm_eps)
-
 
 class MLP(Unit):
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -137,22 +150,21 @@ class MLP(Unit):
 
     def weight_shapes(self) -> Shapes:
         c = self.cfg
-        if c.family is Family.LLAMA:
-            return {"ln_w": (c.hidden_size,), "gate_up_w": (2 * c.intermediate_size, c.hidden_size),
-                    "down_w": (c.hidden_size, c.intermediate_size)}
-        return {"ln_w": (c.hidden_size,), "ln_b": (c.hidden_size,),
-                "fc1_w": (c.intermediate_size, c.hidden_size), "fc1_b": (c.intermediate_size,),
-                "fc2_w": (c.hidden_size, c.intermediate_size), "fc2_b": (c.hidden_size,)}
+        h, f = c.hidden_size, c.intermediate_size
+        if c.arch.mlp is Mlp.SWIGLU:
+            return {**norm_shapes(c), "gate_up_w": (2 * f, h), "down_w": (h, f)}
+        return {**norm_shapes(c), "fc1_w": (f, h), "fc1_b": (f,), "fc2_w": (h, f), "fc2_b": (h,)}
 
     def forward(self, w: dict[str, Tensor], h: Tensor, state: ForwardState) -> Tensor:
         c = self.cfg
-        if c.family is Family.LLAMA:
-            return h + M.swiglu_mlp(M.rms_norm(h, w["ln_w"], c.norm_eps), w["gate_up_w"], w["down_w"])
-        if c.do_layer_norm_before:
-            x = M.layer_norm(h, w["ln_w"], w["ln_b"], c.norm_eps)
-            return h + M.relu_mlp(x, w["fc1_w"], w["fc1_b"], w["fc2_w"], w["fc2_b"])
-        h = h + M.relu_mlp(h, w["fc1_w"], w["fc1_b"], w["fc2_w"], w["fc2_b"])
-        return M.layer_norm(h, w["ln_w"], w["ln_b"], c.norm_eps)
+        if c.arch.norm_before:
+            return h + self._mlp(w, norm(c, w, h))
+        return norm(c, w, h + self._mlp(w, h))
+
+    def _mlp(self, w: dict[str, Tensor], x: Tensor) -> Tensor:
+        if self.cfg.arch.mlp is Mlp.SWIGLU:
+            return M.swiglu_mlp(x, w["gate_up_w"], w["down_w"])  # (b, s, h)
+        return M.relu_mlp(x, w["fc1_w"], w["fc1_b"], w["fc2_w"], w["fc2_b"])  # (b, s, h)
 
 
 class Head(Unit):
@@ -165,21 +177,16 @@ class Head(Unit):
     def weight_shapes(self) -> Shapes:
         c = self.cfg
         shapes: Shapes = {"lm_w": (c.vocab_size, c.embed_dim)}
-        if c.family is Family.LLAMA:
-            shapes["ln_w"] = (c.hidden_size,)
-        elif c.do_layer_norm_before:
-            shapes.update(ln_w=(c.hidden_size,), ln_b=(c.hidden_size,))
+        if c.arch.norm_before:  # a pre-LN stack ends with a norm; a post-LN one has just applied it
+            shapes.update(norm_shapes(c))
         if c.word_embed_proj_dim:
             shapes["proj_out_w"] = (c.embed_dim, c.hidden_size)
         return shapes
 
     def forward(self, w: dict[str, Tensor], h: Tensor, state: ForwardState) -> Tensor:
         x = h[:, -1]  # (b, h): prompts are left-padded, so the last column is every row's newest token
-        if "ln_w" in w:
-            if self.cfg.family is Family.LLAMA:
-                x = M.rms_norm(x, w["ln_w"], self.cfg.norm_eps)
-            else:
-                x = M.layer_norm(x, w["ln_w"], w["ln_b"], self.cfg.norm_eps)
+        if self.cfg.arch.norm_before:
+            x = norm(self.cfg, w, x)
         if "proj_out_w" in w:
             x = torch.matmul(x, w["proj_out_w"].t())
         if state.greedy:

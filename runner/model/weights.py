@@ -6,6 +6,8 @@ Every source (a Hugging Face checkpoint directory, a GGUF file, seeded dummy wei
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import importlib.util
 import json
 import math
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from runner.model.config import Activation, Family, ModelConfig, get_preset
+from runner.model.config import LLAMA_ARCH, OPT_ARCH, QWEN2_ARCH, Arch, ModelConfig, get_preset
 from runner.model.gguf import check_weights, read_gguf
 from runner.model.layers import weight_shapes
 from runner.model.tokenizer import ByteTokenizer, Tokenizer
@@ -31,6 +33,14 @@ DUMMY_STD = 0.02  # HF's initializer_range: activations stay O(1) through the la
 
 class ModelSourceError(ValueError):
     """The model path does not point at loadable weights (one-line, user-facing message)."""
+
+
+class Family(str, enum.Enum):
+    """A Hugging Face checkpoint's `model_type`: which config keys and tensor names it uses. Only the
+    loader reads it; what the model computes is the `Arch` it maps to (`_HF_ARCH`)."""
+    OPT = "opt"
+    LLAMA = "llama"
+    QWEN2 = "qwen2"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,23 +162,36 @@ def _read_hf_dir(folder: Path, dtype: torch.dtype,
     cfg, extra_eos = hf_config(hf, name=folder.name, source=str(config_path))
     generation = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
     extra_eos += _as_id_list(generation.get("eos_token_id"))
-    weights = _map_hf_weights(_read_hf_tensors(folder, dtype), cfg, str(folder)) if with_weights else {}
+    family = _hf_family(hf, str(config_path))
+    weights = _map_hf_weights(_read_hf_tensors(folder, dtype), cfg, family, str(folder)) if with_weights else {}
     return cfg, weights, _hf_tokenizer(folder, cfg, extra_eos)
 
 
 def hf_config(hf: dict[str, Any], *, name: str, source: str) -> tuple[ModelConfig, list[int]]:
     """`ModelConfig` from a config.json dict, plus every eos id it lists (eos may be a list)."""
-    model_type = hf.get("model_type")
+    family = _hf_family(hf, source)
     eos_ids = _as_id_list(hf.get("eos_token_id"))
     common = dict(name=name, vocab_size=_need(hf, "vocab_size", source), hidden_size=_need(hf, "hidden_size", source),
                   num_layers=_need(hf, "num_hidden_layers", source), bos_token_id=hf.get("bos_token_id"),
                   eos_token_id=eos_ids[0] if eos_ids else None, pad_token_id=hf.get("pad_token_id"),
                   max_seq_len=_need(hf, "max_position_embeddings", source))
-    if model_type == "opt":
-        return ModelConfig(family=Family.OPT, **common, **_opt_fields(hf, source)), eos_ids
-    if model_type == "llama" or (model_type == "mistral" and hf.get("sliding_window") is None):
-        return ModelConfig(family=Family.LLAMA, **common, **_llama_fields(hf, source)), eos_ids
-    raise ModelSourceError(f"{source}: model_type {model_type!r} is not supported (opt or llama)")
+    if family is Family.OPT:
+        return ModelConfig(**common, **_opt_fields(hf, source)), eos_ids
+    return ModelConfig(arch=_HF_ARCH[family], **common, **_llama_fields(hf, source)), eos_ids
+
+
+def _hf_family(hf: dict[str, Any], source: str) -> Family:
+    """The `Family` of a config.json dict; rejects the model types (and variants) the runner cannot compute."""
+    model_type = hf.get("model_type")
+    if model_type == "mistral" and hf.get("sliding_window") is None:
+        return Family.LLAMA  # Mistral without its sliding window is LLaMA, names included
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise ModelSourceError(f"{source}: use_sliding_window true is not supported")
+    try:
+        return Family(model_type)
+    except ValueError:
+        raise ModelSourceError(f"{source}: model_type {model_type!r} is not supported "
+                               f"({', '.join(f.value for f in Family)})") from None
 
 
 def _opt_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
@@ -182,16 +205,18 @@ def _opt_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
         raise ModelSourceError(f"{source}: _remove_final_layer_norm with a pre-LN model is not supported")
     heads, hidden = _need(hf, "num_attention_heads", source), hf["hidden_size"]
     proj = hf.get("word_embed_proj_dim")
-    return dict(intermediate_size=_need(hf, "ffn_dim", source), num_heads=heads, num_kv_heads=heads,
-                norm_eps=1e-5, activation=Activation.RELU,  # HF OPT uses nn.LayerNorm's default eps
-                tie_embeddings=bool(hf.get("tie_word_embeddings", True)), do_layer_norm_before=pre_ln,
+    return dict(arch=dataclasses.replace(_HF_ARCH[Family.OPT], norm_before=pre_ln),
+                intermediate_size=_need(hf, "ffn_dim", source), num_heads=heads, num_kv_heads=heads,
+                norm_eps=1e-5,  # HF OPT uses nn.LayerNorm's default eps
+                tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
                 word_embed_proj_dim=proj if proj and proj != hidden else None)
 
 
 def _llama_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """LLaMA-like families (LLaMA, Qwen2): their config.json keys are LLaMA's."""
     if hf.get("hidden_act", "silu") != "silu":
         raise ModelSourceError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
-    for flag in ("attention_bias", "mlp_bias"):
+    for flag in ("attention_bias", "mlp_bias"):  # LLaMA's; Qwen2's q/k/v biases are fixed by its Arch
         if hf.get(flag):
             raise ModelSourceError(f"{source}: {flag} true is not supported")
     heads, hidden = _need(hf, "num_attention_heads", source), hf["hidden_size"]
@@ -203,7 +228,7 @@ def _llama_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
     theta = rope.get("rope_theta", hf.get("rope_theta")) or 10000.0
     return dict(intermediate_size=_need(hf, "intermediate_size", source), num_heads=heads,
                 num_kv_heads=hf.get("num_key_value_heads") or heads, norm_eps=float(_need(hf, "rms_norm_eps", source)),
-                activation=Activation.SILU, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 rope_theta=float(theta))
 
 
@@ -267,6 +292,13 @@ _LLAMA_LAYER = {
     "mlp.down_proj.weight": ("mlp.down_w", 0),
 }
 _LLAMA_GLOBAL = {"embed_tokens.weight": "embed.tok_w", "norm.weight": "head.ln_w"}
+_QWEN2_LAYER = {**_LLAMA_LAYER, "self_attn.q_proj.bias": ("attn.qkv_b", 0), "self_attn.k_proj.bias": ("attn.qkv_b", 1),
+                "self_attn.v_proj.bias": ("attn.qkv_b", 2)}
+# Per family: what its layers compute, and (layer names, global names) of its tensors.
+_HF_ARCH: dict[Family, Arch] = {Family.OPT: OPT_ARCH, Family.LLAMA: LLAMA_ARCH, Family.QWEN2: QWEN2_ARCH}
+_HF_NAMES: dict[Family, tuple[dict[str, tuple[str, int]], dict[str, str]]] = {
+    Family.OPT: (_OPT_LAYER, _OPT_GLOBAL), Family.LLAMA: (_LLAMA_LAYER, _LLAMA_GLOBAL),
+    Family.QWEN2: (_QWEN2_LAYER, _LLAMA_GLOBAL)}
 _LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # a buffer older LLaMA checkpoints saved
 
@@ -278,7 +310,7 @@ def _hf_canonical(key: str, family: Family) -> tuple[str, int] | None:
         short = short.removeprefix("decoder.")
     if short == "lm_head.weight" or key == "lm_head.weight":
         return "head.lm_w", 0
-    layer_map, global_map = (_OPT_LAYER, _OPT_GLOBAL) if family is Family.OPT else (_LLAMA_LAYER, _LLAMA_GLOBAL)
+    layer_map, global_map = _HF_NAMES[family]
     if short in global_map:
         return global_map[short], 0
     m = _LAYER_RE.fullmatch(short)
@@ -288,14 +320,14 @@ def _hf_canonical(key: str, family: Family) -> tuple[str, int] | None:
     return None
 
 
-def _map_hf_weights(tensors: dict[str, Tensor], cfg: ModelConfig, source: str) -> dict[str, Tensor]:
+def _map_hf_weights(tensors: dict[str, Tensor], cfg: ModelConfig, family: Family, source: str) -> dict[str, Tensor]:
     parts: dict[str, dict[int, Tensor]] = {}
     for key, t in tensors.items():
-        target = _hf_canonical(key, cfg.family)
+        target = _hf_canonical(key, family)
         if target is None:
             if _IGNORED.search(key):
                 continue
-            raise ModelSourceError(f"{source}: unexpected tensor {key} in a {cfg.family.value} checkpoint")
+            raise ModelSourceError(f"{source}: unexpected tensor {key} in a {family.value} checkpoint")
         parts.setdefault(target[0], {})[target[1]] = t
     if cfg.tie_embeddings:
         parts.pop("head.lm_w", None)  # a saved copy of the tied head is redundant; keep one tensor

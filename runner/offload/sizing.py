@@ -10,7 +10,7 @@ import functools
 import torch
 
 from runner.model import ops as M
-from runner.model.config import Family, ModelConfig
+from runner.model.config import ModelConfig, Positions
 from runner.offload.placement import KVPlacer
 from runner.kv.store import KVSettings
 from runner.model.layers import build_units
@@ -49,13 +49,13 @@ def _weight_need(cfg: ModelConfig, w_gpu: float, w_cpu: float, compress: bool, d
             need[t][f"{t.value} weights"] = need[t].get(f"{t.value} weights", 0) + n
         staging = max(staging, numel)
     need[Tier.GPU][f"{SLOTS} weight staging slots"] = SLOTS * staging * dtype.itemsize
-    if cfg.family is Family.LLAMA:
+    if cfg.arch.positions is Positions.ROPE:
         need[Tier.GPU]["rotary tables"] = 2 * cfg.max_seq_len * cfg.head_dim * dtype.itemsize
     return tuple((t, label, n) for t in Tier for label, n in need[t].items()), staging
 
 
 def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...] | None:
-    if cfg.family is not Family.LLAMA:
+    if cfg.arch.positions is not Positions.ROPE:
         return None
     return M.rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, dtype, device)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from policies import get_policy
 from runner.model import kernels
 from runner.model import ops as M
-from runner.model.config import Activation, Family, ModelConfig
+from runner.model.config import LLAMA_ARCH, ModelConfig
 from runner.kv.store import KVSettings
 from runner.model.layers import Attention, weight_shapes
 from runner.engines.lm import LM, Batch
@@ -131,9 +131,9 @@ def recompute(device: torch.device, dtype: torch.dtype, hidden: int, stored: int
               field: str) -> list[Row]:
     """ALISA phase III: gather the kept layer inputs of `picks` scattered tokens and project them to K/V
     through the runner's own `Attention.project_kv` (norm, K/V rows of the QKV weight, rotary)."""
-    cfg = ModelConfig(name="calibrate-recompute", family=Family.LLAMA, vocab_size=256, hidden_size=hidden,
+    cfg = ModelConfig(name="calibrate-recompute", arch=LLAMA_ARCH, vocab_size=256, hidden_size=hidden,
                       intermediate_size=hidden, num_layers=1, num_heads=hidden // 64, num_kv_heads=hidden // 64,
-                      max_seq_len=stored, norm_eps=1e-5, activation=Activation.SILU, tie_embeddings=False)
+                      max_seq_len=stored, norm_eps=1e-5, tie_embeddings=False)
     unit = Attention(cfg, 0)
     w = {k: _rand(*s, device=device, dtype=dtype) for k, s in unit.weight_shapes().items()}
     rope = M.rope_tables(cfg.head_dim, stored, cfg.rope_theta, dtype, device)
@@ -148,9 +148,9 @@ def recompute(device: torch.device, dtype: torch.dtype, hidden: int, stored: int
 def _tiny_lm(layers: int, device: torch.device, dtype: torch.dtype) -> LM:
     """A LLaMA-family model with hidden 64 and a 256-token vocabulary: its compute is negligible, so a
     decode step's time is the fixed cost of the code path (launches, Python, bookkeeping)."""
-    cfg = ModelConfig(name="calibrate-tiny", family=Family.LLAMA, vocab_size=256, hidden_size=64,
+    cfg = ModelConfig(name="calibrate-tiny", arch=LLAMA_ARCH, vocab_size=256, hidden_size=64,
                       intermediate_size=128, num_layers=layers, num_heads=4, num_kv_heads=2, max_seq_len=512,
-                      norm_eps=1e-5, activation=Activation.SILU, tie_embeddings=False)
+                      norm_eps=1e-5, tie_embeddings=False)
     gen = torch.Generator().manual_seed(0)
     weights = {k: (1.0 if k.endswith("ln_w") else 0.0) + 0.1 * torch.randn(s, generator=gen)
                for k, s in weight_shapes(cfg).items()}
