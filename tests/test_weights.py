@@ -104,6 +104,23 @@ def test_qwen2_preset_is_what_the_loader_makes_of_its_config():
         hf_config({**QWEN25_05B, "use_sliding_window": True}, name="x", source="config.json")
 
 
+def test_weight_shapes_follow_the_arch():
+    """Each unit's weights come from `Arch`, in the order the offload split reads them (biases last)."""
+    opt, llama, qwen2 = (get_preset(n) for n in ("opt-125m", "llama-7b", "qwen2.5-0.5b"))
+
+    def leaves(cfg, prefix):
+        return [k.removeprefix(prefix) for k in weight_shapes(cfg) if k.startswith(prefix)]
+
+    assert leaves(opt, "embed.") == ["tok_w", "pos_w"] and leaves(llama, "embed.") == ["tok_w"]
+    assert leaves(opt, "layers.0.attn.") == ["ln_w", "qkv_w", "o_w", "ln_b", "qkv_b", "o_b"]
+    assert leaves(llama, "layers.0.attn.") == ["ln_w", "qkv_w", "o_w"]
+    assert leaves(qwen2, "layers.0.attn.") == ["ln_w", "qkv_w", "o_w", "qkv_b"]
+    assert leaves(opt, "layers.0.mlp.") == ["ln_w", "ln_b", "fc1_w", "fc1_b", "fc2_w", "fc2_b"]
+    assert leaves(qwen2, "layers.0.mlp.") == ["ln_w", "gate_up_w", "down_w"]
+    assert leaves(opt, "head.") == ["lm_w", "ln_w", "ln_b"] and leaves(llama, "head.") == ["lm_w", "ln_w"]
+    assert leaves(get_preset("opt-350m"), "head.") == ["lm_w", "proj_out_w"]  # post-LN: no final norm
+
+
 def test_hf_missing_tensor_is_named(hf_checkpoints, tmp_path):
     from safetensors.torch import load_file, save_file
 

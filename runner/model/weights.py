@@ -177,7 +177,7 @@ def hf_config(hf: dict[str, Any], *, name: str, source: str) -> tuple[ModelConfi
                   max_seq_len=_need(hf, "max_position_embeddings", source))
     if family is Family.OPT:
         return ModelConfig(**common, **_opt_fields(hf, source)), eos_ids
-    return ModelConfig(arch=_HF_ARCH[family], **common, **_llama_fields(hf, source)), eos_ids
+    return ModelConfig(**common, **_llama_fields(hf, _HF_ARCH[family], source)), eos_ids
 
 
 def _hf_family(hf: dict[str, Any], source: str) -> Family:
@@ -212,8 +212,8 @@ def _opt_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
                 word_embed_proj_dim=proj if proj and proj != hidden else None)
 
 
-def _llama_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
-    """LLaMA-like families (LLaMA, Qwen2): their config.json keys are LLaMA's."""
+def _llama_fields(hf: dict[str, Any], arch: Arch, source: str) -> dict[str, Any]:
+    """LLaMA-like families (LLaMA, Qwen2: `arch`): their config.json keys are LLaMA's."""
     if hf.get("hidden_act", "silu") != "silu":
         raise ModelSourceError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
     for flag in ("attention_bias", "mlp_bias"):  # LLaMA's; Qwen2's q/k/v biases are fixed by its Arch
@@ -226,7 +226,7 @@ def _llama_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
     if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
         raise ModelSourceError(f"{source}: rope scaling is unsupported")
     theta = rope.get("rope_theta", hf.get("rope_theta")) or 10000.0
-    return dict(intermediate_size=_need(hf, "intermediate_size", source), num_heads=heads,
+    return dict(arch=arch, intermediate_size=_need(hf, "intermediate_size", source), num_heads=heads,
                 num_kv_heads=hf.get("num_key_value_heads") or heads, norm_eps=float(_need(hf, "rms_norm_eps", source)),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 rope_theta=float(theta))
