@@ -32,7 +32,7 @@ from runner.eval.spec import EvalSpec
 from runner.hardware_spec import Device, HardwareSpec, LinkSpec  # noqa: F401 (re-exported)
 from runner.kv.spec import KVSpec
 from runner.offload.policy import OffloadPolicy
-from runner.spec import (JobError, _at_least, _bad, _build, _freeze, _hints, _plain, _Spec,  # noqa: F401
+from runner.spec import (JobError, _at_least, _bad, _build, _check_key, _freeze, _hints, _plain, _Spec,  # noqa: F401
                          _UniqueKeyLoader, _yaml_error, parse_override)
 
 
@@ -286,9 +286,7 @@ def set_dotted(d: dict, dotted_key: str, value: Any) -> None:
     parts = str(dotted_key).split(".")
     cls, target = JobSpec, d
     for depth, name in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(cls)]
-        if name not in names:
-            raise _bad(dotted_key, f"unknown key (known: {', '.join(names)})")
+        _check_key(cls, name, dotted_key)
         if depth == len(parts) - 1:
             target[name] = value
             return

@@ -277,6 +277,8 @@ def test_offload_section_parses_round_trips_and_defaults_to_absent(tmp_path):
 
 @pytest.mark.parametrize("sections, key, detail", [
     ({"offload": {"w_gpu_percnt": 10}}, "offload.w_gpu_percnt", "unknown key (known: w_gpu_percent"),
+    ({"offload": {"cache_disk_percent": 20}}, "offload.cache_disk_percent",
+     "not a key: the KV's disk share is the rest, 100 - cache_gpu_percent - cache_cpu_percent"),
     ({"offload": {"w_gpu_percent": 101}}, "offload.w_gpu_percent", "must be in [0, 100]"),
     ({"offload": {"w_gpu_percent": 70, "w_cpu_percent": 40}}, "offload.w_cpu_percent", "must be <= 100"),
     ({"offload": {"kv_placement": "token", "p1": 64}}, "offload.p2", "needs a phase switch length"),
@@ -307,6 +309,8 @@ def test_offload_keys_can_be_overridden_and_swept(tmp_path):
     assert [p.offload.overlap for _, p in swept.sweep_points()] == [True, False]
     with pytest.raises(JobError, match=r"offload.w_gpu: unknown key"):
         load_job(path, ["offload.w_gpu=1"])
+    with pytest.raises(JobError, match=r"'offload.cache_disk_percent=10': offload.cache_disk_percent: not a key"):
+        load_job(path, ["offload.cache_disk_percent=10"])
 
 
 # ---------------------------------------------------------------- hardware.link and nested keys
