@@ -192,7 +192,7 @@ class JobSpec(_Spec):
 
     def _check_offload(self) -> None:
         if self.offload is None:
-            for name in ("gpu_gb", "cpu_gb", "disk_gb"):
+            for name in ("gpu_gib", "cpu_gib", "disk_gib"):
                 if getattr(self.hardware, name) is not None:
                     raise _bad(f"hardware.{name}", "a tier budget of the block executor: "
                                "only used with an offload section")
@@ -204,9 +204,9 @@ class JobSpec(_Spec):
             return
         if self.engine is not Engine.ALISA:
             raise _bad("offload", "the block executor runs the alisa engine; remove offload or use engine: alisa")
-        if self.hardware.memory_gb is not None:
-            raise _bad("hardware.memory_gb", "not used with an offload section; its budgets are hardware.gpu_gb, "
-                       "cpu_gb and disk_gb")
+        if self.hardware.memory_gib is not None:
+            raise _bad("hardware.memory_gib", "not used with an offload section; its budgets are hardware.gpu_gib, "
+                       "cpu_gib and disk_gib")
         if self.eval is not None:
             raise _bad("offload", "not used by an eval job")
         if self.auto_offload and self.hardware.profile is None:

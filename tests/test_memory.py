@@ -117,8 +117,8 @@ def test_reserve_and_release():
     assert twin != plan and pool.in_use == 600
 
 
-def test_budgets_from_gb_and_validation(tmp_path: Path):
-    b = TierBudgets.from_gb(gpu_gb=1.5, cpu_gb=None, disk_gb=0, offload_dir=str(tmp_path))
+def test_budgets_from_gib_and_validation(tmp_path: Path):
+    b = TierBudgets.from_gib(gpu_gib=1.5, cpu_gib=None, disk_gib=0, offload_dir=str(tmp_path))
     assert (b.gpu_bytes, b.cpu_bytes, b.disk_bytes) == (3 * GIB // 2, None, 0)
     assert b.budget(Tier.GPU) == 3 * GIB // 2 and b.budget(Tier.CPU) is None
     with pytest.raises(ValueError, match="gpu_bytes"):
