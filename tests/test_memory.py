@@ -126,6 +126,14 @@ def test_budgets_from_gib_and_validation(tmp_path: Path):
     assert format_bytes(1536) == "1.5 KiB" and format_bytes(3 * GIB) == "3.0 GiB"
 
 
+def test_units_convert_gib_and_bytes_both_ways():
+    from runner.units import bytes_to_gib, format_gib, gib_to_bytes
+    assert GIB == 2 ** 30 and gib_to_bytes(1.5) == 1610612736 and bytes_to_gib(3 * 2 ** 29) == 1.5
+    assert bytes_to_gib(gib_to_bytes(79.65)) == 79.65
+    assert format_gib(3 * 2 ** 29) == "1.50 GiB" and format_gib(2 ** 30 // 10, 1) == "0.1 GiB"
+    assert gib_to_bytes(16e9 / GIB) == pytest.approx(16e9)  # a GB figure converted to GiB holds the same bytes
+
+
 # ---------------------------------------------------------------- copy
 
 @pytest.mark.parametrize("dtype", DTYPES)
