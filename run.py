@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from runner.job import JobError, load_job
+from runner.units import format_gib
 
 FIELDS = ("engine", "gpu_batch_size", "num_prompts", "prompt_len", "gen_len", "prefill_throughput",
           "decode_throughput", "total_throughput", "peak_cpu_bytes")
@@ -236,8 +237,7 @@ def _plan(job) -> int:
 def _print_plan(job, report) -> None:
     import yaml
     from runner.planner import plan_sections
-    gb = 1e9
-    budgets = ", ".join(f"{t} {b / gb:.2f} GB" for t, b in report.budgets.items())
+    budgets = ", ".join(f"{t.value} {format_gib(b)}" for t, b in report.budgets.items())
     print(f"# profile {report.profile.name}; budgets {budgets}")
     rows = [("job's own plan", report.job_plan, report.job_prediction, None)]
     rows += [(f"{name} (searched)", r.plan if r else None, r.prediction if r else None, r)
@@ -248,12 +248,12 @@ def _print_plan(job, report) -> None:
             print("# offload: auto" if job.auto_offload and plan is report.job_plan else "# no plan fits the budgets")
             continue
         if plan is report.job_plan and not report.job_fits:
-            need = ", ".join(f"{t} {n / gb:.2f} GB" for t, n in pred.peak_bytes.items() if n > report.budgets[t])
+            need = ", ".join(f"{t.value} {format_gib(n)}" for t, n in pred.peak_bytes.items() if n > report.budgets[t])
             print(f"# does NOT fit the budgets: needs {need}")
         extra = f" ({result.evaluated} plans evaluated in {result.seconds:.2f} s)" if result else ""
         print(f"# predicted tokens/s: prefill {pred.prefill_throughput:.2f}, decode {pred.decode_throughput:.2f}, "
               f"total {pred.total_throughput:.2f}; bound by {pred.bound}{extra}")
-        print("# peak memory: " + ", ".join(f"{t} {n / gb:.3f} GB" for t, n in pred.peak_bytes.items()))
+        print("# peak memory: " + ", ".join(f"{t.value} {format_gib(n, 3)}" for t, n in pred.peak_bytes.items()))
         if any(pred.phase_s[1:]):
             print("# decode seconds by phase: " + ", ".join(f"{p} {s:.2f}" for p, s in zip(("I", "II", "III"),
                                                                                           pred.phase_s)))

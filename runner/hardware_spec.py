@@ -31,14 +31,16 @@ class LinkSpec(_Spec):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HardwareSpec(_Spec):
     _section = "hardware"
+    _retired = {f"{name}_gb": f"renamed hardware.{name}_gib (GiB, 2**30 bytes)"
+                for name in ("memory", "gpu", "cpu", "disk")}
     device: Device = Device.AUTO
     num_threads: int | None = None  # torch CPU threads; None keeps torch's default
-    # Memory (GiB) the run may use for weights + KV cache; None = what the device has free.
-    memory_gb: float | None = None
+    # Memory (GiB, 2**30 bytes) the run may use for weights + KV cache; None = what the device has free.
+    memory_gib: float | None = None
     # Tier budgets (GiB) of the block executor (jobs with an `offload` section); None = unlimited.
-    gpu_gb: float | None = None
-    cpu_gb: float | None = None
-    disk_gb: float | None = None
+    gpu_gib: float | None = None
+    cpu_gib: float | None = None
+    disk_gib: float | None = None
     offload_dir: str = "offload/"  # disk-tier files go in a fresh run-* directory here, removed after the run
     # false: disk-tier files leave the OS page cache after every write and read, so each read comes from
     # the device; true (the OS default) lets spare RAM serve "disk" reads at memory speed.
@@ -53,9 +55,9 @@ class HardwareSpec(_Spec):
         if self.profile is not None:
             from runner.plan.hardware import load_profile
             load_profile(self.profile)  # a missing or malformed profile fails when the job loads
-        if self.memory_gb is not None and self.memory_gb <= 0:
-            raise _bad("hardware.memory_gb", f"must be > 0, got {self.memory_gb}")
-        for name in ("gpu_gb", "cpu_gb", "disk_gb"):
+        if self.memory_gib is not None and self.memory_gib <= 0:
+            raise _bad("hardware.memory_gib", f"must be > 0, got {self.memory_gib}")
+        for name in ("gpu_gib", "cpu_gib", "disk_gib"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise _bad(f"hardware.{name}", f"must be >= 0 (or omitted: unlimited), got {value:g}")

@@ -32,7 +32,7 @@ from runner.eval.spec import EvalSpec
 from runner.hardware_spec import Device, HardwareSpec, LinkSpec  # noqa: F401 (re-exported)
 from runner.kv.spec import KVSpec
 from runner.offload.policy import OffloadPolicy
-from runner.spec import (JobError, _at_least, _bad, _build, _freeze, _hints, _plain, _Spec,  # noqa: F401
+from runner.spec import (JobError, _at_least, _bad, _build, _check_key, _freeze, _hints, _plain, _Spec,  # noqa: F401
                          _UniqueKeyLoader, _yaml_error, parse_override)
 
 
@@ -192,7 +192,7 @@ class JobSpec(_Spec):
 
     def _check_offload(self) -> None:
         if self.offload is None:
-            for name in ("gpu_gb", "cpu_gb", "disk_gb"):
+            for name in ("gpu_gib", "cpu_gib", "disk_gib"):
                 if getattr(self.hardware, name) is not None:
                     raise _bad(f"hardware.{name}", "a tier budget of the block executor: "
                                "only used with an offload section")
@@ -204,9 +204,9 @@ class JobSpec(_Spec):
             return
         if self.engine is not Engine.ALISA:
             raise _bad("offload", "the block executor runs the alisa engine; remove offload or use engine: alisa")
-        if self.hardware.memory_gb is not None:
-            raise _bad("hardware.memory_gb", "not used with an offload section; its budgets are hardware.gpu_gb, "
-                       "cpu_gb and disk_gb")
+        if self.hardware.memory_gib is not None:
+            raise _bad("hardware.memory_gib", "not used with an offload section; its budgets are hardware.gpu_gib, "
+                       "cpu_gib and disk_gib")
         if self.eval is not None:
             raise _bad("offload", "not used by an eval job")
         if self.auto_offload and self.hardware.profile is None:
@@ -286,9 +286,7 @@ def set_dotted(d: dict, dotted_key: str, value: Any) -> None:
     parts = str(dotted_key).split(".")
     cls, target = JobSpec, d
     for depth, name in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(cls)]
-        if name not in names:
-            raise _bad(dotted_key, f"unknown key (known: {', '.join(names)})")
+        _check_key(cls, name, dotted_key)
         if depth == len(parts) - 1:
             target[name] = value
             return

@@ -15,6 +15,7 @@ from runner.plan.cost_model import Plan, Prediction, Workload, predict
 from runner.plan.hardware import HardwareProfile, PROFILE_DIR, load_profile
 from runner.job import DatasetFormat, DType, Engine, JobSpec
 from runner.kv.spec import KVMode, QuantAxis
+from runner.memory.tiers import Tier
 from runner.offload.policy import KVPlacement, OffloadPolicy
 from runner.plan.search import SearchResult, budgets_from, search_alisa, search_flexgen
 
@@ -29,7 +30,7 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class PlanReport:
     profile: HardwareProfile
-    budgets: dict[str, float]
+    budgets: dict[Tier, float]  # bytes
     job_plan: Plan
     job_prediction: Prediction | None  # None with offload: auto (the job has no plan of its own yet)
     job_fits: bool  # the job's own plan within every budget
@@ -87,9 +88,9 @@ def job_plan(job: JobSpec) -> Plan:
                 offload=job.offload)
 
 
-def _budgets(job: JobSpec, profile: HardwareProfile) -> dict[str, float]:
+def _budgets(job: JobSpec, profile: HardwareProfile) -> dict[Tier, float]:
     hw = job.hardware
-    return budgets_from(profile, hw.gpu_gb, hw.cpu_gb, hw.disk_gb)
+    return budgets_from(profile, hw.gpu_gib, hw.cpu_gib, hw.disk_gib)
 
 
 def _alisa_ready(w: Workload) -> bool:
@@ -155,7 +156,7 @@ def resolve_auto(job: JobSpec) -> JobSpec:
              if r]
     if not found:
         raise PlanError("offload: auto: no plan fits the budgets of hardware.profile "
-                        f"{job.hardware.profile} (and hardware.*_gb); lower the batch, prompt or generation length")
+                        f"{job.hardware.profile} (and hardware.*_gib); lower the batch, prompt or generation length")
     best = max(found, key=lambda r: r.prediction.total_throughput)
     batch = dataclasses.replace(job.batch, gpu_batch_size=best.plan.gpu_batch_size,
                                 num_gpu_batches=best.plan.num_gpu_batches)
@@ -202,7 +203,7 @@ def plan_rows(report: PlanReport, job: JobSpec, sweep_point: str = "") -> list[d
             row.update(predicted_prefill_throughput=round(pred.prefill_throughput, 3),
                        predicted_decode_throughput=round(pred.decode_throughput, 3),
                        predicted_total_throughput=round(pred.total_throughput, 3), bound=pred.bound,
-                       **{f"peak_{t}_bytes": n for t, n in pred.peak_bytes.items()},
+                       **{f"peak_{t.value}_bytes": n for t, n in pred.peak_bytes.items()},
                        **{f"phase{i}_s": round(x, 3) for i, x in enumerate(pred.phase_s, start=1)})
         if result is not None:
             row.update(evaluated=result.evaluated, search_s=round(result.seconds, 3))

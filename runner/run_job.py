@@ -24,6 +24,7 @@ from runner.resume import GENERATIONS, RunState, open_state, reorder_windows, wr
 from runner.run_loop import Loop, RunError, StopRequest, Totals
 from runner.engines.sampling import SamplingParams
 from runner.model.weights import LoadedModel, available_memory, load_model
+from runner.units import format_gib, gib_to_bytes
 
 _DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
 
@@ -60,8 +61,8 @@ def _offload_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dty
     from runner.offload.executor import Executor
     from runner.memory.tiers import TierBudgets
     hw = job.hardware
-    budgets = TierBudgets.from_gb(offload_dir=hw.offload_dir, gpu_gb=hw.gpu_gb, cpu_gb=hw.cpu_gb, disk_gb=hw.disk_gb,
-                                  disk_page_cache=hw.disk_page_cache)
+    budgets = TierBudgets.from_gib(offload_dir=hw.offload_dir, gpu_gib=hw.gpu_gib, cpu_gib=hw.cpu_gib,
+                                   disk_gib=hw.disk_gib, disk_page_cache=hw.disk_page_cache)
     link = LinkEmulation(gbps=hw.link.gbps) if hw.link is not None and hw.link.emulate else None
     with _budget_errors():
         executor = Executor(loaded.config, loaded.weights, loaded.tokenizer, policy=job.offload, budgets=budgets,
@@ -86,7 +87,7 @@ def _budget_errors() -> Iterator[None]:
     try:
         yield
     except BudgetError as e:
-        raise RunError(f"hardware.{e.tier.value}_gb: {e}") from e
+        raise RunError(f"hardware.{e.tier.value}_gib: {e}") from e
 
 
 def prompt_tokenizer(loaded: LoadedModel, max_new_tokens: int) -> Callable[[Prompt], list[int]]:
@@ -112,19 +113,18 @@ def memory_check(job: JobSpec, loaded: LoadedModel, dtype: torch.dtype,
     weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in loaded.weights.values()}.values())
     if _greedy_head(job, device, dtype) == "bf16-screen":
         weights += loaded.config.vocab_size * loaded.config.embed_dim * 2  # the head's bf16 copy
-    gib = 2 ** 30
-    if job.hardware.memory_gb is not None:
-        budget, what = job.hardware.memory_gb * gib - weights, f"hardware.memory_gb ({job.hardware.memory_gb:g} GiB"
-        what += f" minus {weights / gib:.2f} GiB of weights)"
+    if job.hardware.memory_gib is not None:
+        budget = gib_to_bytes(job.hardware.memory_gib) - weights
+        what = f"hardware.memory_gib ({job.hardware.memory_gib:g} GiB minus {format_gib(weights)} of weights)"
     else:
-        budget, what = available_memory(device), f"the {available_memory(device) / gib:.1f} GiB free on {device.type}"
+        budget, what = available_memory(device), f"the {format_gib(available_memory(device), 1)} free on {device.type}"
 
     def check(ids: list[list[int]]) -> None:
         rows, max_len = len(ids), max(len(p) for p in ids) + job.generation.max_new_tokens
         kv = kv_bytes(loaded.config, job.kv.settings(), rows, max_len, dtype)
         if kv > budget:
-            raise RunError(f"batch.gpu_batch_size: {rows} sequences of {max_len} tokens need {kv / gib:.2f} GiB of "
-                           f"KV cache ({job.kv.label()}) but {what} leaves {max(budget, 0) / gib:.2f} GiB; lower "
+            raise RunError(f"batch.gpu_batch_size: {rows} sequences of {max_len} tokens need {format_gib(kv)} of "
+                           f"KV cache ({job.kv.label()}) but {what} leaves {format_gib(max(budget, 0))}; lower "
                            "the batch, or set kv.mode: evict with kv.sparsity, or kv.bits: 8")
     return check
 

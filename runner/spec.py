@@ -36,6 +36,8 @@ class _Spec:
     """Base of every section: type coercion + per-section checks, and conversion back to a dict."""
 
     _section = ""  # dotted prefix of this section's keys ("" for the top level)
+    # Keys an older version read, each with what replaced it: naming one is an error that says so.
+    _retired: typing.ClassVar[Mapping[str, str]] = {}
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))
@@ -81,14 +83,21 @@ def _build(cls: type, data: Any) -> Any:
     if not isinstance(data, Mapping):
         raise _bad(cls._section or "job", f"must be a mapping, got {type(data).__name__} {data!r}")
     fields = dataclasses.fields(cls)
-    names = [f.name for f in fields]
     for k in data:
-        if k not in names:
-            raise _bad(cls._key(k), f"unknown key (known: {', '.join(names)})")
+        _check_key(cls, k, cls._key(k))
     for f in fields:
         if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise _bad(cls._key(f.name), "required")
     return cls(**data)
+
+
+def _check_key(cls: type, name: str, key: str) -> None:
+    """`name` must be a field of section `cls`; a retired key's error says what replaced it. `key`: as reported."""
+    if name in cls._retired:
+        raise _bad(key, cls._retired[name])
+    names = [f.name for f in dataclasses.fields(cls)]
+    if name not in names:
+        raise _bad(key, f"unknown key (known: {', '.join(names)})")
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

@@ -32,7 +32,7 @@ def quick(tmp_path_factory):
 
 def test_quick_calibration_gives_plausible_figures(quick):
     profile, _, _ = quick
-    t, bw, mem, ov = profile.tflops, profile.bandwidth_gbps, profile.memory_gb, profile.overhead_us
+    t, bw, mem, ov = profile.tflops, profile.bandwidth_gbps, profile.memory_gib, profile.overhead_us
     for name in ("gpu_matmul", "gpu_attention", "gpu_recompute"):
         assert 1e-5 < getattr(t, name) < 100, name
     assert 1e-4 < t.gpu_matmul < 100
@@ -40,7 +40,7 @@ def test_quick_calibration_gives_plausible_figures(quick):
         assert 1e-3 < getattr(bw, name) < 1e4, name
     # One processor is both sides on a CPU device, and both tiers are the same RAM.
     assert (t.cpu_matmul, t.cpu_attention, bw.cpu_memory) == (t.gpu_matmul, t.gpu_attention, bw.gpu_memory)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30  # profiles state memory in GiB
     assert mem.gpu == mem.cpu == pytest.approx(ram, rel=0.01)
     assert mem.disk > 0 and not profile.accelerator
     assert 0.1 < ov.transfer < 1e5 and 1 < ov.layer < 1e5 and ov.step >= 0 and ov.select >= 0

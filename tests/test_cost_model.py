@@ -17,7 +17,7 @@ from runner.plan.hardware import Bandwidth, Compute, HardwareProfile, TierMemory
 from runner.kv.store import KVSettings
 from runner.offload.phases import TokenPhases
 from runner.model.layers import weight_shapes
-from runner.memory.tiers import TierBudgets
+from runner.memory.tiers import Tier, TierBudgets
 from runner.offload.policy import KVPlacement, OffloadPolicy
 from runner.engines.sampling import SamplingParams
 from runner.model.tokenizer import ByteTokenizer
@@ -36,7 +36,7 @@ def _profile(**bw) -> HardwareProfile:
     """1 GB/s everywhere and FLOP/s so high that every op is bound by bytes."""
     figures = dict(gpu_from_cpu=1.0, cpu_from_gpu=1.0, cpu_from_disk=1.0, disk_from_cpu=1.0, gpu_memory=1.0,
                    cpu_memory=1.0) | bw
-    return HardwareProfile(name="round", memory_gb=TierMemory(gpu=1, cpu=1, disk=1),
+    return HardwareProfile(name="round", memory_gib=TierMemory(gpu=1, cpu=1, disk=1),
                            bandwidth_gbps=Bandwidth(**figures),
                            tflops=Compute(gpu_matmul=1e6, gpu_attention=1e6, gpu_recompute=1e6, cpu_matmul=1e6,
                                           cpu_attention=1e6))
@@ -204,9 +204,9 @@ def test_peak_bytes_equal_a_real_executor_runs_pools(policy, tmp_path):
         ex.reset_stats()
         ex.generate(prompts, SamplingParams(max_new_tokens=24, ignore_eos=True))
         stats = ex.stats()
-    assert predicted["gpu"] == stats["peak_gpu_pool_bytes"]
-    assert predicted["cpu"] == stats["peak_cpu_pool_bytes"]
-    assert predicted["disk"] == stats["peak_disk_bytes"]
+    assert predicted[Tier.GPU] == stats["peak_gpu_pool_bytes"]
+    assert predicted[Tier.CPU] == stats["peak_cpu_pool_bytes"]
+    assert predicted[Tier.DISK] == stats["peak_disk_bytes"]
 
 
 @pytest.mark.parametrize("model, gbs, ngb, policy, published", [

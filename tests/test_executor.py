@@ -282,7 +282,7 @@ def test_run_job_with_offload_section_matches_the_plain_job(tmp_path, monkeypatc
     assert gens[0] == gens[1] and len(gens[0]) == 3
     assert os.listdir(tmp_path / "disk") == []
     written = list(csv.DictReader((tmp_path / "rows.csv").open()))
-    budget = offload.hardware.gpu_gb * 2 ** 30
+    budget = offload.hardware.gpu_gib * 2 ** 30
     assert 0 < int(written[0]["peak_gpu_pool_bytes"]) <= budget and int(written[0]["bytes_gpu_from_cpu"]) > 0
     assert int(written[0]["bytes_disk_read"]) > 0 and written[0]["bytes_disk_write"] == "0"
     assert written[1]["peak_gpu_pool_bytes"] == "" and rows[1].get("bytes_disk_read") is None

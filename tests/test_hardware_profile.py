@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runner.memory.pools import Tier
 from runner.plan.hardware import PROFILE_DIR, dump_profile, load_profile, shipped_profiles
 from runner.spec import JobError
 
 EXPECTED = {"t4-16g", "v100-32g", "h100-80g", "a100-40g", "rtx4090-24g", "cpu-only"}
-FIELDS = {"memory_gb": ("gpu", "cpu", "disk"),
+FIELDS = {"memory_gib": ("gpu", "cpu", "disk"),
           "bandwidth_gbps": ("gpu_from_cpu", "cpu_from_gpu", "cpu_from_disk", "disk_from_cpu", "gpu_memory",
                              "cpu_memory"),
           "tflops": ("gpu_matmul", "gpu_attention", "gpu_recompute", "cpu_matmul", "cpu_attention"),
@@ -28,7 +29,8 @@ def test_the_expected_profiles_are_shipped():
 def test_shipped_profile_loads_under_its_own_name(name):
     profile = load_profile(name)
     assert profile.name == name
-    assert profile.budget_bytes("gpu") == pytest.approx(profile.memory_gb.gpu * 1e9 * profile.usable_fraction)
+    assert profile.budget_bytes(Tier.GPU) == pytest.approx(profile.memory_gib.gpu * GIB * profile.usable_fraction)
+    assert profile.budget_bytes(Tier.DISK) == pytest.approx(profile.memory_gib.disk * GIB * profile.usable_fraction)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED - {"cpu-only"}))
@@ -46,8 +48,8 @@ def test_calibrated_cpu_only_profile_lists_the_measurement_behind_every_figure()
     text = (PROFILE_DIR / "cpu-only.yaml").read_text()
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     assert "python run.py calibrate" in header
-    gpu_side = [f"{s}.{f}" for s, fs in FIELDS.items() for f in fs if not f.startswith("cpu_") and s != "memory_gb"]
-    for key in gpu_side + ["memory_gb.gpu", "memory_gb.cpu", "memory_gb.disk"]:
+    gpu_side = [f"{s}.{f}" for s, fs in FIELDS.items() for f in fs if not f.startswith("cpu_") and s != "memory_gib"]
+    for key in gpu_side + ["memory_gib.gpu", "memory_gib.cpu", "memory_gib.disk"]:
         assert re.search(rf"^# {re.escape(key)}\s", header, re.M), key
 
 
@@ -59,7 +61,10 @@ def test_t4_uses_flexgens_fitted_link_and_compute_constants_converted_from_gib()
     assert (t4.bandwidth_gbps.cpu_from_disk, t4.bandwidth_gbps.disk_from_cpu) == (2.0, 1.0)
     assert (t4.tflops.gpu_matmul, t4.tflops.gpu_attention, t4.tflops.gpu_recompute) == (21.24, 0.079, 4.3)
     assert t4.tflops.cpu_attention == 0.0123
-    assert (t4.memory_gb.cpu, t4.memory_gb.disk, t4.usable_fraction) == (208, 1500, 0.9)
+    # Memory in GiB: the T4's 15,360 MiB (FlexGen's gmem = 15 GiB), and the README's 208 GB and 1.5 TB converted.
+    assert (t4.memory_gib.gpu, t4.usable_fraction) == (15.0, 0.9)
+    assert (t4.memory_gib.cpu * GIB, t4.memory_gib.disk * GIB) == (pytest.approx(208e9, rel=1e-4),
+                                                                    pytest.approx(1500e9, rel=1e-4))
 
 
 def test_only_the_cpu_only_profile_computes_on_the_cpu():
@@ -69,7 +74,8 @@ def test_only_the_cpu_only_profile_computes_on_the_cpu():
 def test_alisa_machines_have_the_papers_link_and_host():
     for name in ("v100-32g", "h100-80g"):
         p = load_profile(name)
-        assert (p.bandwidth_gbps.gpu_from_cpu, p.bandwidth_gbps.cpu_from_gpu, p.memory_gb.cpu) == (20, 20, 128)
+        assert (p.bandwidth_gbps.gpu_from_cpu, p.bandwidth_gbps.cpu_from_gpu) == (20, 20)
+        assert p.memory_gib.cpu * GIB == pytest.approx(128e9, rel=1e-4)  # ALISA's 128 GB of DRAM
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -92,7 +98,8 @@ def _write_variant(tmp_path: Path, edit) -> str:
 @pytest.mark.parametrize("edit, key, problem", [
     (lambda d: d["bandwidth_gbps"].update(pcie=3.0), "bandwidth_gbps.pcie", "unknown key"),
     (lambda d: d["tflops"].update(gpu_matmul=-1.0), "tflops.gpu_matmul", "must be > 0"),
-    (lambda d: d["memory_gb"].update(disk=0), "memory_gb.disk", "must be > 0"),
+    (lambda d: d["memory_gib"].update(disk=0), "memory_gib.disk", "must be > 0"),
+    (lambda d: d.update(memory_gb=d.pop("memory_gib")), "memory_gb", "renamed memory_gib (GiB, 2**30 bytes"),
     (lambda d: d["overhead_us"].update(layer=-5), "overhead_us.layer", "must be >= 0"),
     (lambda d: d["bandwidth_gbps"].update(packed_weights=-1.0), "bandwidth_gbps.packed_weights", "must be >= 0"),
     (lambda d: d["bandwidth_gbps"].update(gpu_memory=0), "bandwidth_gbps.gpu_memory", "must be > 0"),
@@ -110,7 +117,7 @@ def test_bad_value_is_a_one_line_error_naming_the_key(tmp_path, edit, key, probl
 
 def test_invalid_yaml_is_a_one_line_error(tmp_path):
     path = tmp_path / "broken.yaml"
-    path.write_text("name: x\nmemory_gb: {gpu: 1\n")
+    path.write_text("name: x\nmemory_gib: {gpu: 1\n")
     with pytest.raises(JobError, match="not valid YAML") as err:
         load_profile(str(path))
     assert "\n" not in str(err.value)

@@ -264,11 +264,11 @@ def test_synthetic_dataset_spec():
 def test_offload_section_parses_round_trips_and_defaults_to_absent(tmp_path):
     from runner.offload.policy import OffloadPolicy
     assert job_from_dict(minimal()).offload is None
-    job = job_from_dict(minimal(hardware={"gpu_gb": 1, "cpu_gb": 2.5, "offload_dir": str(tmp_path)},
+    job = job_from_dict(minimal(hardware={"gpu_gib": 1, "cpu_gib": 2.5, "offload_dir": str(tmp_path)},
                                 offload={"w_gpu_percent": 30, "w_cpu_percent": 50, "overlap": False}))
     assert job.offload == OffloadPolicy(w_gpu_percent=30.0, w_cpu_percent=50.0, overlap=False)
     assert job.offload.w_disk_percent == 20.0
-    assert job.hardware.gpu_gb == 1.0 and job.hardware.disk_gb is None and job.hardware.offload_dir == str(tmp_path)
+    assert job.hardware.gpu_gib == 1.0 and job.hardware.disk_gib is None and job.hardware.offload_dir == str(tmp_path)
     assert job_from_dict(yaml.safe_load(yaml.safe_dump(job.to_dict()))) == job
     assert job_from_dict(minimal(offload=None)).offload is None  # an empty YAML section is no offload
     assert load_job(write(tmp_path, "name: t\nmodel: {name: x}\ndataset: {path: p.jsonl}\noffload: {}\n")).offload \
@@ -277,6 +277,8 @@ def test_offload_section_parses_round_trips_and_defaults_to_absent(tmp_path):
 
 @pytest.mark.parametrize("sections, key, detail", [
     ({"offload": {"w_gpu_percnt": 10}}, "offload.w_gpu_percnt", "unknown key (known: w_gpu_percent"),
+    ({"offload": {"cache_disk_percent": 20}}, "offload.cache_disk_percent",
+     "not a key: the KV's disk share is the rest, 100 - cache_gpu_percent - cache_cpu_percent"),
     ({"offload": {"w_gpu_percent": 101}}, "offload.w_gpu_percent", "must be in [0, 100]"),
     ({"offload": {"w_gpu_percent": 70, "w_cpu_percent": 40}}, "offload.w_cpu_percent", "must be <= 100"),
     ({"offload": {"kv_placement": "token", "p1": 64}}, "offload.p2", "needs a phase switch length"),
@@ -287,10 +289,12 @@ def test_offload_section_parses_round_trips_and_defaults_to_absent(tmp_path):
     ({"offload": {"compress_cache": True, "kv_placement": "token", "p1": 8, "p2": 8}}, "offload.compress_cache",
      "for kv_placement: sequence"),
     ({"offload": {"overlap": "yes"}}, "offload.overlap", "must be true or false"),
-    ({"hardware": {"gpu_gb": -1}, "offload": {}}, "hardware.gpu_gb", "must be >= 0"),
-    ({"hardware": {"cpu_gb": 4}}, "hardware.cpu_gb", "only used with an offload section"),
+    ({"hardware": {"gpu_gib": -1}, "offload": {}}, "hardware.gpu_gib", "must be >= 0"),
+    ({"hardware": {"cpu_gib": 4}}, "hardware.cpu_gib", "only used with an offload section"),
     ({"engine": "hf", "offload": {}}, "offload", "runs the alisa engine"),
-    ({"hardware": {"memory_gb": 4}, "offload": {}}, "hardware.memory_gb", "not used with an offload section"),
+    ({"hardware": {"memory_gib": 4}, "offload": {}}, "hardware.memory_gib", "not used with an offload section"),
+    ({"hardware": {"gpu_gb": 1}, "offload": {}}, "hardware.gpu_gb", "renamed hardware.gpu_gib (GiB, 2**30 bytes)"),
+    ({"hardware": {"memory_gb": 4}}, "hardware.memory_gb", "renamed hardware.memory_gib (GiB, 2**30 bytes)"),
 ])
 def test_bad_offload_values_name_the_key(sections, key, detail):
     with pytest.raises(JobError) as e:
@@ -301,12 +305,16 @@ def test_bad_offload_values_name_the_key(sections, key, detail):
 
 def test_offload_keys_can_be_overridden_and_swept(tmp_path):
     path = write(tmp_path, "name: t\nmodel: {name: x}\ndataset: {path: p.jsonl}\n")
-    job = load_job(path, ["offload.w_cpu_percent=100", "offload.w_gpu_percent=0", "hardware.disk_gb=0.5"])
-    assert job.offload.w_cpu_percent == 100.0 and job.hardware.disk_gb == 0.5
+    job = load_job(path, ["offload.w_cpu_percent=100", "offload.w_gpu_percent=0", "hardware.disk_gib=0.5"])
+    assert job.offload.w_cpu_percent == 100.0 and job.hardware.disk_gib == 0.5
+    with pytest.raises(JobError, match=r"hardware.disk_gb: renamed hardware.disk_gib \(GiB, 2\*\*30 bytes\)$"):
+        load_job(path, ["hardware.disk_gb=0.5"])
     swept = job_from_dict(minimal(offload={}, sweep={"offload.overlap": [True, False]}))
     assert [p.offload.overlap for _, p in swept.sweep_points()] == [True, False]
     with pytest.raises(JobError, match=r"offload.w_gpu: unknown key"):
         load_job(path, ["offload.w_gpu=1"])
+    with pytest.raises(JobError, match=r"'offload.cache_disk_percent=10': offload.cache_disk_percent: not a key"):
+        load_job(path, ["offload.cache_disk_percent=10"])
 
 
 # ---------------------------------------------------------------- hardware.link and nested keys

@@ -28,7 +28,7 @@ from runner.kv.store import KVSettings
 from runner.offload.token_kv import TokenTieredKV
 from runner.offload.phases import TokenPhases
 from runner.engines.lm import LM, Batch
-from runner.memory.tiers import BudgetError, Memory, TierBudgets
+from runner.memory.tiers import BudgetError, Memory, Tier, TierBudgets
 from runner.offload.policy import KVPlacement
 from runner.spec import JobError
 from test_executor import (PROMPTS, SPARSE_ATOL, STEPS, TINY_ATOL, _assert_same, check_against_plain, offloaded, plain,  # noqa: F401
@@ -355,5 +355,5 @@ def test_pick_buffer_off_needs_token_placement_and_reserves_two_layers(tiny):
     peaks = {buffered: peak_bytes(w, Plan(gpu_batch_size=4, offload=_policy("tok-II", pick_buffer=buffered)))
              for buffered in (True, False)}
     one = buffer_bytes(4, cfg.num_kv_heads, 1, cfg.head_dim, SWA.split(64)[1], torch.float32)
-    assert peaks[True]["gpu"] - peaks[False]["gpu"] == (cfg.num_layers - 2) * one
-    assert peaks[True]["cpu"] == peaks[False]["cpu"]
+    assert peaks[True][Tier.GPU] - peaks[False][Tier.GPU] == (cfg.num_layers - 2) * one
+    assert peaks[True][Tier.CPU] == peaks[False][Tier.CPU]

@@ -117,13 +117,21 @@ def test_reserve_and_release():
     assert twin != plan and pool.in_use == 600
 
 
-def test_budgets_from_gb_and_validation(tmp_path: Path):
-    b = TierBudgets.from_gb(gpu_gb=1.5, cpu_gb=None, disk_gb=0, offload_dir=str(tmp_path))
+def test_budgets_from_gib_and_validation(tmp_path: Path):
+    b = TierBudgets.from_gib(gpu_gib=1.5, cpu_gib=None, disk_gib=0, offload_dir=str(tmp_path))
     assert (b.gpu_bytes, b.cpu_bytes, b.disk_bytes) == (3 * GIB // 2, None, 0)
     assert b.budget(Tier.GPU) == 3 * GIB // 2 and b.budget(Tier.CPU) is None
     with pytest.raises(ValueError, match="gpu_bytes"):
         TierBudgets(gpu_bytes=-1, offload_dir=str(tmp_path))
     assert format_bytes(1536) == "1.5 KiB" and format_bytes(3 * GIB) == "3.0 GiB"
+
+
+def test_units_convert_gib_and_bytes_both_ways():
+    from runner.units import bytes_to_gib, format_gib, gib_to_bytes
+    assert GIB == 2 ** 30 and gib_to_bytes(1.5) == 1610612736 and bytes_to_gib(3 * 2 ** 29) == 1.5
+    assert bytes_to_gib(gib_to_bytes(79.65)) == 79.65
+    assert format_gib(3 * 2 ** 29) == "1.50 GiB" and format_gib(2 ** 30 // 10, 1) == "0.1 GiB"
+    assert gib_to_bytes(16e9 / GIB) == pytest.approx(16e9)  # a GB figure converted to GiB holds the same bytes
 
 
 # ---------------------------------------------------------------- copy

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 
 from runner.data.outputs import (
-    OFFLOAD_COLUMNS, THROUGHPUT_COLUMNS, FinishReason, GenerationRecord, append_csv_row, git_commit, peak_rss_bytes,
-    throughput_row, write_generations,
+    OFFLOAD_COLUMNS, RETIRED_COLUMNS, THROUGHPUT_COLUMNS, FinishReason, GenerationRecord, append_csv_row, git_commit,
+    peak_rss_bytes, throughput_row,
 )
+from runner.resume import append_lines
 
 
 def record(i: int, reason: str = "length") -> GenerationRecord:
@@ -19,10 +20,11 @@ def record(i: int, reason: str = "length") -> GenerationRecord:
                             completion_token_ids=[i, 2], finish_reason=reason)
 
 
-def test_write_generations_exact_keys_and_append(tmp_path):
-    path = tmp_path / "out" / "generations.jsonl"
-    assert write_generations(path, [record(1), record(2, "eos")]) == 2
-    assert write_generations(path, iter([record(3, FinishReason.STOP)]), append=True) == 1
+def test_generations_lines_exact_keys_and_append(tmp_path):
+    # As the run loop writes them: each record's to_json() appended as one line.
+    path = tmp_path / "generations.jsonl"
+    append_lines(path, (r.to_json() for r in [record(1), record(2, "eos")]), durable=False)
+    append_lines(path, (r.to_json() for r in iter([record(3, FinishReason.STOP)])), durable=True)
     lines = path.read_text(encoding="utf-8").splitlines()
     assert "café" in lines[0]  # ensure_ascii=False
     rows = [json.loads(line) for line in lines]
@@ -30,8 +32,6 @@ def test_write_generations_exact_keys_and_append(tmp_path):
     assert rows[0] == {"id": "p1", "prompt": "Prompt 1 — café", "completion": " done\n",
                        "completion_token_ids": [1, 2], "finish_reason": "length"}
     assert [r["finish_reason"] for r in rows] == ["length", "eos", "stop"]
-    write_generations(path, [record(4)])  # append=False truncates
-    assert len(path.read_text(encoding="utf-8").splitlines()) == 1
 
 
 def test_bad_finish_reason():
@@ -122,7 +122,7 @@ def test_csv_unknown_key(tmp_path):
 def test_offload_columns_are_declared_so_runs_with_and_without_them_share_one_header(tmp_path):
     # The names the executor reports (issue 4's time and phase breakdowns) and the job's link.
     expected = {"link_gbps", "link_emulated", "peak_gpu_pool_bytes", "bytes_disk_read", "transfer_wait_s",
-                "compute_s", "recompute_s", "link_busy_gpu_from_cpu_s", "link_busy_cpu_from_gpu_s", "phase1_s",
+                "recompute_s", "link_busy_gpu_from_cpu_s", "link_busy_cpu_from_gpu_s", "phase1_s",
                 "phase2_s", "phase3_s", "kv_bytes_gpu_from_cpu", "kv_bytes_cpu_from_gpu"}
     assert expected <= set(OFFLOAD_COLUMNS) <= set(THROUGHPUT_COLUMNS)
     assert len(set(THROUGHPUT_COLUMNS)) == len(THROUGHPUT_COLUMNS) and THROUGHPUT_COLUMNS[-1] == "notes"
@@ -135,7 +135,28 @@ def test_offload_columns_are_declared_so_runs_with_and_without_them_share_one_he
     assert list(rows[0]) == list(THROUGHPUT_COLUMNS)
     assert rows[0]["transfer_wait_s"] == "" and rows[0]["link_gbps"] == ""
     assert (rows[1]["transfer_wait_s"], rows[1]["phase2_s"], rows[1]["link_emulated"]) == ("0.25", "1.5", "True")
-    assert rows[1]["compute_s"] == ""  # declared but not reported by this run
+    assert rows[1]["recompute_s"] == ""  # declared but not reported by this run
+
+
+def test_csv_with_an_empty_retired_column_is_upgraded_without_it(tmp_path):
+    # compute_s was declared but never filled: committed CSVs carry it, empty; appending drops it.
+    assert "compute_s" in RETIRED_COLUMNS and not RETIRED_COLUMNS & set(THROUGHPUT_COLUMNS)
+    path = tmp_path / "old.csv"
+    path.write_text("job,transfer_wait_s,compute_s,recompute_s\nold,0.5,,0.25\n")
+    append_csv_row(path, {"job": "new", "recompute_s": 1.0})
+    rows = list(csv.DictReader(path.open()))
+    assert list(rows[0]) == list(THROUGHPUT_COLUMNS)
+    assert [(r["job"], r["transfer_wait_s"], r["recompute_s"]) for r in rows] == [("old", "0.5", "0.25"),
+                                                                               ("new", "", "1.0")]
+
+
+def test_csv_with_a_filled_retired_column_is_refused_without_touching_the_file(tmp_path):
+    path = tmp_path / "old.csv"
+    text = "job,compute_s\nold,\nodd,1.5\n"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"old.csv: retired columns \['compute_s'\] hold values"):
+        append_csv_row(path, {"job": "new"})
+    assert path.read_text() == text
 
 
 def test_undeclared_executor_column_points_at_the_declaration():

@@ -12,6 +12,7 @@ from runner.model.config import get_preset
 from runner.plan.cost_model import Plan, Workload, peak_bytes, predict
 from runner.plan.hardware import load_profile
 from runner.kv.store import KVSettings
+from runner.memory.tiers import Tier
 from runner.offload.policy import OffloadPolicy
 from runner.plan.search import budgets_from, search_alisa, search_flexgen
 
@@ -47,7 +48,7 @@ def test_everything_stays_on_the_gpu_when_it_fits():
 
 
 def test_impossible_budgets_give_no_plan():
-    budgets = {"gpu": 1e6, "cpu": 1e6, "disk": 1e6}  # 1 MB per tier: not even one layer of opt-1.3b
+    budgets = {Tier.GPU: 1e6, Tier.CPU: 1e6, Tier.DISK: 1e6}  # 1 MB per tier: not even one layer of opt-1.3b
     assert search_flexgen(_workload("opt-1.3b"), T4, budgets) is None
     assert search_alisa(_workload("opt-1.3b", kv=SWA8), T4, budgets) is None
 
@@ -78,12 +79,12 @@ def test_without_an_accelerator_gpu_and_cpu_tiers_share_one_ram():
     import dataclasses
     from runner.plan.hardware import TierMemory
     cpu_only = load_profile("cpu-only")
-    hw = dataclasses.replace(cpu_only, memory_gb=TierMemory(gpu=4.0, cpu=4.0, disk=100.0), usable_fraction=1.0)
+    hw = dataclasses.replace(cpu_only, memory_gib=TierMemory(gpu=4.0, cpu=4.0, disk=100.0), usable_fraction=1.0)
     w = Workload(cfg=get_preset("opt-1.3b"), prompt_len=128, gen_len=16, num_prompts=1, dtype=torch.float32)
     r = search_flexgen(w, hw, budgets_from(hw), gpu_batch_size=4, num_gpu_batches=1)
     assert r is not None  # 5.3 GB of weights: some must go to disk
     need = peak_bytes(r.workload, r.plan)
-    assert need["gpu"] + need["cpu"] <= 4e9 and need["disk"] > 0
+    assert need[Tier.GPU] + need[Tier.CPU] <= 4 * 2 ** 30 and need[Tier.DISK] > 0  # memory_gib: 4 GiB of RAM
 
 
 def test_flexgen_compresses_its_cache_only_when_allowed_and_never_with_cpu_attention():

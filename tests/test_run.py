@@ -126,7 +126,7 @@ def test_impossible_memory_budget_is_refused_up_front_and_evict_fits(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: batch.gpu_batch_size: 64 sequences"), proc.stderr
-    assert "hardware.memory_gb (2 GiB" in lines[0] and "kv.mode: evict" in lines[0]
+    assert "hardware.memory_gib (2 GiB" in lines[0] and "kv.mode: evict" in lines[0]
     assert not (tmp_path / "throughput.csv").exists()
 
 

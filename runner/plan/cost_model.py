@@ -68,7 +68,7 @@ class Prediction:
     prefill_throughput: float  # prompt tokens / s
     decode_throughput: float  # FlexGen's: prompts * (gen_len - 1) / decode_s
     total_throughput: float  # generated tokens / (prefill_s + decode_s)
-    peak_bytes: dict[str, int]  # per tier
+    peak_bytes: dict[Tier, int]  # per tier (empty from a quick prediction)
     phase_s: tuple[float, float, float]  # decode time in ALISA's phases I, II, III
     bound: str  # the stream that sets most of the decode time (STREAMS)
 
@@ -316,18 +316,18 @@ def _step(hw: HardwareProfile, w: Workload, sh: _Shape, plan: Plan, lengths: np.
 
 # ---------------------------------------------------------------- prediction
 
-def peak_bytes(w: Workload, plan: Plan) -> dict[str, int]:
+def peak_bytes(w: Workload, plan: Plan) -> dict[Tier, int]:
     """Bytes per tier at the run's peak: the executor's own plan, or the plain engine's weights, KV and
     hidden states."""
     if plan.offload is not None:
         need = plan_need(w.cfg, plan.offload, w.kv, w.dtype, gpu_batch_size=plan.gpu_batch_size,
                          num_gpu_batches=plan.num_gpu_batches, prompt_len=w.prompt_len, gen_len=w.gen_len)
-        return {t.value: int(n) for t, n in need.items()}
+        return {t: int(n) for t, n in need.items()}
     c, e, b = w.cfg, w.dtype.itemsize, plan.gpu_batch_size
     weights = c.num_params() * e
     kv = kv_bytes(c, w.kv, b, w.prompt_len + w.gen_len, w.dtype)
     acts = b * w.prompt_len * max(c.hidden_size, c.embed_dim) * e + b * c.vocab_size * e
-    return {"gpu": int(weights + kv + acts), "cpu": 0, "disk": 0}
+    return {Tier.GPU: int(weights + kv + acts), Tier.CPU: 0, Tier.DISK: 0}
 
 
 def _decode_lengths(w: Workload, plan: Plan, samples: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -3,8 +3,9 @@ model (`runner.plan.cost_model`) and the plan search (`runner.plan.search`).
 
 A profile is a YAML file (`runner/plan/profiles/<name>.yaml`, or any path) read into `HardwareProfile`.
 Shipped profiles carry the source of each figure in a comment; `python run.py calibrate` measures
-this machine and writes one. Units: memory in GB (10**9 bytes, as FlexGen and vendors state it),
-bandwidth in GB/s, compute in TFLOP/s, fixed costs in microseconds.
+this machine and writes one. Units: memory in GiB (2**30 bytes, as the job's budgets and as GPUs report
+their memory), bandwidth in GB/s (10**9 bytes/s, as vendors state it), compute in TFLOP/s, fixed costs in
+microseconds.
 
 The `gpu` tier is the compute device. On a CPU-only machine that is the CPU itself: `gpu_*`
 figures then describe the CPU and `gpu_from_cpu` is a host memory copy (or an emulated link).
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from runner.memory.pools import Tier
 from runner.spec import JobError, _bad, _build, _Spec
+from runner.units import gib_to_bytes
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -32,8 +35,8 @@ class _Positive(_Spec):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TierMemory(_Positive):
-    """Capacity of each tier (GB)."""
-    _section = "memory_gb"
+    """Capacity of each tier (GiB)."""
+    _section = "memory_gib"
     gpu: float
     cpu: float
     disk: float
@@ -90,8 +93,9 @@ class Overheads(_Spec):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HardwareProfile(_Spec):
     _section = ""
+    _retired = {"memory_gb": "renamed memory_gib (GiB, 2**30 bytes; a figure in GB is x 10**9 / 2**30)"}
     name: str
-    memory_gb: TierMemory
+    memory_gib: TierMemory
     bandwidth_gbps: Bandwidth
     tflops: Compute
     overhead_us: Overheads = dataclasses.field(default_factory=Overheads)
@@ -105,9 +109,10 @@ class HardwareProfile(_Spec):
         if not 0 < self.usable_fraction <= 1:
             raise _bad("usable_fraction", f"must be in (0, 1], got {self.usable_fraction:g}")
 
-    def budget_bytes(self, tier: str) -> float:
-        """Bytes a plan may place on `tier` ('gpu', 'cpu' or 'disk')."""
-        return getattr(self.memory_gb, tier) * 1e9 * self.usable_fraction
+    def budget_bytes(self, tier: Tier) -> float:
+        """Bytes a plan may place on `tier`."""
+        m = self.memory_gib
+        return gib_to_bytes({Tier.GPU: m.gpu, Tier.CPU: m.cpu, Tier.DISK: m.disk}[tier]) * self.usable_fraction
 
 
 def shipped_profiles() -> list[str]:

@@ -21,10 +21,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from runner.memory.tiers import Tier
 from runner.plan.cost_model import Plan, Prediction, Workload, peak_bytes, predict
 from runner.plan.hardware import HardwareProfile
 from runner.kv.store import KVSettings
 from runner.offload.policy import KVPlacement, OffloadPolicy
+from runner.units import gib_to_bytes
 
 SAMPLES = 16  # decode steps the search's estimates sample (the final prediction uses every step)
 BATCHES = tuple(2 ** i for i in range(11))  # gpu_batch_size candidates 1..1024
@@ -33,10 +35,10 @@ MAX_GPU_BATCHES = 64
 # and such moves only add data on slower tiers (a first search-quality-flexgen run moved 10% of the KV to
 # disk for a predicted +0.02%).
 MIN_GAIN = 0.01
-TIERS = ("gpu", "cpu", "disk")
+TIERS = tuple(Tier)
 ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)  # ALISA's offload ratio candidates
 BETAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)  # and its recompute ratio's
-_DOWN = (("gpu", "cpu"), ("cpu", "disk"), ("gpu", "disk"))  # (from, to): moves to a slower tier
+_DOWN = ((Tier.GPU, Tier.CPU), (Tier.CPU, Tier.DISK), (Tier.GPU, Tier.DISK))  # (from, to): moves to a slower tier
 
 
 @dataclass(frozen=True)
@@ -51,15 +53,15 @@ class SearchResult:
 class _Eval:
     """Memoised cost-model calls and budget checks for one workload (the search revisits plans)."""
 
-    def __init__(self, w: Workload, hw: HardwareProfile, budgets: dict[str, float]):
+    def __init__(self, w: Workload, hw: HardwareProfile, budgets: dict[Tier, float]):
         self.w, self.hw, self.budgets, self.count = w, hw, budgets, 0
-        self._peaks: dict[Plan, dict[str, int] | None] = {}
+        self._peaks: dict[Plan, dict[Tier, int] | None] = {}
         self._thr: dict[Plan, float] = {}
 
     def workload(self, plan: Plan) -> Workload:
         return dataclasses.replace(self.w, num_prompts=plan.gpu_batch_size * plan.num_gpu_batches)
 
-    def peaks(self, plan: Plan) -> dict[str, int] | None:
+    def peaks(self, plan: Plan) -> dict[Tier, int] | None:
         if plan not in self._peaks:
             try:
                 self._peaks[plan] = peak_bytes(self.workload(plan), plan)
@@ -71,13 +73,13 @@ class _Eval:
         need = self.peaks(plan)
         return need is not None and all(self.over(plan, t) <= 0 for t in TIERS)
 
-    def over(self, plan: Plan, tier: str) -> float:
+    def over(self, plan: Plan, tier: Tier) -> float:
         need = self.peaks(plan)
         if need is None:
             return float("inf")
         over = need[tier] - self.budgets[tier]
-        if tier == "cpu" and not self.hw.accelerator:  # one RAM holds both the gpu and the cpu tier
-            over = max(over, need["gpu"] + need["cpu"] - self.hw.budget_bytes("cpu"))
+        if tier is Tier.CPU and not self.hw.accelerator:  # one RAM holds both the gpu and the cpu tier
+            over = max(over, need[Tier.GPU] + need[Tier.CPU] - self.hw.budget_bytes(Tier.CPU))
         return over
 
     def throughput(self, plan: Plan) -> float:
@@ -89,10 +91,10 @@ class _Eval:
 
 
 def budgets_from(hw: HardwareProfile, gpu_gib: float | None = None, cpu_gib: float | None = None,
-                 disk_gib: float | None = None) -> dict[str, float]:
-    """Bytes per tier: a job's own budgets (GiB, as `hardware.gpu_gb`) where set, else the profile's."""
-    given = {"gpu": gpu_gib, "cpu": cpu_gib, "disk": disk_gib}
-    return {t: given[t] * 2 ** 30 if given[t] is not None else hw.budget_bytes(t) for t in TIERS}
+                 disk_gib: float | None = None) -> dict[Tier, float]:
+    """Bytes per tier: a job's own budgets (GiB, as `hardware.gpu_gib`) where set, else the profile's."""
+    given = {Tier.GPU: gpu_gib, Tier.CPU: cpu_gib, Tier.DISK: disk_gib}
+    return {t: gib_to_bytes(given[t]) if given[t] is not None else hw.budget_bytes(t) for t in TIERS}
 
 
 # ---------------------------------------------------------------- placement moves
@@ -103,22 +105,22 @@ def _with(plan: Plan, offload: OffloadPolicy) -> Plan:
 
 
 @functools.lru_cache(maxsize=1 << 16)  # each batch shape tried walks the same moves from the same start
-def _move(policy: OffloadPolicy, kind: str, src: str, dst: str, step: float) -> OffloadPolicy | None:
+def _move(policy: OffloadPolicy, kind: str, src: Tier, dst: Tier, step: float) -> OffloadPolicy | None:
     """`step` points of weights ('w') or KV ('cache') from tier src to dst; None if not possible."""
-    pct = {t: getattr(policy, f"{kind}_{t}_percent") for t in ("gpu", "cpu")}
-    pct["disk"] = 100 - pct["gpu"] - pct["cpu"]
+    pct = {t: getattr(policy, f"{kind}_{t.value}_percent") for t in (Tier.GPU, Tier.CPU)}
+    pct[Tier.DISK] = 100 - pct[Tier.GPU] - pct[Tier.CPU]
     step = min(step, pct[src])
     if step <= 0:
         return None
     pct[src] -= step
     pct[dst] += step
-    return dataclasses.replace(policy, **{f"{kind}_gpu_percent": pct["gpu"], f"{kind}_cpu_percent": pct["cpu"]})
+    return dataclasses.replace(policy, **{f"{kind}_gpu_percent": pct[Tier.GPU], f"{kind}_cpu_percent": pct[Tier.CPU]})
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _act(policy: OffloadPolicy, tier: str) -> OffloadPolicy | None:
-    pct = {"gpu": (100.0, 0.0), "cpu": (0.0, 100.0), "disk": (0.0, 0.0)}[tier]
-    if policy.act_tier.value == tier:
+def _act(policy: OffloadPolicy, tier: Tier) -> OffloadPolicy | None:
+    pct = {Tier.GPU: (100.0, 0.0), Tier.CPU: (0.0, 100.0), Tier.DISK: (0.0, 0.0)}[tier]
+    if policy.act_tier is tier:
         return None
     return dataclasses.replace(policy, act_gpu_percent=pct[0], act_cpu_percent=pct[1])
 
@@ -129,7 +131,7 @@ def _moves(policy: OffloadPolicy, step: float, kinds: tuple[str, ...], down_only
         for src, dst in pairs:
             if (moved := _move(policy, kind, src, dst, step)) is not None:
                 yield moved
-    for tier in ("cpu", "disk") if down_only else TIERS:
+    for tier in (Tier.CPU, Tier.DISK) if down_only else TIERS:
         if (moved := _act(policy, tier)) is not None:
             yield moved
 
@@ -153,7 +155,7 @@ def _fit(ev: _Eval, plan: Plan, kinds: tuple[str, ...]) -> Plan | None:
     return None
 
 
-def _freeing(ev: _Eval, plan: Plan, tier: str, kinds: tuple[str, ...], over: float) -> Iterator[Plan]:
+def _freeing(ev: _Eval, plan: Plan, tier: Tier, kinds: tuple[str, ...], over: float) -> Iterator[Plan]:
     """For each way down, the smallest move in 10-point steps that frees bytes on `tier` (weights move
     as whole tensors by FlexGen's midpoint rule, so a small step can move none)."""
     policy = plan.offload
@@ -167,7 +169,7 @@ def _freeing(ev: _Eval, plan: Plan, tier: str, kinds: tuple[str, ...], over: flo
                 if ev.over(cand, tier) < over:
                     yield cand
                     break
-    for t in ("cpu", "disk"):
+    for t in (Tier.CPU, Tier.DISK):
         if (moved := _act(policy, t)) is not None and ev.over(cand := _with(plan, moved),
                                                                 tier) < over:
             yield cand
@@ -314,7 +316,7 @@ def _result(ev: _Eval, found: tuple[Plan, float] | None, t0: float) -> SearchRes
                         seconds=time.perf_counter() - t0)
 
 
-def search_alisa(w: Workload, hw: HardwareProfile, budgets: dict[str, float], *, gpu_batch_size: int | None = None,
+def search_alisa(w: Workload, hw: HardwareProfile, budgets: dict[Tier, float], *, gpu_batch_size: int | None = None,
                  num_gpu_batches: int | None = None, pick_buffer: bool | None = None) -> SearchResult | None:
     """The fastest token-placement plan for `w` (its own KV policy and bits), or None if none fits;
     `pick_buffer`: keep the picks buffered (True) or gathered every step (False), else the faster."""
@@ -323,7 +325,7 @@ def search_alisa(w: Workload, hw: HardwareProfile, budgets: dict[str, float], *,
     return _result(ev, _search(ev, place, _alisa_climb, gpu_batch_size, num_gpu_batches), t0)
 
 
-def search_flexgen(w: Workload, hw: HardwareProfile, budgets: dict[str, float], *, gpu_batch_size: int | None = None,
+def search_flexgen(w: Workload, hw: HardwareProfile, budgets: dict[Tier, float], *, gpu_batch_size: int | None = None,
                    num_gpu_batches: int | None = None, keep_kv: bool = False,
                    compress: bool = False) -> SearchResult | None:
     """The fastest FlexGen plan (per-sequence KV split) for `w`: with FlexGen's dense 16-bit attention,
