@@ -56,6 +56,6 @@ class HardwareSpec(_Spec):
         if self.memory_gb is not None and self.memory_gb <= 0:
             raise _bad("hardware.memory_gb", f"must be > 0, got {self.memory_gb}")
         for name in ("gpu_gb", "cpu_gb", "disk_gb"):
-            value = getattr(self, name)
+            value = self.values()[name]
             if value is not None and value < 0:
                 raise _bad(f"hardware.{name}", f"must be >= 0 (or omitted: unlimited), got {value:g}")

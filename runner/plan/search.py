@@ -105,7 +105,8 @@ def _with(plan: Plan, offload: OffloadPolicy) -> Plan:
 @functools.lru_cache(maxsize=1 << 16)  # each batch shape tried walks the same moves from the same start
 def _move(policy: OffloadPolicy, kind: str, src: str, dst: str, step: float) -> OffloadPolicy | None:
     """`step` points of weights ('w') or KV ('cache') from tier src to dst; None if not possible."""
-    pct = {t: getattr(policy, f"{kind}_{t}_percent") for t in ("gpu", "cpu")}
+    values = policy.values()
+    pct = {t: values[f"{kind}_{t}_percent"] for t in ("gpu", "cpu")}
     pct["disk"] = 100 - pct["gpu"] - pct["cpu"]
     step = min(step, pct[src])
     if step <= 0:
