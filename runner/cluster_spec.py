@@ -33,7 +33,7 @@ class ClusterSpec(_Spec):
         _at_least(self, "max_retries", 0)
         if self.backend is ClusterBackend.LOCAL:
             for name in ("address", "workers"):
-                if getattr(self, name) is not None:
+                if self.values()[name] is not None:
                     raise _bad(f"cluster.{name}", "only used with cluster.backend: ray")
 
     @property

@@ -58,6 +58,6 @@ class HardwareSpec(_Spec):
         if self.memory_gib is not None and self.memory_gib <= 0:
             raise _bad("hardware.memory_gib", f"must be > 0, got {self.memory_gib}")
         for name in ("gpu_gib", "cpu_gib", "disk_gib"):
-            value = getattr(self, name)
+            value = self.values()[name]
             if value is not None and value < 0:
                 raise _bad(f"hardware.{name}", f"must be >= 0 (or omitted: unlimited), got {value:g}")

@@ -193,7 +193,7 @@ class JobSpec(_Spec):
     def _check_offload(self) -> None:
         if self.offload is None:
             for name in ("gpu_gib", "cpu_gib", "disk_gib"):
-                if getattr(self.hardware, name) is not None:
+                if self.hardware.values()[name] is not None:
                     raise _bad(f"hardware.{name}", "a tier budget of the block executor: "
                                "only used with an offload section")
             if self.hardware.link is not None:

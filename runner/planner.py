@@ -137,10 +137,8 @@ def plan_sections(plan: Plan) -> dict:
     """The plan as job sections a user can paste: batch, and offload's non-default fields."""
     out: dict = {"batch": {"gpu_batch_size": plan.gpu_batch_size, "num_gpu_batches": plan.num_gpu_batches}}
     if plan.offload is not None:
-        defaults = OffloadPolicy()
-        full = plan.offload.to_dict()
-        out["offload"] = {k: v for k, v in full.items() if v != getattr(defaults, k) and
-                          not (hasattr(getattr(defaults, k), "value") and getattr(defaults, k).value == v)}
+        defaults = OffloadPolicy().to_dict()  # enums as their values, as in the plan's own dict
+        out["offload"] = {k: v for k, v in plan.offload.to_dict().items() if v != defaults[k]}
     return out
 
 

@@ -220,7 +220,7 @@ class _Data:
         try:
             pool = load_questions(path)
             return build_prompts(pool[:spec.limit], pool, tok.encode, shots=spec.shots, seed=spec.seed,
-                                 add_bos=bool(getattr(tok, "add_bos", False)), list_choices=spec.list_choices)
+                                 add_bos=tok.add_bos, list_choices=spec.list_choices)
         except MCDataError:
             raise
         except ValueError as e:

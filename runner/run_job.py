@@ -182,9 +182,7 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh
     try:
         with stop.installed(), _budget_errors():
             _warm_up(engine, loaded)
-            offload_stats = getattr(engine, "reset_stats", None)
-            if offload_stats is not None:
-                offload_stats()  # the CSV reports the measured run, not the warm-up
+            engine.reset_stats()  # the CSV reports the measured run, not the warm-up
             write_atomic(out_dir / "job.yaml", yaml.safe_dump(job.to_dict(), sort_keys=False))
             loop = Loop(job=job, engine=engine, params=params, state=state, step=step, stop=stop, check_batch=check,
                         tokenize=tokenize)
@@ -192,10 +190,9 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh
                 totals = loop.run(records, _progress_total(job), progress)
                 if not loop.interrupted:
                     _finish(job, state)
-        offload_columns = engine.stats() if offload_stats is not None else {}
+        offload_columns = engine.stats()
     finally:
-        if hasattr(engine, "close"):
-            engine.close()  # the executor's disk files go, whether the run finished or failed
+        engine.close()  # the executor's disk files go, whether the run finished or failed
     _plot(job, state)
     row = _row(job, loaded, totals, device, dtype, started, sweep_point, offload_columns,
                status="interrupted" if loop.interrupted else "complete", resumed=resumed)

@@ -200,7 +200,6 @@ def _batch_row(engine: Engine, out: BatchOutput, elapsed: float) -> dict:
            "tokens_per_s": round(out.generated_tokens / seconds, 3) if seconds else 0.0,
            "elapsed_s": round(elapsed, 3), "peak_rss_bytes": peak_rss_bytes(),
            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0}
-    if hasattr(engine, "reset_stats"):  # the block executor: its tier pools' peaks
-        stats = engine.stats()
-        row.update({k: stats[k] for k in ("peak_gpu_pool_bytes", "peak_cpu_pool_bytes", "peak_disk_bytes")})
+    stats = engine.stats()  # the block executor's tier pools' peaks; other engines have none
+    row.update({k: stats[k] for k in ("peak_gpu_pool_bytes", "peak_cpu_pool_bytes", "peak_disk_bytes") if k in stats})
     return row

@@ -41,10 +41,14 @@ class _Spec:
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))
-        for f in dataclasses.fields(self):
+        for name, value in self.values().items():
             # object.__setattr__ because the dataclasses are frozen; this runs once, at construction.
-            object.__setattr__(self, f.name, _coerce(hints[f.name], getattr(self, f.name), self._key(f.name)))
+            object.__setattr__(self, name, _coerce(hints[name], value, self._key(name)))
         self._validate()
+
+    def values(self) -> dict[str, Any]:
+        """Field name -> value, in declaration order: what checks that loop over fields read."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def _key(cls, name: str) -> str:
@@ -55,7 +59,7 @@ class _Spec:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-able dict (enums as values, tuples as lists) that `job_from_dict` reads back."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {name: _plain(value) for name, value in self.values().items()}
 
 
 @cache
@@ -155,7 +159,7 @@ def _coerce_tuple(args: tuple, value: Any, key: str) -> tuple:
 
 
 def _at_least(spec: _Spec, name: str, low: int) -> None:
-    value = getattr(spec, name)
+    value = spec.values()[name]
     if value is not None and value < low:
         kind = "an integer" if isinstance(value, int) else "a number"
         raise _bad(spec._key(name), f"must be {kind} >= {low}, got {value}")

@@ -74,7 +74,7 @@ class DatasetSpec(_Spec):
         if synthetic and self.prompt_len is None:
             raise _bad("dataset.prompt_len", "required when dataset.format is synthetic")
         for name in ("prompt_len", "num_prompts"):
-            if not synthetic and getattr(self, name) is not None:
+            if not synthetic and self.values()[name] is not None:
                 raise _bad(f"dataset.{name}", "only allowed when dataset.format is synthetic")
             _at_least(self, name, 1)
         if synthetic and self.template is not None:

@@ -24,3 +24,12 @@ class AlisaEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  generator: torch.Generator | None) -> BatchOutput:
         return generate_batch(self.lm, prompts, params, self.tokenizer, generator, self.kv)
+
+    def reset_stats(self) -> None:
+        """Nothing to reset: every figure of this engine comes with its BatchOutput."""
+
+    def stats(self) -> dict[str, int | float]:
+        return {}
+
+    def close(self) -> None:
+        """Nothing to release: the weights and KV are plain tensors."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -122,8 +122,23 @@ def generate_batch(lm: LM, prompts: list[list[int]], params: SamplingParams, tok
                        kv_phase_s=dict(batch.kv.clock.totals) if batch.kv.clock.enabled else {})
 
 
+@runtime_checkable
 class Engine(Protocol):
+    """What a run asks of an engine: ours (runner.engines.alisa), HF's (runner.engines.hf) or the block
+    executor (runner.offload.executor)."""
     name: str
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  generator: torch.Generator | None) -> BatchOutput: ...
+
+    def reset_stats(self) -> None:
+        """Measure `stats` from now (after the warm-up run)."""
+        ...
+
+    def stats(self) -> dict[str, int | float]:
+        """The engine's own CSV columns since `reset_stats` (runner.data.outputs.OFFLOAD_COLUMNS); {} if none."""
+        ...
+
+    def close(self) -> None:
+        """Free what the engine holds beyond Python objects (copy threads, disk files); idempotent."""
+        ...

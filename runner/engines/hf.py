@@ -64,3 +64,12 @@ class HFEngine:
         t1 = marks[0] if marks else t2
         return BatchOutput(sequences=tracker.outputs, prefill_s=t1 - t0, decode_s=t2 - t1,
                            prompt_tokens=sum(len(p) for p in prompts), generated_tokens=sum(tracker.steps))
+
+    def reset_stats(self) -> None:
+        """Nothing to reset: every figure of this engine comes with its BatchOutput."""
+
+    def stats(self) -> dict[str, int | float]:
+        return {}
+
+    def close(self) -> None:
+        """Nothing to release: transformers' model is a plain module."""

@@ -66,7 +66,7 @@ class EvalSpec(_Spec):
         ppl = self.task is EvalTask.PERPLEXITY
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name, task in _TASK_ONLY.items():
-            if (task is EvalTask.PERPLEXITY) != ppl and getattr(self, name) != defaults[name]:
+            if (task is EvalTask.PERPLEXITY) != ppl and self.values()[name] != defaults[name]:
                 raise _bad(f"eval.{name}", f"only used with task: {task.value}")
         if ppl:
             if self.context_len is None:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from runner.model.config import ModelConfig
+from runner.kv.protocol import KVCacheBase
 
 
 def flat_rows(index: Tensor, batch: int, kv_heads: int, max_len: int) -> Tensor:
@@ -62,8 +63,10 @@ class Scratch:
         return buf[:size].view(shape)
 
 
-class KVCache:
+class KVCache(KVCacheBase):
     """Dense per-layer K and V: (b, kvh, max_len, d) each."""
+
+    groupable = True
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str):

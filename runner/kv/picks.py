@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from policies.base import Selection
+from runner.kv.protocol import KVCacheBase
 
 # Above this share of changed picks a full gather is cheaper than the bookkeeping.
 _REBUILD_SHARE = 0.5
@@ -49,7 +50,8 @@ class PickBuffer:
             return 0
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
 
-    def update(self, cache, layer: int, picks: Tensor, n: int, recent: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    def update(self, cache: KVCacheBase, layer: int, picks: Tensor, n: int,
+               recent: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """Hold exactly `picks` (b, g, k), unique positions < n - recent, plus the `recent` newest
         positions n - recent..n, of `cache` layer `layer`: m = k + recent slots.
 
@@ -80,7 +82,7 @@ class PickBuffer:
         grown = torch.ones((b, g, m - self.count), dtype=torch.bool, device=still_wanted.device)
         return torch.cat((~still_wanted, grown), dim=-1).nonzero()  # (f, 3): row, group, slot
 
-    def _copy_in(self, cache, layer: int, incoming: Tensor, slots: Tensor) -> None:
+    def _copy_in(self, cache: KVCacheBase, layer: int, incoming: Tensor, slots: Tensor) -> None:
         row, grp, pos = incoming.unbind(1)
         b, kvh, cap, d = self.k.shape
         if self.pos.shape[1] == 1 and kvh > 1:  # one pick serves every kv head of its row
@@ -96,7 +98,7 @@ class PickBuffer:
         self.pos.view(-1)[(row * self.pos.shape[1] + grp) * cap + slots] = pos
         self.copied += incoming.shape[0]
 
-    def _rebuild(self, cache, layer: int, picks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _rebuild(self, cache: KVCacheBase, layer: int, picks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, g, m = picks.shape
         cap = capacity(m)
         k, v = cache.gather(layer, picks)  # (b, kvh, m, d) in the cache's scratch

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from runner.model.config import ModelConfig
 from runner.kv.cache import Scratch, take_slots
+from runner.kv.protocol import KVCacheBase
 
 AXES = ("hidden", "channel")
 
@@ -124,8 +125,10 @@ def _slots(index: Tensor) -> Tensor:
 Store = list[Tensor]  # one layer's K or V: [data, scale, mn] (+ [residual] for axis "channel")
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(KVCacheBase):
     """KVCache with integer storage; see the module docstring for the two axes."""
+
+    groupable = True
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str, *, bits: int = 8, group_size: int = 64,

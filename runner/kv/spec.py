@@ -51,7 +51,8 @@ class KVSpec(_Spec):
     def make_policy(self):
         """The registered policy object this section describes."""
         from policies import get_policy
-        params = {k: getattr(self, k) for k in _POLICY_KEYS if getattr(self, k) is not None}
+        values = self.values()
+        params = {k: values[k] for k in _POLICY_KEYS if values[k] is not None}
         try:
             return get_policy(self.policy, **params)
         except ValueError as e:

@@ -17,7 +17,6 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,9 +24,11 @@ from torch import Tensor
 from policies import KVPolicy, Selection
 from policies.dense import Dense
 from runner.model import ops as M
+from runner.model.attention_kv import Projector
 from runner.model.config import ModelConfig
 from runner.kv.cache import KVCache, take_slots
 from runner.kv.picks import PickBuffer, buffer_bytes
+from runner.kv.protocol import KVCacheBase
 from runner.kv.spec import KVMode as Mode, QuantAxis
 from runner.kv.scores import ScoreState
 
@@ -75,7 +76,7 @@ class PhaseClock:
 
 
 def _make_cache(cfg: ModelConfig, kv: KVSettings, batch: int, capacity: int, dtype: torch.dtype,
-                device: torch.device):
+                device: torch.device) -> KVCacheBase:
     if kv.bits == 16:
         return KVCache(cfg, batch, capacity, dtype, device)
     from runner.kv.quant import QuantizedKVCache
@@ -125,7 +126,7 @@ def _take(x: Tensor, index: Tensor) -> Tensor:
 
 class KVStore:
     def __init__(self, cfg: ModelConfig, kv: KVSettings, valid: Tensor, dtype: torch.dtype, device: torch.device,
-                 make_cache: Callable[[int, int], Any] | None = None):
+                 make_cache: Callable[[int, int], KVCacheBase] | None = None):
         """valid: (b, L) bool over all positions (prompt + new tokens), False on left padding.
         make_cache(batch, capacity): the storage, when not the plain one on `device` (the block
         executor's tiered caches: runner.offload.sequence_kv, runner.offload.token_kv)."""
@@ -167,9 +168,9 @@ class KVStore:
     @property
     def wants_inputs(self) -> bool:
         """Whether the storage keeps layer inputs to recompute K/V from (ALISA phase III)."""
-        return hasattr(self.cache, "observe_inputs")
+        return self.cache.wants_inputs
 
-    def observe_inputs(self, layer: int, h: Tensor, positions: Tensor, start: int, project: Callable) -> None:
+    def observe_inputs(self, layer: int, h: Tensor, positions: Tensor, start: int, project: Projector) -> None:
         """Layer inputs h (b, s, hidden) of slots start.. at rotary `positions` (b, s), and how to
         project them to K/V."""
         self.cache.observe_inputs(layer, h, positions, start, project)
@@ -197,11 +198,9 @@ class KVStore:
         a token-tiered cache fetches the cpu-resident tokens the step will read (the recent run's
         oldest, if the gpu window is shorter, and without pick buffers every pick), selected now (the
         layer's scores are final since its last step) and kept for the step itself."""
-        if hasattr(self.cache, "prefetch"):
-            self.cache.prefetch(layer, self.length)
-            return
+        self.cache.prefetch(layer, self.length)  # a cache that loads the layer whole starts here
         n = self.length + 1
-        if not hasattr(self.cache, "fetch_ahead") or self.evict or \
+        if not self.cache.fetches_ahead or self.evict or \
                 self.ahead.get(layer, (0,))[0] == n:  # already under way (the executor asks once per unit)
             return
         scores = self.scores[layer].current(n, self.policy.score_window(n)) if self.scores else None
@@ -258,7 +257,7 @@ class KVStore:
         """One new token per row: store its KV, select, attend, update scores. -> (b, nh, 1, d)"""
         if self.evict:
             return self._decode_evict(layer, q, k, v)
-        if getattr(self.cache, "cpu_compute", False):  # FlexGen's cpu_cache_compute: dense, attention by tier
+        if self.cache.cpu_compute:  # FlexGen's cpu_cache_compute: dense, attention by tier
             self.cache.write(layer, k, v, self.length)
             bias = self.bias[..., :self.length + 1].unsqueeze(2) if self.padded else None
             return self.cache.attend(layer, q, self.length + 1, bias)
@@ -277,8 +276,7 @@ class KVStore:
             sel = self.policy.select(n, n, scores, q.device)
         clock.lap("select")
         index, keys, values = self._read_selected(layer, sel, n, need_index=bool(state or self.padded))
-        if hasattr(self.cache, "drop_ahead"):
-            self.cache.drop_ahead(layer)  # the step's reads are done
+        self.cache.drop_ahead(layer)  # the step's reads are done
         if sel is None:
             bias = self.bias[..., :n] if self.padded else None
         else:

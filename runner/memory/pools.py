@@ -64,8 +64,8 @@ class TierBudgets:
     disk_page_cache: bool = True  # False: disk files leave the OS page cache after each write and read
 
     def __post_init__(self) -> None:
-        for name in ("gpu_bytes", "cpu_bytes", "disk_bytes"):
-            _check_budget(name, getattr(self, name))
+        for name, value in self.budgets().items():
+            _check_budget(f"{name.value}_bytes", value)
 
     @classmethod
     def from_gib(cls, *, offload_dir: str, gpu_gib: float | None = None, cpu_gib: float | None = None,
@@ -76,8 +76,11 @@ class TierBudgets:
         return cls(gpu_bytes=to_bytes(gpu_gib), cpu_bytes=to_bytes(cpu_gib), disk_bytes=to_bytes(disk_gib),
                    offload_dir=offload_dir, disk_page_cache=disk_page_cache)
 
+    def budgets(self) -> dict[Tier, int | None]:
+        return {Tier.GPU: self.gpu_bytes, Tier.CPU: self.cpu_bytes, Tier.DISK: self.disk_bytes}
+
     def budget(self, tier: Tier) -> int | None:
-        return getattr(self, f"{Tier(tier).value}_bytes")
+        return self.budgets()[Tier(tier)]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -18,8 +18,8 @@ from torch import Tensor
 from runner.model import greedy_head
 from runner.model import kernels
 from runner.model import ops as M
+from runner.model.attention_kv import AttentionKV
 from runner.model.config import Mlp, ModelConfig, Norm, Positions
-from runner.kv.store import KVStore
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -47,7 +47,7 @@ class ForwardState:
     """Per-call inputs shared by all units of one forward pass over a batch."""
     positions: Tensor  # (b, s) absolute position of each new token
     start: int  # position of the first new token (all rows share it: prompts are left-padded)
-    kv: KVStore
+    kv: AttentionKV  # runner.kv.store.KVStore
     rows: slice = dataclasses.field(default_factory=lambda: slice(None))  # batch rows this prefill call runs (prefill goes in row groups)
     prefill_mask: Tensor | None = None  # (b, 1, s, s) bool, None when no row is padded
     rope: tuple[Tensor, Tensor] | None = None  # cos, sin gathered at positions: (b, 1, s, d)

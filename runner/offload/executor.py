@@ -28,10 +28,9 @@ from runner.model.config import ModelConfig
 from runner.memory.copy_engine import CopyEngine, LinkEmulation
 from runner.engines.base import BatchOutput, StopTracker, TextDecoder
 from runner.offload.placement import KVPlacer
+from runner.kv.protocol import KVCacheBase
 from runner.kv.store import KVSettings
 from runner.model.layers import Attention, ForwardState, build_units
-from runner.kv.cache import KVCache
-from runner.kv.quant import QuantizedKVCache
 from runner.engines.lm import PREFILL_GROUP_TOKENS, Batch, set_rope
 from runner.memory.tiers import BudgetError, Memory, Reservation, Tier, TierBudgets, format_bytes
 from runner.offload.scheduled import ScheduledLayer, WeightRead
@@ -41,8 +40,6 @@ from runner.engines.sampling import SamplingParams, next_tokens
 
 __all__ = ["Executor", "OffloadPolicy", "ScheduledLayer"]
 
-# Plain KV stores take a prefill in row groups (faster at big batches, see runner.engines.lm); tiered ones whole.
-_GROUPABLE = (KVCache, QuantizedKVCache)
 COPY_THREADS = 2  # overlap on: background copy threads (torch copies release the GIL)
 
 
@@ -58,7 +55,7 @@ class _GpuBatch:
     """One GPU batch of a block: its `Batch` (ids, positions, KV store) and where it is in the step."""
 
     def __init__(self, frame: _Frame, prompts: list[list[int]], max_new_tokens: int, kv: KVSettings | None,
-                 make_cache: Callable[[int, int], object] | None):
+                 make_cache: Callable[[int, int], KVCacheBase] | None):
         self.batch = Batch(frame, prompts, max_new_tokens, kv, make_cache)  # type: ignore[arg-type]
         self.states: list[ForwardState] = []
         self.hidden: list[Tensor] = []  # per row group: ids in, hidden states between layers, logits out
@@ -75,7 +72,8 @@ class _GpuBatch:
         b = self.batch
         if i == 0:
             rows = b.ids.shape[0]
-            per = max(1, PREFILL_GROUP_TOKENS // b.prompt_width) if type(b.kv.cache) in _GROUPABLE else rows
+            # Plain KV caches take a prefill in row groups (faster at big batches); tiered ones whole.
+            per = max(1, PREFILL_GROUP_TOKENS // b.prompt_width) if b.kv.cache.groupable else rows
             groups = [slice(r, r + per) for r in range(0, rows, per)]
             self.states = [b.prefill_state(g) for g in groups]
             self.hidden = [b.ids[g] for g in groups]
@@ -119,6 +117,10 @@ class Executor:
         self._gpu_owned: list[Tensor] = []  # rotary tables
         self.rope: tuple[Tensor, Tensor] | None = None
         self._loads = 0  # weight loads so far: picks the staging slot
+        # Made in the try below; None until then, so that close() frees whatever a failure left.
+        self.engine: CopyEngine | None = None
+        self.placer: KVPlacer | None = None
+        self.acts: ActivationHome | None = None
         try:
             self._place(weights)
             self.engine = CopyEngine(self.memory, threads=COPY_THREADS if policy.overlap else 0, link=link)
@@ -314,14 +316,12 @@ class Executor:
 
     def close(self) -> None:
         """Stop the copy threads, free every allocation and delete the disk files (idempotent)."""
-        placer = getattr(self, "placer", None)
-        if placer is not None:
-            placer.end_block()
-        if getattr(self, "acts", None) is not None:
+        if self.placer is not None:
+            self.placer.end_block()
+        if self.acts is not None:
             self.acts.end_block()
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close()
+        if self.engine is not None:
+            self.engine.close()
         for layer in self.layers:
             layer.free()
         for t in self.slots + self._gpu_owned:

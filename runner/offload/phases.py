@@ -1,7 +1,6 @@
 """ALISA's three KV phases as pure functions of the sequence length (ISCA'24 §V-A): which positions
 live on the gpu, which are recomputed, and the window and activation sizes that follows; shared by the
-token-tiered cache (runner/offload/token_kv.py), its memory plan and the cost model. Also the traffic record
-such caches keep."""
+token-tiered cache (runner/offload/token_kv.py), its memory plan and the cost model."""
 from __future__ import annotations
 
 import functools
@@ -49,13 +48,3 @@ class TokenPhases:
         """Positions whose layer inputs are kept: the most recomputed at any length up to max_len."""
         return min(max_len, max((self.recompute_below(n) for n in range(1, max_len + 1)), default=0))
 
-
-@dataclass
-class KVTraffic:
-    """What a token-tiered cache moved and recomputed (bytes over the link, tokens, seconds)."""
-    up_bytes: int = 0  # gpu <- cpu: selected old tokens fetched
-    ahead_bytes: int = 0  # of those, fetched before their layer ran (fetch_ahead)
-    down_bytes: int = 0  # cpu <- gpu: tokens leaving the gpu window
-    recomputed: int = 0  # (token, layer) K/V pairs recomputed from activations
-    recompute_s: float = 0.0
-    recompute_saved_bytes: int = 0  # what fetching the recomputed tokens from cpu would have moved

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from runner.model.config import ModelConfig
 from runner.memory.copy_engine import CopyEngine
 from runner.kv.picks import buffer_bytes
+from runner.kv.protocol import KVCacheBase, KVTraffic
 from runner.offload.sequence_kv import SequenceSplitKV, WorkingSlots, split_rows
 from runner.kv.spec import KVMode, QuantAxis
 from runner.kv.store import KVSettings, kv_bytes
 from runner.offload.token_kv import TokenTieredKV
-from runner.offload.phases import KVTraffic, TokenPhases
+from runner.offload.phases import TokenPhases
 from runner.memory.tiers import Memory, Tier
 from runner.offload.policy import KVPlacement, OffloadPolicy
 
@@ -44,7 +44,7 @@ class KVPlacer:
         self._check_kv()
         self.slots: WorkingSlots | None = None
         self.max_new = 0  # tokens generated per block: a cache's prompt width is its capacity minus this
-        self.caches: list[Any] = []
+        self.caches: list[KVCacheBase] = []
         self.done = KVTraffic()  # traffic of caches already freed
 
     def _check_kv(self) -> None:
@@ -125,12 +125,12 @@ class KVPlacer:
         if self.split:
             self.slots = WorkingSlots(self.memory, self._slot_shape(shapes), self.dtype)
 
-    def cache_factory(self) -> Callable[[int, int], Any] | None:
+    def cache_factory(self) -> Callable[[int, int], KVCacheBase] | None:
         """make_cache(batch, capacity) for a GPU batch's KVStore, or None for the plain cache."""
         if not self.offloaded:
             return None
 
-        def make(batch: int, capacity: int) -> Any:
+        def make(batch: int, capacity: int) -> KVCacheBase:
             if self.phases:
                 cache = TokenTieredKV(self.cfg, batch, capacity, self.dtype, phases=self.phases, memory=self.memory,
                                       engine=self.engine, bits=self.kv.bits, group_size=self.kv.group_size,
@@ -147,10 +147,8 @@ class KVPlacer:
     def end_block(self) -> None:
         """Free the block's caches and working slots (also after a failure)."""
         for cache in self.caches:
-            t = getattr(cache, "traffic", None)
-            if t is not None:
-                for name in vars(t):
-                    setattr(self.done, name, getattr(self.done, name) + getattr(t, name))
+            if cache.traffic is not None:
+                self.done += cache.traffic
             cache.free()
         self.caches = []
         if self.slots is not None:
@@ -159,11 +157,10 @@ class KVPlacer:
 
     def traffic(self) -> KVTraffic:
         """What token-tiered caches moved and recomputed so far (freed ones included)."""
-        out = KVTraffic(**vars(self.done))
+        out = self.done + KVTraffic()  # a copy: not the running total itself
         for cache in self.caches:
-            t = getattr(cache, "traffic", None)
-            for name in vars(t) if t is not None else ():
-                setattr(out, name, getattr(out, name) + getattr(t, name))
+            if cache.traffic is not None:
+                out += cache.traffic
         return out
 
     def reset(self) -> None:

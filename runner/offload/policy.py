@@ -68,13 +68,14 @@ class OffloadPolicy(_Spec):
     pick_buffer: bool = True  # token placement: keep each layer's picks on the gpu across steps (see above)
 
     def _validate(self) -> None:
+        values = self.values()
         for kind in ("w", "cache", "act"):
             gpu, cpu = f"{kind}_gpu_percent", f"{kind}_cpu_percent"
             for name in (gpu, cpu):
-                value = getattr(self, name)
+                value = values[name]
                 if not 0 <= value <= 100:
                     raise _bad(f"offload.{name}", f"must be in [0, 100], got {value:g}")
-            total = getattr(self, gpu) + getattr(self, cpu)
+            total = values[gpu] + values[cpu]
             if total > 100 + 1e-9:
                 raise _bad(f"offload.{cpu}", f"{gpu} + {cpu} must be <= 100 (the rest goes to disk), got {total:g}")
         self._validate_placement()
@@ -84,7 +85,7 @@ class OffloadPolicy(_Spec):
                        f"{self.act_gpu_percent:g} / {self.act_cpu_percent:g}")
 
     def _validate_placement(self) -> None:
-        token_fields = ("p1", "p2", "offload_ratio", "recompute_ratio")
+        token_fields, values = ("p1", "p2", "offload_ratio", "recompute_ratio"), self.values()
         if not self.pick_buffer and self.kv_placement is not KVPlacement.TOKEN:
             raise _bad("offload.pick_buffer", "only kv_placement: token fetches picks by token")
         if self.cpu_cache_compute and self.kv_placement is KVPlacement.TOKEN:
@@ -94,15 +95,15 @@ class OffloadPolicy(_Spec):
                        "token placement compresses with kv.bits: 8")
         if self.kv_placement is KVPlacement.SEQUENCE:
             for name in token_fields:
-                if getattr(self, name) not in (None, 0.0):
+                if values[name] not in (None, 0.0):
                     raise _bad(f"offload.{name}", "only used with offload.kv_placement: token")
             return
         for name in ("cache_gpu_percent", "cache_cpu_percent"):
-            if getattr(self, name) != OffloadPolicy.__dataclass_fields__[name].default:
+            if values[name] != OffloadPolicy.__dataclass_fields__[name].default:
                 raise _bad(f"offload.{name}", "FlexGen's per-sequence split; kv_placement: token places KV "
                            "by p1, p2, offload_ratio and recompute_ratio instead")
         for name in ("p1", "p2"):
-            if getattr(self, name) is None or getattr(self, name) < 1:
+            if values[name] is None or values[name] < 1:
                 raise _bad(f"offload.{name}", "kv_placement: token needs a phase switch length >= 1")
         if self.p2 < self.p1:
             raise _bad("offload.p2", f"must be >= p1 ({self.p1}), got {self.p2}")

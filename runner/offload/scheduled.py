@@ -15,12 +15,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor
 
 from runner.memory.copy_engine import CopyEngine, Handle
 from runner.kv.quant import QTensor, dequantize, quantize
+from runner.kv.store import KVStore
 from runner.model.layers import Attention, ForwardState, Shapes, Unit
 from runner.memory.tiers import DiskTensor, Memory, Tier
 from runner.offload.policy import OffloadPolicy
@@ -177,19 +179,20 @@ class ScheduledLayer:
         """Start bringing this layer's KV of one GPU batch (a decode step's) to the gpu tier: FlexGen's
         per-sequence split loads it whole, ALISA's token placement the cpu-resident tokens the step
         will read (runner.kv.store.KVStore.prefetch); the plain store needs nothing."""
-        if self._cache(state) is not None:
-            state.kv.prefetch(self.unit.layer)
+        store = self._store(state)
+        if store is not None:
+            store.prefetch(self.unit.layer)
 
     def store_cache(self, state: ForwardState | None) -> None:
         """Write the new token's KV of one GPU batch back to its home (no-op unless the cache offloads)."""
-        cache = self._cache(state)
-        if hasattr(cache, "flush"):
-            cache.flush(self.unit.layer, state.start, state.start + 1)
+        store = self._store(state)
+        if store is not None:
+            store.cache.flush(self.unit.layer, state.start, state.start + 1)
 
-    def _cache(self, state: ForwardState | None) -> object | None:
+    def _store(self, state: ForwardState | None) -> KVStore | None:
         if state is None or not isinstance(self.unit, Attention):
             return None
-        return state.kv.cache
+        return cast(KVStore, state.kv)  # the executor's GPU batches attend through KVStores (runner.engines.lm)
 
     def forward(self, w: dict[str, Tensor], x: Tensor, state: ForwardState) -> Tensor:
         return self.unit.forward(w, x, state)

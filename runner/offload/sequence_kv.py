@@ -20,8 +20,8 @@ from torch import Tensor
 from runner.model.config import ModelConfig
 from runner.memory.copy_engine import CopyEngine, Handle
 from runner.kv.cache import Scratch, take_slots
+from runner.kv.protocol import KVCacheBase, KVTraffic
 from runner.kv.quant import QTensor, dequantize, quantize
-from runner.offload.phases import KVTraffic
 from runner.model import ops as M
 from runner.memory.tiers import Direction, Memory, Tier
 
@@ -69,7 +69,7 @@ class WorkingSlots:
         self.k, self.v = [], []
 
 
-class SequenceSplitKV:
+class SequenceSplitKV(KVCacheBase):
     """KVCache interface over per-tier homes of whole sequences and a shared working slot."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, *, split: tuple[int, int, int],

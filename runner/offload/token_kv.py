@@ -1,5 +1,5 @@
 """ALISA's three-phase token-level KV placement (ISCA'24 §V-A): a KV cache whose tokens live in
-different tiers by age, behind the `runner.kv.cache.KVCache` interface the KV store reads through.
+different tiers by age, behind the `runner.kv.protocol.KVCacheBase` interface the KV store reads through.
 
 At sequence length n (`TokenPhases`):
 - phase I (n < p1): every token's K/V is in a window buffer on the `gpu` tier;
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,16 +33,18 @@ from torch import Tensor
 from runner.model.config import ModelConfig
 from runner.memory.copy_engine import CopyEngine, Handle
 from runner.kv.cache import flat_rows
+from runner.kv.protocol import KVCacheBase, KVTraffic
 from runner.kv.quant import QTensor, check_params, dequantize, quantize
 from runner.memory.tiers import Memory
-from runner.offload.phases import KVTraffic, TokenPhases
-
-# (h (r, hidden), positions (r,)) -> K, V (r, kv_heads, head_dim): a layer's K/V from its input.
-Projector = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+from runner.model.attention_kv import Projector
+from runner.offload.phases import TokenPhases
 
 
-class TokenTieredKV:
+class TokenTieredKV(KVCacheBase):
     """KVCache interface over a gpu window, a cpu home and gpu activations (see module docstring)."""
+
+    wants_inputs = True  # phase III recomputes K/V from them
+    fetches_ahead = True  # the cpu-resident tokens a step reads, selected a layer early
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, *, phases: TokenPhases,
                  memory: Memory, engine: CopyEngine, bits: int = 16, group_size: int = 64, min_len: int = 1):

@@ -28,9 +28,9 @@ class _Positive(_Spec):
     """A section whose every figure must be > 0."""
 
     def _validate(self) -> None:
-        for f in dataclasses.fields(self):
-            if not getattr(self, f.name) > 0:
-                raise _bad(self._key(f.name), f"must be > 0, got {getattr(self, f.name):g}")
+        for name, value in self.values().items():
+            if not value > 0:
+                raise _bad(self._key(name), f"must be > 0, got {value:g}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,10 +57,10 @@ class Bandwidth(_Positive):
     packed_weights: float = 0.0
 
     def _validate(self) -> None:
-        for f in dataclasses.fields(self):
-            value, optional = getattr(self, f.name), f.name == "packed_weights"
+        for name, value in self.values().items():
+            optional = name == "packed_weights"
             if not (value >= 0 if optional else value > 0):
-                raise _bad(self._key(f.name), f"must be {'>=' if optional else '>'} 0, got {value:g}")
+                raise _bad(self._key(name), f"must be {'>=' if optional else '>'} 0, got {value:g}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -85,9 +85,9 @@ class Overheads(_Spec):
     transfer: float = 0.0  # per copy issued on a transfer stream (latency)
 
     def _validate(self) -> None:
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 0:
-                raise _bad(self._key(f.name), f"must be >= 0, got {getattr(self, f.name):g}")
+        for name, value in self.values().items():
+            if value < 0:
+                raise _bad(self._key(name), f"must be >= 0, got {value:g}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

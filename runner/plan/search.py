@@ -107,7 +107,8 @@ def _with(plan: Plan, offload: OffloadPolicy) -> Plan:
 @functools.lru_cache(maxsize=1 << 16)  # each batch shape tried walks the same moves from the same start
 def _move(policy: OffloadPolicy, kind: str, src: Tier, dst: Tier, step: float) -> OffloadPolicy | None:
     """`step` points of weights ('w') or KV ('cache') from tier src to dst; None if not possible."""
-    pct = {t: getattr(policy, f"{kind}_{t.value}_percent") for t in (Tier.GPU, Tier.CPU)}
+    values = policy.values()
+    pct = {t: values[f"{kind}_{t.value}_percent"] for t in (Tier.GPU, Tier.CPU)}
     pct[Tier.DISK] = 100 - pct[Tier.GPU] - pct[Tier.CPU]
     step = min(step, pct[src])
     if step <= 0:
