@@ -16,14 +16,14 @@ from runner.kv.protocol import KVCacheBase, KVTraffic
 from runner.kv.quant import QuantizedKVCache
 from runner.kv.store import KVSettings, KVStore
 from runner.model.attention_kv import AttentionKV
-from runner.model.config import Activation, Family, ModelConfig
+from runner.model.config import LLAMA_ARCH, ModelConfig
 from runner.offload.executor import Executor
 from runner.offload.sequence_kv import SequenceSplitKV
 from runner.offload.token_kv import TokenTieredKV
 
-CFG = ModelConfig(name="tiny", family=Family.LLAMA, vocab_size=100, hidden_size=64, intermediate_size=160,
+CFG = ModelConfig(name="tiny", arch=LLAMA_ARCH, vocab_size=100, hidden_size=64, intermediate_size=160,
                   num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64, norm_eps=1e-5,
-                  activation=Activation.SILU, tie_embeddings=False)
+                  tie_embeddings=False)
 CACHES = [KVCache, QuantizedKVCache, SequenceSplitKV, TokenTieredKV]
 ENGINES = [AlisaEngine, HFEngine, Executor]
 
