@@ -31,4 +31,7 @@ task, data, model and dtype they are a point's key for resume).
 Modules: `spec` is the section (light: the job loader imports it); `perplexity` and `mc` score one
 point; `plot` draws it; `runner/run_eval.py` runs the grid (it sits beside `run_job`, as it reads a whole
 job and resolves its device).
+
+May import: `runner.spec`, `runner.units`, `runner.data`, `runner.memory`, `runner.model`, `policies`,
+`runner.kv`, `runner.engines`.
 """
