@@ -23,7 +23,7 @@ from runner.data.spec import OnError
 from runner.engines.base import Engine
 from runner.engines.base import BatchOutput
 from runner.job import JobSpec
-from runner.data.outputs import GenerationRecord, peak_rss_bytes
+from runner.data.outputs import TIER_PEAK_COLUMNS, GenerationRecord, peak_rss_bytes
 from runner.data.reports import BatchLog
 from runner.resume import GENERATIONS, REJECTS, RunState, append_lines
 from runner.engines.sampling import SamplingParams
@@ -202,5 +202,5 @@ def _batch_row(engine: Engine, out: BatchOutput, elapsed: float) -> dict:
            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0}
     if hasattr(engine, "reset_stats"):  # the block executor: its tier pools' peaks
         stats = engine.stats()
-        row.update({k: stats[k] for k in ("peak_gpu_pool_bytes", "peak_cpu_pool_bytes", "peak_disk_bytes")})
+        row.update({k: stats[k] for k in TIER_PEAK_COLUMNS})
     return row
