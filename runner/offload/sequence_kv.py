@@ -271,7 +271,7 @@ class SequenceSplitKV:
         return sum(split_bytes(self.cfg, self.split, self.max_len, self.dtype).values())
 
     def bytes_per_token(self) -> int:
-        return 2 * self.cfg.num_layers * self.cfg.num_kv_heads * self.cfg.head_dim * self.dtype.itemsize
+        return self.cfg.kv_bytes_per_token(self.dtype.itemsize)
 
     def free(self) -> None:
         for layer, (slot, handles) in list(self.loaded.items()):
