@@ -32,7 +32,8 @@ import ray
 import yaml
 
 from runner.job import Device, JobSpec, OutputOrder, apply_overrides, job_from_dict
-from runner.data.outputs import OFFLOAD_COLUMNS, append_csv_row, git_commit, throughput_row
+from runner.data.outputs import (COMPUTED_COLUMNS, KV_PHASE_COLUMNS, OFFLOAD_COLUMNS, TIER_PEAK_COLUMNS, append_csv_row,
+                                 git_commit, throughput_row)
 from runner.data.reports import BATCH_COLUMNS, plot_report
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: on workers' PYTHONPATH, so they import runner
@@ -315,10 +316,9 @@ def _write_atomic(dest: Path, text: str) -> None:
 
 # Per-process peaks: the largest shard's. Link settings and predictions: a shard's (the prediction is for
 # one runner's plan). Everything else numeric in the offload and kv timing columns: summed over shards.
-_PEAKS = {"peak_gpu_bytes", "peak_cpu_bytes", "kv_peak_bytes", "kv_bytes_per_token", "peak_gpu_pool_bytes",
-          "peak_cpu_pool_bytes", "peak_disk_bytes"}
+_PEAKS = {"peak_gpu_bytes", "peak_cpu_bytes", "kv_peak_bytes", "kv_bytes_per_token", *TIER_PEAK_COLUMNS}
 _SUMMED = ({c for c in OFFLOAD_COLUMNS if c not in _PEAKS and c not in ("link_gbps", "link_emulated")}
-           | {f"kv_{p}_s" for p in ("store", "score", "select", "gather", "attend")})
+           | set(KV_PHASE_COLUMNS))
 
 
 def merged_row(job: JobSpec, shards: list[Shard], batches: list[dict], *, wall_s: float, init_s: float,
@@ -374,9 +374,7 @@ def _shard_columns(rows: list[dict]) -> dict:
     """The descriptive columns of the shards' rows (the first shard's), peaks maxed, counters summed."""
     if not rows:
         return {}
-    derived = {"num_prompts", "prompt_len", "gen_len", "prefill_latency_s", "prefill_throughput", "decode_latency_s",
-               "decode_throughput", "total_latency_s", "total_throughput", "resumed_prompts", "rejected_prompts",
-               "status", "workers", "notes", "num_threads"}
+    derived = COMPUTED_COLUMNS | {"resumed_prompts", "rejected_prompts", "status", "workers", "notes", "num_threads"}
     out = {k: v for k, v in rows[0].items() if k not in derived}
     for column in _PEAKS | _SUMMED:
         values = [r[column] for r in rows if isinstance(r.get(column), (int, float)) and r[column] == r[column]]

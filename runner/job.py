@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from runner.cluster_spec import ClusterSpec, cluster_section
@@ -50,6 +51,13 @@ class DType(str, enum.Enum):
     @classmethod
     def _missing_(cls, value: object) -> DType | None:
         return _DTYPE_ALIASES.get(value) if isinstance(value, str) else None
+
+    def torch_dtype(self, accelerator: bool) -> torch.dtype:
+        """The compute dtype a run (and the planner's prediction of it) uses; auto: fp16 on an
+        accelerator, fp32 on a CPU (this CPU class has no fast bf16/fp16 matmul, see docs)."""
+        if self is DType.AUTO:
+            return torch.float16 if accelerator else torch.float32
+        return {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}[self]
 
 
 _DTYPE_ALIASES = {"fp32": DType.FLOAT32, "fp16": DType.FLOAT16, "bf16": DType.BFLOAT16}

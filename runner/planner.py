@@ -10,16 +10,16 @@ from pathlib import Path
 
 import torch
 
+from runner.data.outputs import PREDICTED_THROUGHPUT_COLUMNS
 from runner.model.config import PRESETS, ModelConfig
 from runner.plan.cost_model import Plan, Prediction, Workload, predict
 from runner.plan.hardware import HardwareProfile, PROFILE_DIR, load_profile
-from runner.job import DatasetFormat, DType, Engine, JobSpec
+from runner.job import DatasetFormat, Engine, JobSpec
 from runner.kv.spec import KVMode, QuantAxis
 from runner.memory.tiers import Tier
 from runner.offload.policy import KVPlacement, OffloadPolicy
 from runner.plan.search import SearchResult, budgets_from, search_alisa, search_flexgen
 
-_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
 CPU_PROFILE = "cpu-only"  # the profile a CPU run's predicted columns use when its job names none
 
 
@@ -71,9 +71,7 @@ def prompt_shape(job: JobSpec, cfg: ModelConfig) -> tuple[int, int]:
 
 
 def plan_dtype(job: JobSpec, profile: HardwareProfile) -> torch.dtype:
-    if job.model.dtype is DType.AUTO:  # as runs resolve it: fp16 on an accelerator, fp32 on a CPU
-        return torch.float16 if profile.accelerator else torch.float32
-    return _DTYPES[job.model.dtype]
+    return job.model.dtype.torch_dtype(profile.accelerator)  # as runs resolve it (runner.run_job)
 
 
 def job_workload(job: JobSpec, cfg: ModelConfig, profile: HardwareProfile,
@@ -181,9 +179,13 @@ def predicted_columns(job: JobSpec, cfg: ModelConfig, shape: tuple[int, int], de
     w = Workload(cfg=cfg, prompt_len=shape[0], gen_len=job.generation.max_new_tokens, num_prompts=shape[1],
                  dtype=dtype, kv=job.kv.settings())
     p = predict(w, job_plan(job), profile)
-    return {"predicted_profile": profile.name, "predicted_prefill_throughput": round(p.prefill_throughput, 2),
-            "predicted_decode_throughput": round(p.decode_throughput, 2),
-            "predicted_total_throughput": round(p.total_throughput, 2)}
+    return {"predicted_profile": profile.name, **_predicted_throughputs(p, 2)}
+
+
+def _predicted_throughputs(p: Prediction, digits: int) -> dict[str, float]:
+    """The predicted_* throughput columns (runner.data.outputs.PREDICTED_THROUGHPUT_COLUMNS) of `p`."""
+    values = (p.prefill_throughput, p.decode_throughput, p.total_throughput)
+    return dict(zip(PREDICTED_THROUGHPUT_COLUMNS, (round(v, digits) for v in values), strict=True))
 
 
 def plan_rows(report: PlanReport, job: JobSpec, sweep_point: str = "") -> list[dict]:
@@ -198,9 +200,7 @@ def plan_rows(report: PlanReport, job: JobSpec, sweep_point: str = "") -> list[d
             row.update(gpu_batch_size=plan.gpu_batch_size, num_gpu_batches=plan.num_gpu_batches)
             row.update({f"offload.{k}": v for k, v in plan_sections(plan).get("offload", {}).items()})
         if pred is not None:
-            row.update(predicted_prefill_throughput=round(pred.prefill_throughput, 3),
-                       predicted_decode_throughput=round(pred.decode_throughput, 3),
-                       predicted_total_throughput=round(pred.total_throughput, 3), bound=pred.bound,
+            row.update(**_predicted_throughputs(pred, 3), bound=pred.bound,
                        **{f"peak_{t.value}_bytes": n for t, n in pred.peak_bytes.items()},
                        **{f"phase{i}_s": round(x, 3) for i, x in enumerate(pred.phase_s, start=1)})
         if result is not None:

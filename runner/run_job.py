@@ -26,7 +26,6 @@ from runner.engines.sampling import SamplingParams
 from runner.model.weights import LoadedModel, available_memory, load_model
 from runner.units import format_gib, gib_to_bytes
 
-_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -38,10 +37,7 @@ def resolve_device(device: Device) -> torch.device:
 
 
 def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
-    if dtype is DType.AUTO:
-        # This CPU class has no fast bf16/fp16 matmul (see docs): fp32 there, fp16 on CUDA.
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
+    return dtype.torch_dtype(accelerator=device.type == "cuda")
 
 
 def _make_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> Engine:

@@ -23,7 +23,7 @@ from runner.data.spec import OnError
 from runner.engines.base import Engine
 from runner.engines.base import BatchOutput
 from runner.job import JobSpec
-from runner.data.outputs import GenerationRecord, peak_rss_bytes
+from runner.data.outputs import TIER_PEAK_COLUMNS, GenerationRecord, peak_rss_bytes
 from runner.data.reports import BatchLog
 from runner.resume import GENERATIONS, REJECTS, RunState, append_lines
 from runner.engines.sampling import SamplingParams
@@ -201,5 +201,5 @@ def _batch_row(engine: Engine, out: BatchOutput, elapsed: float) -> dict:
            "elapsed_s": round(elapsed, 3), "peak_rss_bytes": peak_rss_bytes(),
            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0}
     stats = engine.stats()  # the block executor's tier pools' peaks; other engines have none
-    row.update({k: stats[k] for k in ("peak_gpu_pool_bytes", "peak_cpu_pool_bytes", "peak_disk_bytes") if k in stats})
+    row.update({k: stats[k] for k in TIER_PEAK_COLUMNS if k in stats})
     return row

@@ -223,3 +223,19 @@ def test_flexgen_reference_policies_on_t4_land_within_35_percent_of_published(mo
     w = Workload(cfg=get_preset(model), prompt_len=512, gen_len=32, num_prompts=gbs * ngb, dtype=torch.float16)
     p = predict(w, Plan(gpu_batch_size=gbs, num_gpu_batches=ngb, offload=policy), load_profile("t4-16g"))
     assert abs(p.total_throughput / published - 1) <= 0.35
+
+
+def test_num_params_counts_the_matrices_and_a_tied_head_once():
+    from runner.model.layers import num_params
+    tied = get_preset("opt-125m").replace(tie_embeddings=True)
+    assert num_params(tied) == 125_117_952  # OPT-125m without biases and norms
+    assert num_params(tied.replace(tie_embeddings=False)) - num_params(tied) == tied.vocab_size * tied.embed_dim
+
+
+def test_token_phases_over_many_lengths_are_the_scalar_ones():
+    ph = TokenPhases(p1=20, p2=50, offload_ratio=0.6, recompute_ratio=0.3)
+    n = np.arange(1, 120, dtype=float)
+    assert ph.gpu_from_each(n).tolist() == [ph.gpu_from(int(x)) for x in n]
+    assert ph.recompute_below_each(n).tolist() == [ph.recompute_below(int(x)) for x in n]
+    assert ph.phase_each(n).tolist() == [ph.phase(int(x)) for x in n]
+    assert set(ph.phase_each(n).tolist()) == {1, 2, 3}

@@ -397,3 +397,11 @@ def test_sweep_cases_set_several_keys_per_point():
     with pytest.raises(JobError, match=r"offload\.p2"):  # a bad case fails at load time, naming the key
         job_from_dict({**minimal(), "offload": {}, "sweep": {"cases": [
             {"offload": {"kv_placement": "token", "p1": 64}}]}})
+
+
+def test_dtype_maps_to_torch_as_runs_and_plans_resolve_it():
+    import torch
+    assert DType.AUTO.torch_dtype(accelerator=True) is torch.float16
+    assert DType.AUTO.torch_dtype(accelerator=False) is torch.float32
+    assert DType("bf16").torch_dtype(accelerator=False) is torch.bfloat16
+    assert {d.torch_dtype(True) for d in DType if d is not DType.AUTO} == {torch.float32, torch.float16, torch.bfloat16}

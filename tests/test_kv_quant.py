@@ -7,7 +7,7 @@ from torch import Tensor
 
 from runner.model.config import get_preset
 from runner.kv.cache import KVCache
-from runner.kv.quant import QTensor, QuantizedKVCache, dequantize, quantize
+from runner.kv.quant import QTensor, QuantizedKVCache, QuantLayout, dequantize, flexgen_cache_layout, quantize
 
 CFG = get_preset("smollm2-135m").replace(num_layers=2)  # kvh 3, head_dim 64
 B, KVH, D = 3, CFG.num_kv_heads, CFG.head_dim
@@ -266,3 +266,34 @@ def test_channel_bytes_ratio(bits: int) -> None:
     want = (whole * bits / 8 + whole // g * 2 * 4 + g * 4) / (max_len * 4)  # 0.365, 0.245
     assert cache.nbytes / dense.nbytes == pytest.approx(want)
     assert cache.bytes_per_token() / dense.bytes_per_token() == pytest.approx(want, rel=1e-2)
+
+
+@pytest.mark.parametrize("bits,group,dim", [(8, 64, 3), (4, 64, 3), (4, 16, 2), (8, 8, 2), (4, 2, -1)])
+def test_layout_states_what_quantize_stores(bits, group, dim):
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float16)  # (b, kvh, n, d)
+    q = quantize(x, bits, group, dim)
+    layout = QuantLayout(bits=bits, group_size=group, dim=dim)
+    assert layout.parts(tuple(x.shape), x.dtype) == [(tuple(t.shape), t.dtype) for t in (q.data, q.scale, q.mn)]
+    assert layout.nbytes(tuple(x.shape), x.dtype) == q.nbytes
+    assert layout.element_bytes(x.element_size()) * x.numel() == q.nbytes
+
+
+def test_unquantized_layout_is_the_values():
+    layout = QuantLayout(bits=16, group_size=64, dim=3)
+    assert layout.parts((2, 3, 5, 64), torch.float32) == [((2, 3, 5, 64), torch.float32)]
+    assert layout.nbytes((2, 3, 5, 64), torch.float32) == 2 * 3 * 5 * 64 * 4
+    assert layout.element_bytes(4) == 4
+
+
+@pytest.mark.parametrize("axis", ["hidden", "channel"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cache_allocates_its_layout(axis, bits):
+    cache = QuantizedKVCache(CFG, B, 96, torch.float32, "cpu", bits=bits, group_size=32, axis=axis)
+    shape = (B, KVH, 96, D)  # (b, kvh, n, d); 96 slots are whole channel groups
+    assert cache.nbytes == 2 * CFG.num_layers * (cache.layout.nbytes(shape, torch.float32)
+                                                 + (0 if axis == "hidden" else B * KVH * 32 * D * 4))
+
+
+def test_flexgen_cache_group_is_at_most_the_head_dim():
+    assert flexgen_cache_layout(128).group_size == 64 and flexgen_cache_layout(32).group_size == 32
+    assert flexgen_cache_layout(128).bits == 4

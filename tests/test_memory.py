@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.memory.tiers import (GIB, BudgetError, DiskPool, DiskTensor, Memory, Pool, Tier, TierBudgets, copy,
-                           format_bytes)
+from runner.memory.tiers import BudgetError, DiskPool, DiskTensor, Memory, Pool, Tier, TierBudgets, copy
+from runner.units import GIB, format_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2 ** 20

@@ -48,6 +48,11 @@ class GenerationRecord:
         }, ensure_ascii=False)
 
 
+# Decode phase seconds of the KV store (runner.kv.store.PHASES), summed over layers and steps.
+KV_PHASE_COLUMNS: tuple[str, ...] = ("kv_store_s", "kv_score_s", "kv_select_s", "kv_gather_s", "kv_attend_s")
+# Peak bytes of the executor's memory tiers: in a run's row and in each batch's (runner.data.reports).
+TIER_PEAK_COLUMNS: tuple[str, ...] = ("peak_gpu_pool_bytes", "peak_cpu_pool_bytes", "peak_disk_bytes")
+
 _BASE_COLUMNS: tuple[str, ...] = (
     "job", "engine", "model", "dtype", "device", "kv_policy", "gpu_batch_size", "num_gpu_batches",
     "num_prompts", "prompt_len", "gen_len", "prefill_latency_s", "prefill_throughput",
@@ -58,7 +63,7 @@ _BASE_COLUMNS: tuple[str, ...] = (
     "decode_attention",  # our engine's decode attention kernels: native | torch (runner.model.kernels)
     "greedy_head",  # our engine's greedy argmax: bf16-screen | full (runner.model.greedy_head); empty when sampling
     "kv_mode", "kv_sparsity", "kv_budget_tokens", "kv_bits", "kv_peak_bytes",
-    "kv_store_s", "kv_score_s", "kv_select_s", "kv_gather_s", "kv_attend_s",
+    *KV_PHASE_COLUMNS,
     # the run itself: complete | interrupted; prompts finished by earlier runs of the same job (resumed),
     # dataset records rejected (rejects.jsonl) by this run; Ray workers (1 without a cluster)
     "status", "resumed_prompts", "rejected_prompts", "workers",
@@ -72,7 +77,7 @@ _BASE_COLUMNS: tuple[str, ...] = (
 OFFLOAD_COLUMNS: tuple[str, ...] = (
     "link_gbps", "link_emulated",  # hardware.link: the host<->gpu bandwidth, and whether it was emulated
     # peak bytes per tier, bytes moved per direction
-    "peak_gpu_pool_bytes", "peak_cpu_pool_bytes", "peak_disk_bytes",
+    *TIER_PEAK_COLUMNS,
     "bytes_gpu_from_cpu", "bytes_cpu_from_gpu", "bytes_disk_read", "bytes_disk_write",
     # time: compute thread blocked on copies, recomputing KV; emulated link time per direction
     "transfer_wait_s", "recompute_s", "link_busy_gpu_from_cpu_s", "link_busy_cpu_from_gpu_s",
@@ -88,15 +93,17 @@ OFFLOAD_COLUMNS: tuple[str, ...] = (
 
 # The cost model's prediction for the run's own plan (runner.planner.predicted_columns), beside the
 # measured throughputs: on the job's hardware.profile, or on a CPU run the shipped cpu-only one.
-PREDICTED_COLUMNS: tuple[str, ...] = (
-    "predicted_profile", "predicted_prefill_throughput", "predicted_decode_throughput", "predicted_total_throughput",
+PREDICTED_THROUGHPUT_COLUMNS: tuple[str, ...] = (
+    "predicted_prefill_throughput", "predicted_decode_throughput", "predicted_total_throughput",
 )
+PREDICTED_COLUMNS: tuple[str, ...] = ("predicted_profile", *PREDICTED_THROUGHPUT_COLUMNS)
 
 THROUGHPUT_COLUMNS: tuple[str, ...] = _BASE_COLUMNS + OFFLOAD_COLUMNS + PREDICTED_COLUMNS + ("notes",)
 # Columns older versions declared but no run ever filled: a CSV written then still has them, empty, and
 # `_upgrade_header` drops them (a value in one would be data, so it refuses instead).
 RETIRED_COLUMNS: frozenset[str] = frozenset({"compute_s"})
-_COMPUTED = frozenset({"num_prompts", "prompt_len", "gen_len", "prefill_latency_s", "prefill_throughput",
+# Columns a row's figures derive (append_csv_row computes them; a merged row recomputes them).
+COMPUTED_COLUMNS = frozenset({"num_prompts", "prompt_len", "gen_len", "prefill_latency_s", "prefill_throughput",
                        "decode_latency_s", "decode_throughput", "total_latency_s", "total_throughput"})
 
 
@@ -116,7 +123,7 @@ def throughput_row(*, prefill_latency_s: float, decode_latency_s: float, num_pro
     if unknown:
         raise ValueError(f"throughput_row: unknown columns {sorted(unknown)} (an executor figure? declare it "
                          "in runner.data.outputs.OFFLOAD_COLUMNS)")
-    computed_given = set(fields) & _COMPUTED
+    computed_given = set(fields) & COMPUTED_COLUMNS
     if computed_given:
         raise ValueError(f"throughput_row: {sorted(computed_given)} are computed, don't pass them")
     if min(prefill_latency_s, decode_latency_s, num_prompts, prompt_tokens, generated_tokens) < 0:

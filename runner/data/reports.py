@@ -15,15 +15,14 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure  # the object API: no pyplot state
 
-from runner.data.outputs import named_errors
+from runner.data.outputs import TIER_PEAK_COLUMNS, named_errors
 from runner.units import bytes_to_gib
 
 BATCH_COLUMNS = ("batch", "prompts", "prompt_tokens", "generated_tokens", "prefill_s", "decode_s",
-                 "tokens_per_s", "elapsed_s", "peak_rss_bytes", "peak_gpu_bytes", "peak_gpu_pool_bytes",
-                 "peak_cpu_pool_bytes", "peak_disk_bytes")
+                 "tokens_per_s", "elapsed_s", "peak_rss_bytes", "peak_gpu_bytes", *TIER_PEAK_COLUMNS)
 # Memory columns plotted, with their legend labels
 _MEMORY = {"peak_rss_bytes": "process RSS", "peak_gpu_bytes": "CUDA allocated",
-           "peak_gpu_pool_bytes": "gpu tier", "peak_cpu_pool_bytes": "cpu tier", "peak_disk_bytes": "disk tier"}
+           **dict(zip(TIER_PEAK_COLUMNS, ("gpu tier", "cpu tier", "disk tier")))}
 
 
 @dataclass

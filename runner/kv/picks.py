@@ -18,6 +18,7 @@ from torch import Tensor
 
 from policies.base import Selection
 from runner.kv.protocol import KVCacheBase
+from runner.model.config import ModelConfig
 
 # Above this share of changed picks a full gather is cheaper than the bookkeeping.
 _REBUILD_SHARE = 0.5
@@ -32,6 +33,13 @@ def buffer_bytes(batch: int, kv_heads: int, groups: int, head_dim: int, m: int, 
     """Bytes one layer's PickBuffer holds for at most m picks (K, V and int64 positions)."""
     cap = capacity(m)
     return 2 * batch * kv_heads * cap * head_dim * dtype.itemsize + batch * groups * cap * 8
+
+
+def layers_bytes(cfg: ModelConfig, per_head: bool, batch: int, m: int, layers: int, dtype: torch.dtype) -> int:
+    """Bytes of `layers` layers' picks of at most m each: one set of picks per kv head (`per_head`
+    scoring) or one per row shared by its heads."""
+    groups = cfg.num_kv_heads if per_head else 1
+    return layers * buffer_bytes(batch, cfg.num_kv_heads, groups, cfg.head_dim, m, dtype)
 
 
 class PickBuffer:

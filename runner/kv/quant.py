@@ -15,6 +15,7 @@ every element is at most scale / 2.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,47 @@ from runner.kv.cache import Scratch, take_slots
 from runner.kv.protocol import KVCacheBase
 
 AXES = ("hidden", "channel")
+UNQUANTIZED_BITS = 16  # kv.bits / a layout's bits for values kept in the compute dtype
+FLEXGEN_BITS, FLEXGEN_GROUP = 4, 64  # FlexGen's CompressionConfig (compress_weight, compress_cache)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantLayout:
+    """How a tensor is stored by `quantize`: codes packed `8 // bits` per byte along `dim`, and one
+    scale and one minimum (compute dtype) per `group_size` elements along `dim`. The one statement
+    of that storage's shapes and bytes: caches allocate with `parts`, planners size with `nbytes`
+    and the cost model with `element_bytes`. bits == UNQUANTIZED_BITS: the values as they are."""
+    bits: int
+    group_size: int
+    dim: int
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != UNQUANTIZED_BITS
+
+    def parts(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of each stored tensor of a `shape` value: [data, scale, mn] (or [values])."""
+        shape = tuple(shape)
+        if not self.quantized:
+            return [(shape, dtype)]
+        dim = self.dim % len(shape)
+        n = shape[dim]
+        data = (*shape[:dim], n * self.bits // 8, *shape[dim + 1:])
+        groups = (*shape[:dim], n // self.group_size, *shape[dim + 1:])
+        return [(data, torch.uint8), (groups, dtype), (groups, dtype)]
+
+    def nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Stored bytes of a `shape` value."""
+        return sum(math.prod(s) * t.itemsize for s, t in self.parts(shape, dtype))
+
+    def element_bytes(self, itemsize: int) -> float:
+        """Mean stored bytes per element (codes plus a group's scale and minimum shared out)."""
+        return itemsize if not self.quantized else self.bits / 8 + 2 * itemsize / self.group_size
+
+
+def flexgen_cache_layout(head_dim: int, dim: int = -1) -> QuantLayout:
+    """FlexGen's compress_cache: 4-bit groups of 64 along the head dim (the head dim, when smaller)."""
+    return QuantLayout(bits=FLEXGEN_BITS, group_size=min(FLEXGEN_GROUP, head_dim), dim=dim)
 
 
 @dataclass
@@ -139,6 +181,7 @@ class QuantizedKVCache(KVCacheBase):
         check_params(bits, group_size, d if axis == "hidden" else None)
         self.max_len, self.dtype = max_len, dtype
         self.bits, self.group_size, self.axis = bits, group_size, axis
+        self.layout = QuantLayout(bits=bits, group_size=group_size, dim=3 if axis == "hidden" else 2)
         self.k = [self._alloc(batch, kvh, d, device) for _ in range(cfg.num_layers)]
         self.v = [self._alloc(batch, kvh, d, device) for _ in range(cfg.num_layers)]
         # Axis "channel": slots written per layer. A list shared with rows() views, so every
@@ -147,14 +190,13 @@ class QuantizedKVCache(KVCacheBase):
         self.scratch = Scratch()  # dequantized reads and gathers (axis "hidden")
 
     def _alloc(self, b: int, kvh: int, d: int, device: torch.device | str) -> Store:
-        g, per_byte = self.group_size, 8 // self.bits
+        g = self.group_size
         if self.axis == "hidden":
-            shapes = [(b, kvh, self.max_len, d // per_byte)] + [(b, kvh, self.max_len, d // g)] * 2
+            parts = self.layout.parts((b, kvh, self.max_len, d), self.dtype)
         else:
             qcap = self.max_len // g * g  # a trailing partial group never leaves the residual
-            shapes = [(b, kvh, qcap // per_byte, d)] + [(b, kvh, qcap // g, d)] * 2 + [(b, kvh, g, d)]
-        dtypes = [torch.uint8] + [self.dtype] * (len(shapes) - 1)
-        return [torch.zeros(s, dtype=t, device=device) for s, t in zip(shapes, dtypes)]
+            parts = self.layout.parts((b, kvh, qcap, d), self.dtype) + [((b, kvh, g, d), self.dtype)]
+        return [torch.zeros(s, dtype=t, device=device) for s, t in parts]
 
     # -- KVCache interface -------------------------------------------------------------
 

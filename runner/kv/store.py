@@ -27,7 +27,7 @@ from runner.model import ops as M
 from runner.model.attention_kv import Projector
 from runner.model.config import ModelConfig
 from runner.kv.cache import KVCache, take_slots
-from runner.kv.picks import PickBuffer, buffer_bytes
+from runner.kv.picks import PickBuffer, layers_bytes
 from runner.kv.protocol import KVCacheBase
 from runner.kv.spec import KVMode as Mode, QuantAxis
 from runner.kv.scores import ScoreState
@@ -111,10 +111,9 @@ def kv_bytes(cfg: ModelConfig, kv: KVSettings, batch: int, max_len: int, dtype: 
     gathered = scoring is not None and not kv.pick_buffer and kv.mode is Mode.RETAIN
     if not (buffered or gathered):
         return nbytes
-    groups = cfg.num_kv_heads if scoring.per_head else 1
     m = sum(kv.policy.split(max_len))  # the whole selection (KVStore.pack_recent) at the longest length
     layers = cfg.num_layers if buffered else 1
-    return nbytes + layers * buffer_bytes(batch, cfg.num_kv_heads, groups, cfg.head_dim, m, dtype)
+    return nbytes + layers_bytes(cfg, scoring.per_head, batch, m, layers, dtype)
 
 
 def _take(x: Tensor, index: Tensor) -> Tensor:

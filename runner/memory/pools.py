@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from runner.units import GIB, format_bytes, gib_to_bytes  # noqa: F401  (GIB: re-exported by runner.memory.tiers)
+from runner.units import format_bytes, gib_to_bytes
 _MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # for madvise on torch's map
 

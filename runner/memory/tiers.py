@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from runner.memory.pools import (GIB, BudgetError, DiskPool, DiskTensor, Pool, Reservation, Tier, TierBudgets,  # noqa: F401
-                          format_bytes)
+from runner.memory.pools import (BudgetError, DiskPool, DiskTensor, Pool, Reservation, Tier,  # noqa: F401
+                                 TierBudgets)
 
 
 class Direction(str, enum.Enum):

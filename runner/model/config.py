@@ -91,17 +91,6 @@ class ModelConfig:
         """K and V of one token across all layers."""
         return 2 * self.num_layers * self.kv_dim * dtype_bytes
 
-    def num_params(self) -> int:
-        h, f, v, e = self.hidden_size, self.intermediate_size, self.vocab_size, self.embed_dim
-        attn = h * (h + 2 * self.kv_dim) + h * h
-        mlp = (3 if self.arch.mlp is Mlp.SWIGLU else 2) * h * f
-        emb = v * e + (0 if self.tie_embeddings else v * e)
-        if self.arch.positions is Positions.LEARNED:
-            emb += (self.max_seq_len + self.arch.pos_offset) * h
-        if self.word_embed_proj_dim:
-            emb += 2 * h * e
-        return self.num_layers * (attn + mlp) + emb
-
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -204,3 +205,14 @@ def build_units(cfg: ModelConfig) -> list[Unit]:
 def weight_shapes(cfg: ModelConfig) -> Shapes:
     """Canonical flat names ("layers.3.attn.qkv_w") and shapes of every weight of the model."""
     return {f"{u.prefix}.{k}": s for u in build_units(cfg) for k, s in u.weight_shapes().items()}
+
+
+def matrix_params(shapes: Shapes) -> int:
+    """Elements of the matrices among `shapes` (norm weights and biases, the vectors, left out)."""
+    return sum(math.prod(s) for s in shapes.values() if len(s) == 2)
+
+
+def num_params(cfg: ModelConfig) -> int:
+    """The model's parameter count as the plain engine holds it: its matrices, a tied lm head once."""
+    shapes = weight_shapes(cfg)
+    return matrix_params(shapes) - (math.prod(shapes["head.lm_w"]) if cfg.tie_embeddings else 0)

@@ -32,7 +32,8 @@ from runner.kv.protocol import KVCacheBase
 from runner.kv.store import KVSettings
 from runner.model.layers import Attention, ForwardState, build_units
 from runner.engines.lm import PREFILL_GROUP_TOKENS, Batch, set_rope
-from runner.memory.tiers import BudgetError, Memory, Reservation, Tier, TierBudgets, format_bytes
+from runner.memory.tiers import BudgetError, Memory, Reservation, Tier, TierBudgets
+from runner.units import format_bytes
 from runner.offload.scheduled import ScheduledLayer, WeightRead
 from runner.offload.policy import OffloadPolicy
 from runner.offload.sizing import SLOTS, activation_elems, block_need, rope_tables, weight_need

@@ -6,6 +6,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
+
+from runner.offload.policy import OffloadPolicy
+
 
 @dataclass(frozen=True, kw_only=True)
 class TokenPhases:
@@ -23,6 +27,12 @@ class TokenPhases:
             raise ValueError("offload.recompute_ratio, offload.offload_ratio: need 0 <= recompute_ratio <= "
                              f"offload_ratio < 1, got {self.recompute_ratio:g}, {self.offload_ratio:g}")
 
+    @classmethod
+    def of(cls, policy: OffloadPolicy) -> TokenPhases:
+        """The phases an offload policy states (offload.p1, p2, offload_ratio, recompute_ratio)."""
+        return cls(p1=policy.p1, p2=policy.p2, offload_ratio=policy.offload_ratio,
+                   recompute_ratio=policy.recompute_ratio)
+
     def gpu_from(self, n: int) -> int:
         """First position whose K/V is on the gpu tier at length n."""
         if n < self.p1:
@@ -35,6 +45,16 @@ class TokenPhases:
 
     def phase(self, n: int) -> int:
         return 1 if n < self.p1 else 2 if n < self.p2 else 3
+
+    # Over many lengths at once (the cost model's decode steps): the scalar functions above, per length.
+    def gpu_from_each(self, lengths: np.ndarray) -> np.ndarray:
+        return np.array([self.gpu_from(int(n)) for n in lengths], dtype=float)
+
+    def recompute_below_each(self, lengths: np.ndarray) -> np.ndarray:
+        return np.array([self.recompute_below(int(n)) for n in lengths], dtype=float)
+
+    def phase_each(self, lengths: np.ndarray) -> np.ndarray:
+        return np.array([self.phase(int(n)) for n in lengths], dtype=int)
 
     # Cached: the plan search sizes caches for thousands of candidate phases, each a scan over lengths.
     @functools.lru_cache(maxsize=1 << 14)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from runner.memory.copy_engine import CopyEngine, Handle
-from runner.kv.quant import QTensor, dequantize, quantize
+from runner.kv.quant import FLEXGEN_BITS, FLEXGEN_GROUP, QTensor, QuantLayout, dequantize, quantize
 from runner.kv.store import KVStore
 from runner.model.layers import Attention, ForwardState, Shapes, Unit
 from runner.memory.tiers import DiskTensor, Memory, Tier
@@ -79,14 +79,7 @@ def compress_group(shape: tuple[int, ...], policy: OffloadPolicy) -> int | None:
     FlexGen's) and when not compressing."""
     if not policy.compress_weight or len(shape) < 2:
         return None
-    return next((g for g in (64, 32, 16, 8, 4, 2) if shape[0] % g == 0), None)
-
-
-def _parts(shape: tuple[int, ...], group: int, dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """Shapes and dtypes of a compressed weight: 4-bit codes (two per byte), scales, minimums."""
-    rest = tuple(shape[1:])
-    return [((shape[0] // 2, *rest), torch.uint8), ((shape[0] // group, *rest), dtype),
-            ((shape[0] // group, *rest), dtype)]
+    return next((g for g in (FLEXGEN_GROUP, 32, 16, 8, 4, 2) if shape[0] % g == 0), None)
 
 
 def plan_bytes(shapes: Shapes, policy: OffloadPolicy, dtype: torch.dtype) -> tuple[dict[Tier, int], int]:
@@ -100,7 +93,7 @@ def plan_bytes(shapes: Shapes, policy: OffloadPolicy, dtype: torch.dtype) -> tup
         if group is None:
             per_tier[tiers[name]] += math.prod(shape) * itemsize
         else:
-            per_tier[tiers[name]] += sum(math.prod(s) * t.itemsize for s, t in _parts(shape, group, dtype))
+            per_tier[tiers[name]] += QuantLayout(bits=FLEXGEN_BITS, group_size=group, dim=0).nbytes(shape, dtype)
         if tiers[name] is not Tier.GPU or group is not None:
             staging = _aligned(staging, itemsize) + math.prod(shape)
     return per_tier, staging
@@ -132,7 +125,7 @@ class ScheduledLayer:
             if group is None:
                 self.homes[name] = self._place(tiers[name], shape, dtype, src, label)
             else:
-                q = quantize(src.to(device="cpu", dtype=dtype), 4, group, dim=0)
+                q = quantize(src.to(device="cpu", dtype=dtype), FLEXGEN_BITS, group, dim=0)
                 self.homes[name] = [self._place(tiers[name], t.shape, t.dtype, t, f"{label}.{i}")
                                     for i, t in enumerate((q.data, q.scale, q.mn))]
                 self.groups[name] = group
@@ -172,7 +165,7 @@ class ScheduledLayer:
                 else:
                     parts.append(torch.empty(h.shape, dtype=h.dtype, device=view.device))
                     handles.append(engine.submit(parts[-1], None, h, None))
-            decode.append((view, QTensor(*parts, 4, self.groups[s.name], 0, torch.Size(s.shape))))
+            decode.append((view, QTensor(*parts, FLEXGEN_BITS, self.groups[s.name], 0, torch.Size(s.shape))))
         return WeightRead(weights, handles, decode)
 
     def load_cache(self, state: ForwardState | None) -> None:

@@ -21,7 +21,7 @@ from runner.model.config import ModelConfig
 from runner.memory.copy_engine import CopyEngine, Handle
 from runner.kv.cache import Scratch, take_slots
 from runner.kv.protocol import KVCacheBase, KVTraffic
-from runner.kv.quant import QTensor, dequantize, quantize
+from runner.kv.quant import FLEXGEN_BITS, QTensor, QuantLayout, dequantize, quantize
 from runner.model import ops as M
 from runner.memory.tiers import Direction, Memory, Tier
 
@@ -31,6 +31,19 @@ def split_rows(batch: int, gpu_percent: float, cpu_percent: float) -> tuple[int,
     g = round(batch * gpu_percent / 100)
     c = round(batch * (gpu_percent + cpu_percent) / 100) - g
     return g, c, batch - g - c
+
+
+def slots_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of `WorkingSlots` of one layer's K (or V) `shape`: two slots, K and V each."""
+    return 4 * math.prod(shape) * dtype.itemsize
+
+
+def split_bytes(cfg: ModelConfig, split: tuple[int, int, int], max_len: int, dtype: torch.dtype,
+                compress: int | None = None) -> dict[Tier, int]:
+    """Bytes per tier of a `SequenceSplitKV`'s homes of `split` (gpu, cpu, disk) rows of max_len slots."""
+    per_head_token = sum(w * t.itemsize for w, t in _stored(cfg.head_dim, dtype, compress))
+    per_seq = 2 * cfg.num_layers * cfg.num_kv_heads * max_len * per_head_token
+    return {tier: n * per_seq for n, tier in zip(split, (Tier.GPU, Tier.CPU, Tier.DISK))}
 
 
 class WorkingSlots:
@@ -44,10 +57,6 @@ class WorkingSlots:
         self.busy: list[list[Handle]] = [[], []]
         self.held = [False, False]  # loaded for a (layer, GPU batch) that has not been flushed yet
         self._next = 0
-
-    @staticmethod
-    def plan_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        return 4 * math.prod(shape) * dtype.itemsize
 
     def acquire(self) -> int:
         slot, self._next = self._next, 1 - self._next
@@ -104,13 +113,6 @@ class SequenceSplitKV(KVCacheBase):
         self.writing: dict[int, list[Handle]] = {}  # layer -> writes to its homes still in flight
         self.scratch = Scratch()
         self.traffic = KVTraffic()  # link bytes of the cpu and disk rows (gpu rows cross no link)
-
-    @staticmethod
-    def plan_bytes(cfg: ModelConfig, split: tuple[int, int, int], max_len: int, dtype: torch.dtype,
-                   compress: int | None = None) -> dict[Tier, int]:
-        per_head_token = sum(w * t.itemsize for w, t in _stored(cfg.head_dim, dtype, compress))
-        per_seq = 2 * cfg.num_layers * cfg.num_kv_heads * max_len * per_head_token
-        return {tier: n * per_seq for n, tier in zip(split, (Tier.GPU, Tier.CPU, Tier.DISK))}
 
     # ---- loading -------------------------------------------------------------------------------
     def prefetch(self, layer: int, n: int) -> None:
@@ -187,13 +189,13 @@ class SequenceSplitKV(KVCacheBase):
         """x (b, kvh, s, d) as stored: itself, or 4-bit codes with their group scales and minimums."""
         if self.group is None:
             return [x]
-        q = quantize(x, 4, self.group, dim=3)
+        q = quantize(x, FLEXGEN_BITS, self.group, dim=3)
         return [q.data, q.scale, q.mn]
 
     def _decode(self, parts: list[Tensor]) -> Tensor:
         data, scale, mn = parts
         shape = torch.Size((*data.shape[:3], self.cfg.head_dim))
-        return dequantize(QTensor(data, scale, mn, 4, self.group, 3, shape), self.dtype)
+        return dequantize(QTensor(data, scale, mn, FLEXGEN_BITS, self.group, 3, shape), self.dtype)
 
     # ---- KVCache interface ---------------------------------------------------------------------
     def write(self, layer: int, k: Tensor, v: Tensor, start: int) -> None:
@@ -266,10 +268,10 @@ class SequenceSplitKV(KVCacheBase):
 
     @property
     def nbytes(self) -> int:
-        return sum(SequenceSplitKV.plan_bytes(self.cfg, self.split, self.max_len, self.dtype).values())
+        return sum(split_bytes(self.cfg, self.split, self.max_len, self.dtype).values())
 
     def bytes_per_token(self) -> int:
-        return 2 * self.cfg.num_layers * self.cfg.num_kv_heads * self.cfg.head_dim * self.dtype.itemsize
+        return self.cfg.kv_bytes_per_token(self.dtype.itemsize)
 
     def free(self) -> None:
         for layer, (slot, handles) in list(self.loaded.items()):
@@ -295,4 +297,4 @@ def _stored(head_dim: int, dtype: torch.dtype, group: int | None) -> list[tuple[
     compress_cache format (4-bit codes two per byte, one scale and one minimum per group)."""
     if group is None:
         return [(head_dim, dtype)]
-    return [(head_dim // 2, torch.uint8), (head_dim // group, dtype), (head_dim // group, dtype)]
+    return [(s[-1], t) for s, t in QuantLayout(bits=FLEXGEN_BITS, group_size=group, dim=-1).parts((head_dim,), dtype)]

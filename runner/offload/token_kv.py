@@ -34,10 +34,29 @@ from runner.model.config import ModelConfig
 from runner.memory.copy_engine import CopyEngine, Handle
 from runner.kv.cache import flat_rows
 from runner.kv.protocol import KVCacheBase, KVTraffic
-from runner.kv.quant import QTensor, check_params, dequantize, quantize
+from runner.kv.quant import QTensor, QuantLayout, check_params, dequantize, quantize
 from runner.memory.tiers import Memory
 from runner.model.attention_kv import Projector
 from runner.offload.phases import TokenPhases
+
+
+def home_parts(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, bits: int,
+               group_size: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of the tensors one layer's K (or V) cpu home is stored as: (b, kvh, n, d) values,
+    or their `kv.bits` codes with group scales and minimums along the head dim."""
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)  # (b, kvh, n, d)
+    return QuantLayout(bits=bits, group_size=group_size, dim=3).parts(shape, dtype)
+
+
+def tiered_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, phases: TokenPhases,
+                 bits: int, group_size: int, min_len: int = 1) -> tuple[int, int]:
+    """(gpu bytes, cpu bytes) a TokenTieredKV allocates, for the up-front budget check: the gpu
+    window, the kept activations and their positions; the cpu homes."""
+    win = phases.window(max_len, min_len)
+    act = phases.recompute_span(max_len)
+    per_layer_gpu = 2 * batch * cfg.num_kv_heads * win * cfg.head_dim + batch * act * cfg.hidden_size
+    home = sum(math.prod(s) * dt.itemsize for s, dt in home_parts(cfg, batch, max_len, dtype, bits, group_size))
+    return cfg.num_layers * per_layer_gpu * dtype.itemsize + batch * act * 8, cfg.num_layers * 2 * home
 
 
 class TokenTieredKV(KVCacheBase):
@@ -76,27 +95,10 @@ class TokenTieredKV(KVCacheBase):
 
     # ---- storage -----------------------------------------------------------------------------
     def _home_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
-        b, kvh, d, n = self.b, self.cfg.num_kv_heads, self.cfg.head_dim, self.max_len
-        if self.bits == 16:
-            return [((b, kvh, n, d), self.dtype)]
-        g = d // self.group_size
-        return [((b, kvh, n, d * self.bits // 8), torch.uint8), ((b, kvh, n, g), self.dtype), ((b, kvh, n, g), self.dtype)]
+        return home_parts(self.cfg, self.b, self.max_len, self.dtype, self.bits, self.group_size)
 
     def _alloc_home(self, pool, label: str) -> list[Tensor]:
         return [pool.alloc(shape, dt, f"{label}.{i}") for i, (shape, dt) in enumerate(self._home_shapes())]
-
-    @staticmethod
-    def plan_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, phases: TokenPhases,
-                   bits: int, group_size: int, min_len: int = 1) -> tuple[int, int]:
-        """(gpu bytes, cpu bytes) the cache allocates, for the up-front budget check."""
-        probe = TokenTieredKV.__new__(TokenTieredKV)
-        probe.cfg, probe.b, probe.max_len, probe.dtype = cfg, batch, max_len, dtype
-        probe.bits, probe.group_size = bits, group_size
-        win = phases.window(max_len, min_len)
-        act = phases.recompute_span(max_len)
-        per_layer_gpu = 2 * batch * cfg.num_kv_heads * win * cfg.head_dim + batch * act * cfg.hidden_size
-        home = sum(math.prod(s) * dt.itemsize for s, dt in probe._home_shapes())
-        return cfg.num_layers * per_layer_gpu * dtype.itemsize + batch * act * 8, cfg.num_layers * 2 * home
 
     def free(self) -> None:
         """Return every allocation to its pool (idempotent)."""

@@ -24,11 +24,11 @@ import torch
 
 from runner.model.config import ModelConfig
 from runner.plan.hardware import HardwareProfile
-from runner.offload.placement import COMPRESS_GROUP
+from runner.kv.quant import QuantLayout, flexgen_cache_layout
 from runner.kv.store import KVSettings, kv_bytes
 from runner.offload.phases import TokenPhases
 from runner.offload.sequence_kv import split_rows
-from runner.model.layers import MLP, Attention, Embedding, Head
+from runner.model.layers import MLP, Attention, Embedding, Head, matrix_params, num_params
 from runner.memory.tiers import Tier
 from runner.offload.scheduled import plan_bytes
 from runner.offload.policy import KVPlacement, OffloadPolicy
@@ -90,13 +90,9 @@ def _mm_s(hw: HardwareProfile, params: float, rows: float, e: int, packed: bool 
     return max(compute, read) if hw.accelerator else compute + read
 
 
-def _matrix_params(shapes: dict[str, tuple[int, ...]]) -> int:
-    return sum(math.prod(s) for s in shapes.values() if len(s) == 2)
-
-
-def _kv_elem_bytes(bits: int, e: int, group: int) -> float:
-    """Stored bytes per K or V element: codes plus a scale and a minimum per group."""
-    return e if bits == 16 else bits / 8 + 2 * e / group
+def _kv_elem_bytes(kv: KVSettings, e: int) -> float:
+    """Stored bytes per K or V element under the job's kv.bits: codes plus a scale and a minimum per group."""
+    return QuantLayout(bits=kv.bits, group_size=kv.group_size, dim=-1).element_bytes(e)
 
 
 @dataclass(frozen=True)
@@ -129,9 +125,9 @@ def _shape_of(cfg: ModelConfig, dtype: torch.dtype, plan: Plan) -> _Shape:
         off[kind], staged[kind] = plan_bytes(shapes, policy, dtype)
         copies[kind] = len(shapes) if off[kind][Tier.GPU] < sum(off[kind].values()) else 0
     return _Shape(b=plan.gpu_batch_size, k=plan.num_gpu_batches if plan.offload else 1, e=dtype.itemsize,
-                  attn_params=_matrix_params(units["attn"].weight_shapes()),
-                  mlp_params=_matrix_params(units["mlp"].weight_shapes()),
-                  head_params=_matrix_params(units["head"].weight_shapes()), off_bytes=off, staged=staged,
+                  attn_params=matrix_params(units["attn"].weight_shapes()),
+                  mlp_params=matrix_params(units["mlp"].weight_shapes()),
+                  head_params=matrix_params(units["head"].weight_shapes()), off_bytes=off, staged=staged,
                   copies=copies, packed=frozenset() if plan.offload is not None else
                   frozenset({"attn", "mlp"} | (set() if cfg.tie_embeddings else {"head"})))
 
@@ -182,8 +178,7 @@ def _sequence_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPo
     if policy.cache_gpu_percent >= 100 and not policy.compress_cache:
         return
     g, cpu, disk = split_rows(sh.b, policy.cache_gpu_percent, policy.cache_cpu_percent)
-    group = min(COMPRESS_GROUP, c.head_dim)
-    tok = 2 * c.kv_dim * _kv_elem_bytes(4 if policy.compress_cache else 16, sh.e, group)
+    tok = 2 * c.kv_dim * (flexgen_cache_layout(c.head_dim).element_bytes(sh.e) if policy.compress_cache else sh.e)
     loaded = disk + (0 if policy.cpu_cache_compute else cpu)
     k = sh.k
     if new == 1:  # decode: read the prefix
@@ -206,15 +201,14 @@ def _token_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPolic
     pick each step without one, and the recent run's part below the gpu window), recomputed ones from
     kept activations."""
     c, bw, kv = w.cfg, hw.bandwidth_gbps, w.kv
-    ph = TokenPhases(p1=policy.p1, p2=policy.p2, offload_ratio=policy.offload_ratio,
-                     recompute_ratio=policy.recompute_ratio)
-    tok = 2 * c.kv_dim * _kv_elem_bytes(kv.bits, sh.e, kv.group_size)
-    lo = np.array([ph.gpu_from(int(n)) for n in lengths], dtype=float)
-    before = np.array([ph.gpu_from(int(n) - 1) for n in lengths], dtype=float) if decode else np.zeros_like(lo)
+    ph = TokenPhases.of(policy)
+    tok = 2 * c.kv_dim * _kv_elem_bytes(kv, sh.e)
+    lo = ph.gpu_from_each(lengths)
+    before = ph.gpu_from_each(lengths - 1) if decode else np.zeros_like(lo)
     streams["cpu<-gpu"] += sh.k * sh.b * np.maximum(lo - before, 0) * tok / (bw.cpu_from_gpu * 1e9)
     if not decode:
         return
-    rec = np.array([ph.recompute_below(int(n)) for n in lengths], dtype=float)
+    rec = ph.recompute_below_each(lengths)
     att, recent, other = _attended(kv, lengths)
     if kv.policy.scoring is not None:  # picks new to the buffer (all of them without one), over the older tokens
         span = np.maximum(lengths - recent, 1)
@@ -254,7 +248,7 @@ def _attention_compute(hw: HardwareProfile, w: Workload, sh: _Shape, plan: Plan,
     att, _, other = _attended(kv, lengths)
     token = plan.offload is not None and plan.offload.kv_placement is KVPlacement.TOKEN
     packed = kv.policy.scoring is not None or token  # attention reads compute-dtype copies
-    e_read = sh.e if kv.bits == 16 or packed else _kv_elem_bytes(kv.bits, sh.e, kv.group_size) + 2 * sh.e
+    e_read = sh.e if kv.bits == 16 or packed else _kv_elem_bytes(kv, sh.e) + 2 * sh.e
     read = sh.b * att * 2 * c.kv_dim * e_read / (bw.gpu_memory * 1e9)
     flops = 4 * sh.b * c.num_heads * att * c.head_dim / (tf.gpu_attention * 1e12)
     t = proj + np.maximum(read, flops) + hw.overhead_us.layer * 1e-6
@@ -324,7 +318,7 @@ def peak_bytes(w: Workload, plan: Plan) -> dict[Tier, int]:
                          num_gpu_batches=plan.num_gpu_batches, prompt_len=w.prompt_len, gen_len=w.gen_len)
         return {t: int(n) for t, n in need.items()}
     c, e, b = w.cfg, w.dtype.itemsize, plan.gpu_batch_size
-    weights = c.num_params() * e
+    weights = num_params(c) * e
     kv = kv_bytes(c, w.kv, b, w.prompt_len + w.gen_len, w.dtype)
     acts = b * w.prompt_len * max(c.hidden_size, c.embed_dim) * e + b * c.vocab_size * e
     return {Tier.GPU: int(weights + kv + acts), Tier.CPU: 0, Tier.DISK: 0}
@@ -375,7 +369,7 @@ def predict(w: Workload, plan: Plan, hw: HardwareProfile, *, samples: int | None
     if not quick:
         phase = np.ones(len(lengths), dtype=int)
         if plan.offload is not None and plan.offload.kv_placement is KVPlacement.TOKEN:
-            phase = np.where(lengths < plan.offload.p1, 1, np.where(lengths < plan.offload.p2, 2, 3))
+            phase = TokenPhases.of(plan.offload).phase_each(lengths)
         phase_s = tuple(blocks * float(decode[phase == p].sum()) for p in (1, 2, 3))
         bound = max(STREAMS, key=lambda s: float((streams[s] * weight).sum()))
     n = w.num_prompts
