@@ -14,7 +14,7 @@ from runner.model.config import OPT_ARCH, ModelConfig, get_preset
 from runner.plan.cost_model import PICK_CHURN, Plan, Workload, peak_bytes, predict
 from runner.offload.executor import Executor
 from runner.plan.hardware import Bandwidth, Compute, HardwareProfile, TierMemory
-from runner.kv.store import KVSettings
+from runner.kv.spec import KVSettings
 from runner.offload.phases import TokenPhases
 from runner.model.layers import weight_shapes
 from runner.memory.tiers import Tier, TierBudgets

@@ -23,7 +23,7 @@ import torch
 from policies import get_policy
 from runner.model.config import LLAMA_ARCH, OPT_ARCH, ModelConfig
 from runner.offload.executor import Executor, OffloadPolicy
-from runner.kv.store import KVSettings
+from runner.kv.spec import KVSettings
 from runner.model.layers import weight_shapes
 from runner.engines.lm import LM, Batch
 from runner.memory.tiers import BudgetError, Tier, TierBudgets

@@ -24,7 +24,7 @@ from runner.plan.cost_model import Plan, Workload, peak_bytes
 from runner.offload.executor import OffloadPolicy
 from runner.kv.picks import buffer_bytes
 from runner.offload.sequence_kv import split_rows
-from runner.kv.store import KVSettings
+from runner.kv.spec import KVSettings
 from runner.offload.token_kv import TokenTieredKV
 from runner.offload.phases import TokenPhases
 from runner.engines.lm import LM, Batch

@@ -14,7 +14,8 @@ from runner.engines.hf import HFEngine
 from runner.kv.cache import KVCache
 from runner.kv.protocol import KVCacheBase, KVTraffic
 from runner.kv.quant import QuantizedKVCache
-from runner.kv.store import KVSettings, KVStore
+from runner.kv.spec import KVSettings
+from runner.kv.store import KVStore
 from runner.model.attention_kv import AttentionKV
 from runner.model.config import LLAMA_ARCH, ModelConfig
 from runner.offload.executor import Executor

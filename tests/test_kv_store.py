@@ -9,7 +9,8 @@ import torch
 
 from policies import policy_names
 from runner.kv.spec import KVSpec
-from runner.kv.store import KVSettings, kv_bytes
+from runner.kv.spec import KVSettings
+from runner.kv.store import kv_bytes
 from runner.engines.lm import LM, Batch
 
 SPARSE = [p for p in policy_names() if p != "dense"]

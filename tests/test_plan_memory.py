@@ -8,7 +8,7 @@ import torch
 from policies import get_policy
 from runner.model.config import get_preset
 from runner.offload.placement import KVPlacer
-from runner.kv.store import KVSettings
+from runner.kv.spec import KVSettings
 from runner.memory.tiers import Tier
 from runner.offload.policy import KVPlacement, OffloadPolicy
 from runner.offload.sizing import block_need, plan_need, weight_need

@@ -11,7 +11,7 @@ from policies import get_policy
 from runner.model.config import get_preset
 from runner.plan.cost_model import Plan, Workload, peak_bytes, predict
 from runner.plan.hardware import load_profile
-from runner.kv.store import KVSettings
+from runner.kv.spec import KVSettings
 from runner.memory.tiers import Tier
 from runner.offload.policy import OffloadPolicy
 from runner.plan.search import budgets_from, search_alisa, search_flexgen

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from runner.kv.store import KVSettings
+from runner.kv.spec import KVSettings
 from runner.engines.base import BatchOutput, TextDecoder, generate_batch
 from runner.engines.lm import LM
 from runner.engines.sampling import SamplingParams

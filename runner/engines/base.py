@@ -11,7 +11,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
-from runner.kv.store import KVSettings
+from runner.kv.spec import KVSettings
 from runner.engines.lm import LM, Batch
 from runner.data.outputs import FinishReason
 from runner.engines.sampling import SamplingParams, next_tokens

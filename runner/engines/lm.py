@@ -16,7 +16,8 @@ from runner.model import greedy_head
 from runner.model import kernels
 from runner.model import ops as M
 from runner.model.config import ModelConfig, Positions
-from runner.kv.store import KVSettings, KVStore
+from runner.kv.spec import KVSettings
+from runner.kv.store import KVStore
 from runner.model.layers import LINEAR_WEIGHTS, ForwardState, Unit, build_units
 
 

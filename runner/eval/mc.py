@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from runner.data.dataset import json_object
-from runner.kv.store import KVSettings
+from runner.kv.spec import KVSettings
 from runner.engines.lm import LM, Batch
 
 

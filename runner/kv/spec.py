@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from dataclasses import dataclass, field
 
+from policies import KVPolicy, get_policy
+from policies.dense import Dense
 from runner.spec import _bad, _Spec
 
 
@@ -16,6 +19,18 @@ class KVMode(str, enum.Enum):
 class QuantAxis(str, enum.Enum):
     HIDDEN = "hidden"  # groups along each token's head dim (FlexGen)
     CHANNEL = "channel"  # per channel, groups of consecutive tokens (ALISA's "channel-wise")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVSettings:
+    """A batch's KV settings at run time (what `KVSpec.settings` builds, and what `KVStore` reads)."""
+    policy: KVPolicy = field(default_factory=Dense)
+    mode: KVMode = KVMode.RETAIN
+    bits: int = 16  # 16 = the compute dtype, unquantized
+    group_size: int = 64
+    quant_axis: QuantAxis = QuantAxis.HIDDEN
+    profile: bool = False  # time the decode phases (store/score/select/gather/attend) per step
+    pick_buffer: bool = True  # keep picks packed per layer across steps (the executor's offload.pick_buffer)
 
 
 # kv keys that are parameters of the policy object rather than of storage
@@ -50,7 +65,6 @@ class KVSpec(_Spec):
 
     def make_policy(self):
         """The registered policy object this section describes."""
-        from policies import get_policy
         values = self.values()
         params = {k: values[k] for k in _POLICY_KEYS if values[k] is not None}
         try:
@@ -59,9 +73,8 @@ class KVSpec(_Spec):
             key = str(e).split(":", 1)[0]
             raise _bad(key if key.startswith("kv.") else "kv.policy", str(e).split(": ", 1)[-1]) from None
 
-    def settings(self):
+    def settings(self) -> KVSettings:
         """The runtime `KVSettings` for `runner.kv.store.KVStore`."""
-        from runner.kv.store import KVSettings
         return KVSettings(policy=self.make_policy(), mode=self.mode, bits=self.bits, group_size=self.group_size,
                           quant_axis=self.quant_axis, profile=self.profile)
 

@@ -13,38 +13,24 @@ scoring policies get their first scores from the prompt's own attention rows.
 from __future__ import annotations
 
 import functools
-
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from policies import KVPolicy, Selection
-from policies.dense import Dense
+from policies import Selection
 from runner.model import ops as M
 from runner.model.attention_kv import Projector
 from runner.model.config import ModelConfig
 from runner.kv.cache import KVCache, take_slots
 from runner.kv.picks import PickBuffer, layers_bytes
 from runner.kv.protocol import KVCacheBase
-from runner.kv.spec import KVMode as Mode, QuantAxis
+from runner.kv.spec import KVMode as Mode, KVSettings, QuantAxis
 from runner.kv.scores import ScoreState
 
 # Prompt queries scored per chunk: keeps the explicit (b, nh, chunk, s) probabilities ~64 MB.
 _PROBS_BYTES = 64 << 20
-
-
-@dataclass(frozen=True, kw_only=True)
-class KVSettings:
-    policy: KVPolicy = field(default_factory=Dense)
-    mode: Mode = Mode.RETAIN
-    bits: int = 16  # 16 = the compute dtype, unquantized
-    group_size: int = 64
-    quant_axis: QuantAxis = QuantAxis.HIDDEN
-    profile: bool = False  # time the decode phases (store/score/select/gather/attend) per step
-    pick_buffer: bool = True  # keep picks packed per layer across steps (the executor's offload.pick_buffer)
 
 
 PHASES = ("store", "score", "select", "gather", "attend")

@@ -29,7 +29,7 @@ from runner.memory.copy_engine import CopyEngine, LinkEmulation
 from runner.engines.base import BatchOutput, StopTracker, TextDecoder
 from runner.offload.placement import KVPlacer
 from runner.kv.protocol import KVCacheBase
-from runner.kv.store import KVSettings
+from runner.kv.spec import KVSettings
 from runner.model.layers import Attention, ForwardState, build_units
 from runner.engines.lm import PREFILL_GROUP_TOKENS, Batch, set_rope
 from runner.memory.tiers import BudgetError, Memory, Reservation, Tier, TierBudgets

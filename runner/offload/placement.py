@@ -15,7 +15,7 @@ from runner.model.config import ModelConfig
 from runner.memory.copy_engine import CopyEngine
 from runner.kv.protocol import KVCacheBase, KVTraffic
 from runner.offload.sequence_kv import SequenceSplitKV, WorkingSlots, split_rows
-from runner.kv.store import KVSettings
+from runner.kv.spec import KVSettings
 from runner.offload.token_kv import TokenTieredKV
 from runner.offload.phases import TokenPhases
 from runner.memory.tiers import Memory, Tier

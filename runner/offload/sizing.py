@@ -17,7 +17,8 @@ from runner.model.config import ModelConfig, Positions
 from runner.kv.picks import layers_bytes
 from runner.kv.quant import flexgen_cache_layout
 from runner.kv.spec import KVMode, QuantAxis
-from runner.kv.store import KVSettings, kv_bytes
+from runner.kv.spec import KVSettings
+from runner.kv.store import kv_bytes
 from runner.model.layers import build_units
 from runner.memory.tiers import Tier
 from runner.offload.phases import TokenPhases

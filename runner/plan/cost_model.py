@@ -25,7 +25,8 @@ import torch
 from runner.model.config import ModelConfig
 from runner.plan.hardware import HardwareProfile
 from runner.kv.quant import QuantLayout, flexgen_cache_layout
-from runner.kv.store import KVSettings, kv_bytes
+from runner.kv.spec import KVSettings
+from runner.kv.store import kv_bytes
 from runner.offload.phases import TokenPhases
 from runner.offload.sequence_kv import split_rows
 from runner.model.layers import MLP, Attention, Embedding, Head, matrix_params, num_params

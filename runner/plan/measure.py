@@ -19,7 +19,7 @@ from policies import get_policy
 from runner.model import kernels
 from runner.model import ops as M
 from runner.model.config import LLAMA_ARCH, ModelConfig
-from runner.kv.store import KVSettings
+from runner.kv.spec import KVSettings
 from runner.model.layers import Attention, weight_shapes
 from runner.engines.lm import LM, Batch
 from runner.engines.sampling import SamplingParams, next_tokens

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from runner.memory.tiers import Tier
 from runner.plan.cost_model import Plan, Prediction, Workload, peak_bytes, predict
 from runner.plan.hardware import HardwareProfile
-from runner.kv.store import KVSettings
+from runner.kv.spec import KVSettings
 from runner.offload.policy import KVPlacement, OffloadPolicy
 from runner.units import gib_to_bytes
 
