@@ -20,8 +20,7 @@ from tqdm import tqdm
 
 from runner.data.dataset import Prompt, Reject
 from runner.data.spec import OnError
-from runner.engines.base import Engine
-from runner.engines.base import BatchOutput
+from runner.engines.base import BatchOutput, Engine
 from runner.job import JobSpec
 from runner.data.outputs import TIER_PEAK_COLUMNS, GenerationRecord, peak_rss_bytes
 from runner.data.reports import BatchLog

@@ -5,10 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner.model import greedy_head
-from runner.model import kernels
-from runner.model import native
-from runner.model import ops as M
+from runner.model import greedy_head, kernels, native, ops as M
 from runner.engines.base import generate_batch
 from runner.engines.lm import LM, Batch
 from runner.engines.sampling import SamplingParams

@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runner.model import kernels
-from runner.model import native
+from runner.model import kernels, native
 @pytest.mark.parametrize("shape, out_features, bias", [((1, 576), 49152, False), ((8, 1, 576), 960, True),
                                                       ((2, 37, 64), 320, True), ((3, 16), 16, False),
                                                       ((32, 1, 1536), 576, False)])

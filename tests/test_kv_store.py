@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from policies import policy_names
-from runner.kv.spec import KVSpec
-from runner.kv.spec import KVSettings
+from runner.kv.spec import KVSettings, KVSpec
 from runner.kv.store import kv_bytes
 from runner.engines.lm import LM, Batch
 

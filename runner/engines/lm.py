@@ -12,9 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from runner.model import greedy_head
-from runner.model import kernels
-from runner.model import ops as M
+from runner.model import greedy_head, kernels, ops as M
 from runner.model.config import ModelConfig, Positions
 from runner.kv.spec import KVSettings
 from runner.kv.store import KVStore

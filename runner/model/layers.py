@@ -16,9 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from runner.model import greedy_head
-from runner.model import kernels
-from runner.model import ops as M
+from runner.model import greedy_head, kernels, ops as M
 from runner.model.attention_kv import AttentionKV
 from runner.model.config import Mlp, ModelConfig, Norm, Positions
 

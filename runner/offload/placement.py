@@ -30,14 +30,14 @@ class KVPlacer:
                  engine: CopyEngine, dtype: torch.dtype):
         self.cfg, self.policy, self.kv, self.memory, self.engine, self.dtype = cfg, policy, kv, memory, engine, dtype
         self.sizing = KVSizing(cfg=cfg, policy=policy, kv=kv, dtype=dtype)  # checks the KV settings
-        self.phases: TokenPhases | None = self.sizing.phases
-        self.split = self.sizing.split
-        # FlexGen's compress_cache: 4-bit groups of 64 (of the head dim, when a head is smaller).
-        self.compress = self.sizing.compress
         self.slots: WorkingSlots | None = None
         self.max_new = 0  # tokens generated per block: a cache's prompt width is its capacity minus this
         self.caches: list[KVCacheBase] = []
         self.done = KVTraffic()  # traffic of caches already freed
+
+    @property
+    def phases(self) -> TokenPhases | None:
+        return self.sizing.phases
 
     @property
     def offloaded(self) -> bool:
@@ -45,13 +45,13 @@ class KVPlacer:
 
     # ---- planning ------------------------------------------------------------------------------
     def plan(self, shapes: list[tuple[int, int]], max_new: int) -> dict[Tier, dict[str, int]]:
-        """Bytes per tier and part for GPU batches of (rows, max_len) each, max_new of them generated."""
+        """`KVSizing.plan`: what `block_need` asks of the executor's KV side."""
         return self.sizing.plan(shapes, max_new)
 
     # ---- caches --------------------------------------------------------------------------------
     def begin_block(self, shapes: list[tuple[int, int]], max_new: int) -> None:
         self.max_new = max_new
-        if self.split:
+        if self.sizing.split:
             self.slots = WorkingSlots(self.memory, self.sizing.slot_shape(shapes), self.dtype)
 
     def cache_factory(self) -> Callable[[int, int], KVCacheBase] | None:
@@ -60,14 +60,14 @@ class KVPlacer:
             return None
 
         def make(batch: int, capacity: int) -> KVCacheBase:
-            if self.phases:
-                cache = TokenTieredKV(self.cfg, batch, capacity, self.dtype, phases=self.phases, memory=self.memory,
+            if self.sizing.phases:
+                cache = TokenTieredKV(self.cfg, batch, capacity, self.dtype, phases=self.sizing.phases, memory=self.memory,
                                       engine=self.engine, bits=self.kv.bits, group_size=self.kv.group_size,
                                       min_len=capacity - self.max_new)
             else:
                 split = split_rows(batch, self.policy.cache_gpu_percent, self.policy.cache_cpu_percent)
                 cache = SequenceSplitKV(self.cfg, batch, capacity, self.dtype, split=split, memory=self.memory,
-                                        engine=self.engine, slots=self.slots, compress=self.compress,
+                                        engine=self.engine, slots=self.slots, compress=self.sizing.compress,
                                         cpu_compute=self.policy.cpu_cache_compute)
             self.caches.append(cache)
             return cache

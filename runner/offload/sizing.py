@@ -16,8 +16,7 @@ from runner.model import ops as M
 from runner.model.config import ModelConfig, Positions
 from runner.kv.picks import layers_bytes
 from runner.kv.quant import flexgen_cache_layout
-from runner.kv.spec import KVMode, QuantAxis
-from runner.kv.spec import KVSettings
+from runner.kv.spec import KVMode, KVSettings, QuantAxis
 from runner.kv.store import kv_bytes
 from runner.model.layers import build_units
 from runner.memory.tiers import Tier

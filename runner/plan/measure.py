@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from policies import get_policy
-from runner.model import kernels
-from runner.model import ops as M
+from runner.model import kernels, ops as M
 from runner.model.config import LLAMA_ARCH, ModelConfig
 from runner.kv.spec import KVSettings
 from runner.model.layers import Attention, weight_shapes
