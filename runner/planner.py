@@ -5,6 +5,7 @@ run's CSV row carries beside the measured ones. No weights are loaded here.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from runner.data.outputs import PREDICTED_THROUGHPUT_COLUMNS
 from runner.model.config import PRESETS, ModelConfig
+from runner.model.layers import num_params
 from runner.plan.cost_model import Plan, Prediction, Workload, predict
 from runner.plan.hardware import HardwareProfile, PROFILE_DIR, load_profile
 from runner.job import DatasetFormat, Engine, JobSpec
@@ -19,8 +21,13 @@ from runner.kv.spec import KVMode, QuantAxis
 from runner.memory.tiers import Tier
 from runner.offload.policy import KVPlacement, OffloadPolicy
 from runner.plan.search import SearchResult, budgets_from, search_alisa, search_flexgen
+from runner.units import bytes_to_gib
 
 CPU_PROFILE = "cpu-only"  # the profile a CPU run's predicted columns use when its job names none
+# Share of MemAvailable a CPU run's `offload: auto` plans the tiers into (the profile's usable_fraction
+# applies on top): the rest is for the page cache the disk tier streams through, per-op temporaries
+# the tiers do not account, the tokenizer and the interpreter.
+RUN_RAM_SHARE = 0.8
 
 
 class PlanError(ValueError):
@@ -70,15 +77,47 @@ def prompt_shape(job: JobSpec, cfg: ModelConfig) -> tuple[int, int]:
     return max(len(i) for i in ids), len(ids)
 
 
-def plan_dtype(job: JobSpec, profile: HardwareProfile) -> torch.dtype:
-    return job.model.dtype.torch_dtype(profile.accelerator)  # as runs resolve it (runner.run_job)
+def plan_dtype(job: JobSpec, profile: HardwareProfile, cfg: ModelConfig) -> torch.dtype:
+    """The dtype a run on the profile's machine uses (`runner.job.DType.torch_dtype`, as runs resolve it):
+    whether fp32 weights fit is judged against the profile's RAM."""
+    fits = weight_bytes(cfg, torch.float32) <= profile.budget_bytes(Tier.CPU)
+    return job.model.dtype.torch_dtype(profile.accelerator, fp32_fits=fits, native_bf16=profile.native_bf16)
+
+
+def weight_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of the model's matrices in `dtype` (a tied head once): what must fit for a plain run."""
+    return num_params(cfg) * dtype.itemsize
 
 
 def job_workload(job: JobSpec, cfg: ModelConfig, profile: HardwareProfile,
-                 shape: tuple[int, int] | None = None) -> Workload:
+                 shape: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> Workload:
     prompt_len, count = shape or prompt_shape(job, cfg)
     return Workload(cfg=cfg, prompt_len=prompt_len, gen_len=job.generation.max_new_tokens, num_prompts=count,
-                    dtype=plan_dtype(job, profile), kv=job.kv.settings())
+                    dtype=dtype or plan_dtype(job, profile, cfg), kv=job.kv.settings())
+
+
+def run_profile(job: JobSpec, device: torch.device, *, this_machine: bool = False) -> HardwareProfile | None:
+    """The profile a run on `device` plans and predicts with: the job's when it describes that kind of
+    device; on a CPU otherwise the shipped cpu-only one (a GPU profile's figures say nothing about this
+    CPU); None when there is none. `this_machine`: memory is what this machine has now (a share of
+    MemAvailable for the gpu and cpu tiers, which share RAM here, and the offload directory's free
+    space), so that `offload: auto` plans for the machine the run is given."""
+    name = job.hardware.profile
+    if device.type == "cpu" and (name is None or job_profile(job).accelerator):
+        name = CPU_PROFILE if (PROFILE_DIR / f"{CPU_PROFILE}.yaml").exists() else None
+    if name is None:
+        return None
+    profile = job_profile(job, name)
+    if not this_machine or device.type != "cpu":
+        return profile
+    from runner.model.weights import available_memory
+    ram = bytes_to_gib(available_memory(device) * RUN_RAM_SHARE)
+    where = Path(job.hardware.offload_dir).absolute()
+    while not where.exists():  # created when the run starts: its filesystem is the nearest existing parent's
+        where = where.parent
+    disk = bytes_to_gib(shutil.disk_usage(where).free)
+    memory = dataclasses.replace(profile.memory_gib, gpu=ram, cpu=ram, disk=disk)
+    return dataclasses.replace(profile, memory_gib=memory)
 
 
 def job_plan(job: JobSpec) -> Plan:
@@ -140,25 +179,38 @@ def plan_sections(plan: Plan) -> dict:
     return out
 
 
-def resolve_auto(job: JobSpec) -> JobSpec:
+def resolve_auto(job: JobSpec, profile: HardwareProfile | None = None, dtype: torch.dtype | None = None) -> JobSpec:
     """`offload: auto`: the job with the fastest predicted plan that keeps its KV policy: ALISA's token
-    placement, or FlexGen's per-sequence placement of the same KV."""
-    profile = job_profile(job)
-    w = job_workload(job, model_config(job), profile)
+    placement, or FlexGen's per-sequence placement of the same KV; on `profile` (default: the job's) in
+    `dtype` (default: as a run on the profile's machine would pick)."""
+    profile = profile or job_profile(job)
+    w = job_workload(job, model_config(job), profile, dtype=dtype)
     budgets = _budgets(job, profile)
     shape = _batch_shape(job)
     found = [r for r in (search_alisa(w, profile, budgets, **shape) if _alisa_ready(w) else None,
                          search_flexgen(w, profile, budgets, keep_kv=True, **shape) if _sequence_ready(w) else None)
              if r]
     if not found:
-        raise PlanError("offload: auto: no plan fits the budgets of hardware.profile "
-                        f"{job.hardware.profile} (and hardware.*_gib); lower the batch, prompt or generation length")
+        raise PlanError(f"offload: auto: no plan fits the budgets of hardware.profile {profile.name} (and "
+                        f"hardware.*_gib) in {str(w.dtype).removeprefix('torch.')}; {_fix_hint(job, w)}")
     best = max(found, key=lambda r: r.prediction.total_throughput)
     batch = dataclasses.replace(job.batch, gpu_batch_size=best.plan.gpu_batch_size,
                                 num_gpu_batches=best.plan.num_gpu_batches)
     resolved = dataclasses.replace(job, batch=batch, offload=best.plan.offload)
     object.__setattr__(resolved, "auto_offload", False)
     return resolved
+
+
+def _fix_hint(job: JobSpec, w: Workload) -> str:
+    """What would make a plan fit, most effective first: a 16-bit dtype, then disk, then a smaller block."""
+    hints = []
+    if w.dtype == torch.float32:
+        hints.append("set model.dtype: bfloat16 (half the bytes)")
+    if job.hardware.disk_gib is not None:
+        hints.append("raise hardware.disk_gib")
+    hints.append("lower batch.gpu_batch_size / num_gpu_batches (or batch: auto), or the prompt or "
+                 "generation length")
+    return "; or ".join(hints)
 
 
 def _sequence_ready(w: Workload) -> bool:
@@ -168,14 +220,11 @@ def _sequence_ready(w: Workload) -> bool:
 
 def predicted_columns(job: JobSpec, cfg: ModelConfig, shape: tuple[int, int], device: torch.device,
                       dtype: torch.dtype) -> dict:
-    """predicted_* throughput columns for a run: on the job's profile, or on a CPU run the shipped
-    cpu-only one; none for the hf engine or when there is no profile to use."""
-    name = job.hardware.profile
-    if name is None and device.type == "cpu" and (PROFILE_DIR / f"{CPU_PROFILE}.yaml").exists():
-        name = CPU_PROFILE
-    if name is None or job.engine is not Engine.ALISA:
+    """predicted_* throughput columns for a run, on its `run_profile`; none for the hf engine or when
+    there is no profile to use."""
+    profile = run_profile(job, device)
+    if profile is None or job.engine is not Engine.ALISA:
         return {}
-    profile = job_profile(job, name)
     w = Workload(cfg=cfg, prompt_len=shape[0], gen_len=job.generation.max_new_tokens, num_prompts=shape[1],
                  dtype=dtype, kv=job.kv.settings())
     p = predict(w, job_plan(job), profile)

@@ -3,6 +3,7 @@ commit each batch (runner/resume.py), write the reports, return the CSV row."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import itertools
 import os
@@ -17,6 +18,7 @@ from runner.model import kernels
 from runner.data.dataset import DatasetError, Prompt, count_records, iter_records
 from runner.engines.base import Engine
 from runner.job import Device, DType, Engine as EngineKind, JobSpec, OutputOrder
+from runner.offload.policy import OffloadPolicy
 from runner.kv.store import kv_bytes
 from runner.data.outputs import append_csv_row, git_commit, peak_rss_bytes, throughput_row
 from runner.data.reports import plot_report
@@ -36,8 +38,21 @@ def resolve_device(device: Device) -> torch.device:
     return torch.device(device.value)
 
 
-def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
-    return dtype.torch_dtype(accelerator=device.type == "cuda")
+def resolve_dtype(dtype: DType, device: torch.device, fp32_bytes: int | None = None,
+                  ram_bytes: int | None = None) -> torch.dtype:
+    """The run's compute dtype (`DType.torch_dtype`). On a CPU, `auto` turns bf16 when the model's fp32
+    weights (`fp32_bytes`) exceed `ram_bytes` (default: the RAM available now) and the CPU has native bf16."""
+    fits = fp32_bytes is None or fp32_bytes <= (ram_bytes if ram_bytes is not None else available_memory(device))
+    return dtype.torch_dtype(accelerator=device.type == "cuda", fp32_fits=fits, native_bf16=kernels.native_bf16())
+
+
+def _run_dtype(job: JobSpec, device: torch.device) -> torch.dtype:
+    """`resolve_dtype` for the job's model, sized from its config (no weights read)."""
+    if job.model.dtype is not DType.AUTO or device.type == "cuda" or job.engine is not EngineKind.ALISA:
+        return resolve_dtype(job.model.dtype, device)
+    from runner.planner import model_config, weight_bytes
+    ram = gib_to_bytes(job.hardware.memory_gib) if job.hardware.memory_gib is not None else None
+    return resolve_dtype(job.model.dtype, device, weight_bytes(model_config(job), torch.float32), ram)
 
 
 def _make_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> Engine:
@@ -152,9 +167,9 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh
     nothing and returns a row with status "complete" and no prompts, not written to the CSV.
     Raises Interrupted (after writing the row) when SIGINT or SIGTERM stopped it."""
     _check_engine(job)
-    job = _resolved(job)
     device = resolve_device(job.hardware.device)
-    dtype = resolve_dtype(job.model.dtype, device)
+    dtype = _run_dtype(job, device)
+    job = _resolved(job, device, dtype)
     if job.hardware.num_threads:
         torch.set_num_threads(job.hardware.num_threads)
     out_dir = _prepare_dir(job)
@@ -165,8 +180,10 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh
                               generated_tokens=0, job=job.name, engine=job.engine.value, status="complete",
                               resumed_prompts=state.prompts, rejected_prompts=0, workers=1)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    # The block executor places weights tensor by tensor into their tiers: never the whole model in RAM.
     loaded = load_model(name=job.model.name, path=job.model.path, dtype=dtype, device=device,
-                        seed=job.generation.seed, with_weights=job.engine is EngineKind.ALISA)
+                        seed=job.generation.seed, with_weights=job.engine is EngineKind.ALISA,
+                        lazy=job.offload is not None)
     params = sampling_params(job)
     records = iter_records(job.dataset, loaded.tokenizer,
                            default_count=job.batch.gpu_batch_size * job.batch.num_gpu_batches)
@@ -313,12 +330,37 @@ def _greedy_head(job: JobSpec, device: torch.device, dtype: torch.dtype) -> str:
     return "bf16-screen" if screened else "full"
 
 
-def _resolved(job: JobSpec) -> JobSpec:
-    """`offload: auto`: the plan search fills in the offload policy (and with `batch: auto` the batch shape)."""
-    if not job.auto_offload:
+def _resolved(job: JobSpec, device: torch.device, dtype: torch.dtype) -> JobSpec:
+    """`offload: auto` (and a plain alisa job whose weights do not fit in memory): the plan search fills
+    in the offload policy (with `batch: auto` the batch shape too), on the run's profile
+    (`runner.planner.run_profile`: on a CPU, this machine's memory and disk)."""
+    if job.engine is not EngineKind.ALISA or job.eval is not None:
         return job
-    from runner.planner import resolve_auto
-    return resolve_auto(job)
+    if not job.auto_offload and (job.offload is not None or _fits_plainly(job, device, dtype)):
+        return job
+    from runner.planner import resolve_auto, run_profile
+    profile = run_profile(job, device, this_machine=True)
+    if profile is None:
+        raise RunError("hardware.profile: the model does not fit in memory and offload: auto needs a profile of "
+                       "this machine to plan with (a shipped one such as h100-80g, or `run.py calibrate`)")
+    if not job.auto_offload:  # the plain job does not fit: plan it as `offload: auto`
+        memory = job.hardware.memory_gib  # the plain engine's budget: the tiers share it here
+        if memory is not None:
+            profile = dataclasses.replace(profile, memory_gib=dataclasses.replace(
+                profile.memory_gib, gpu=min(profile.memory_gib.gpu, memory), cpu=min(profile.memory_gib.cpu, memory)))
+        job = dataclasses.replace(job, offload=OffloadPolicy(),
+                                  hardware=dataclasses.replace(job.hardware, memory_gib=None))
+    return resolve_auto(job, profile, dtype)
+
+
+def _fits_plainly(job: JobSpec, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the plain engine can hold the weights: within hardware.memory_gib, or within the memory
+    free on the device now (with a tenth left for the KV cache and temporaries)."""
+    from runner.planner import model_config, weight_bytes
+    need = weight_bytes(model_config(job), dtype)
+    if job.hardware.memory_gib is not None:
+        return need <= gib_to_bytes(job.hardware.memory_gib)
+    return need <= 0.9 * available_memory(device)
 
 
 def _predicted(job: JobSpec, loaded: LoadedModel, totals: Totals, device: torch.device, dtype: torch.dtype) -> dict:

@@ -205,3 +205,21 @@ def test_a_million_line_dataset_streams_first_batch_in_seconds_at_flat_memory(tm
     print(f"two batches committed {first_batches_s:.1f} s after start (model load included); peak RSS "
           f"{big_row.peak_cpu_bytes / 2**20:.0f} MiB over 1M lines vs {small_row.peak_cpu_bytes / 2**20:.0f} MiB over 4")
     assert big_row.peak_cpu_bytes - small_row.peak_cpu_bytes < 64 * 2 ** 20
+
+
+def test_a_model_that_does_not_fit_runs_offloaded_in_bf16(tmp_path):
+    """hardware.memory_gib 0.2 holds neither SmolLM2's fp32 weights (0.54 GB) nor its bf16 ones (0.27 GB):
+    the plain job turns bf16 (this CPU has native bf16 dot products) and `offload: auto` on the cpu-only
+    profile limited to 0.2 GiB, and runs; the resolved job.yaml says which plan ran."""
+    from runner.model import kernels
+    if not kernels.native_bf16():
+        pytest.skip("dtype auto picks bf16 only on a CPU with native bf16 dot products")
+    proc = _run("jobs/smollm2-135m.yaml", "--set", "hardware.memory_gib=0.2", "--set", "dataset.limit=2",
+                "--set", "generation.max_new_tokens=4", "--set", f"output.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = pd.read_csv(tmp_path / "throughput.csv").iloc[-1]
+    assert row["dtype"] == "bfloat16" and row.num_prompts == 2 and row.gen_len == 4
+    import yaml
+    ran = yaml.safe_load((tmp_path / "job.yaml").read_text())
+    assert ran["offload"]["w_gpu_percent"] + ran["offload"]["w_cpu_percent"] < 100  # some weights on disk
+    assert "memory_gib" not in ran["hardware"] or ran["hardware"]["memory_gib"] is None

@@ -222,7 +222,8 @@ class DiskPool(_Budgeted):
         self.page_cache = page_cache
         os.makedirs(offload_dir, exist_ok=True)
         self.root = tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=offload_dir)
-        self._maps: dict[str, Tensor] = {}  # path -> shared memory map of the file
+        self._held: dict[str, DiskTensor] = {}  # path -> handle, for every live file
+        self._maps: dict[str, Tensor] = {}  # path -> shared memory map of the file, once `view` made one
         self._names = itertools.count()
         # Runs on close(), on garbage collection, and at interpreter exit (weakref.finalize registers with
         # atexit), so a KeyboardInterrupt that ends the program outside any `with` still removes the files.
@@ -242,45 +243,78 @@ class DiskPool(_Budgeted):
         try:
             with open(dt.path, "wb") as f:
                 f.truncate(dt.nbytes)  # sparse until written: no disk traffic for the allocation itself
-            numel = math.prod(dt.shape)
-            data = (torch.from_file(dt.path, shared=True, size=numel, dtype=dtype) if numel
-                    else torch.empty(0, dtype=dtype))
         except BaseException:
             self._give(dt.nbytes)
             raise
-        self._maps[dt.path] = data.view(dt.shape)
+        self._held[dt.path] = dt
         return dt
 
     def free(self, dt: DiskTensor) -> None:
-        if self._maps.pop(dt.path, None) is None:
+        if self._held.pop(dt.path, None) is None:
             raise ValueError(f"disk: free of {dt.label!r}, which this pool does not hold (or freed already)")
+        self._maps.pop(dt.path, None)
         os.remove(dt.path)
         self._give(dt.nbytes)
 
     def owns(self, dt: DiskTensor) -> bool:
-        return dt.path in self._maps
+        return dt.path in self._held
 
     def view(self, dt: DiskTensor) -> Tensor:
-        """The file as a CPU tensor (a shared memory map: writes to it land in the file)."""
+        """The file as a CPU tensor (a shared memory map, made on first use: writes to it land in the file).
+        Whole-tensor reads and writes (`read_into`, `write`) use file I/O instead, so that weights streamed
+        from disk never count as the process's resident memory."""
+        if dt.path not in self._held:
+            raise ValueError(f"disk: {dt.label!r} is not held by this pool (freed, or pool closed)")
         data = self._maps.get(dt.path)
         if data is None:
-            raise ValueError(f"disk: {dt.label!r} is not held by this pool (freed, or pool closed)")
+            numel = math.prod(dt.shape)
+            data = (torch.from_file(dt.path, shared=True, size=numel, dtype=dt.dtype) if numel
+                    else torch.empty(0, dtype=dt.dtype)).view(dt.shape)
+            self._maps[dt.path] = data
         return data
 
     def read(self, dt: DiskTensor, rows: slice | Tensor | None = None) -> Tensor:
         """A copy in RAM of the whole tensor or of `rows` along dim 0. Not counted: schedulers use `copy`."""
-        data = self.view(dt)
-        out = (data if rows is None else data[rows]).clone()
+        if rows is None:
+            out = torch.empty(dt.shape, dtype=dt.dtype)
+            self.read_into(dt, out)
+            return out
+        out = self.view(dt)[rows].clone()
         self.after_io(dt)
         return out
 
+    def read_into(self, dt: DiskTensor, out: Tensor) -> None:
+        """Fill the contiguous CPU tensor `out` (of `dt`'s size) with the whole file, by `preadv`."""
+        self._io(dt, out, write=False)
+
     def write(self, dt: DiskTensor, src: Tensor, rows: slice | Tensor | None = None) -> None:
         """Store `src` as the whole tensor or as `rows` along dim 0. Not counted: schedulers use `copy`."""
+        if rows is None and src.device.type == "cpu":
+            self._io(dt, src.to(dt.dtype).contiguous(), write=True)
+            return
         data = self.view(dt)
         if rows is None:
             data.copy_(src)
         else:
             data[rows] = src.to(data.device)
+        self.after_io(dt)
+
+    def _io(self, dt: DiskTensor, buf: Tensor, *, write: bool) -> None:
+        if dt.path not in self._held:
+            raise ValueError(f"disk: {dt.label!r} is not held by this pool (freed, or pool closed)")
+        if buf.nbytes != dt.nbytes or not buf.is_contiguous() or buf.device.type != "cpu":
+            raise ValueError(f"disk: {dt.label!r} needs a contiguous CPU buffer of {dt.nbytes} bytes")
+        view = memoryview(buf.reshape(-1).view(torch.uint8).numpy()) if dt.nbytes else memoryview(b"")
+        fd = os.open(dt.path, os.O_WRONLY if write else os.O_RDONLY)
+        try:
+            done = 0
+            while done < len(view):  # a call moves at most ~2 GiB: loop
+                n = (os.pwritev if write else os.preadv)(fd, [view[done:]], done)
+                if n <= 0:
+                    raise OSError(f"disk: {dt.label!r}: {'write' if write else 'read'} stopped at byte {done}")
+                done += n
+        finally:
+            os.close(fd)
         self.after_io(dt)
 
     def after_io(self, dt: DiskTensor) -> None:
@@ -290,13 +324,13 @@ class DiskPool(_Budgeted):
 
     def drop_cache(self, dt: DiskTensor) -> None:
         """Write `dt`'s dirty pages to the device and evict its file from the OS page cache."""
-        data = self.view(dt)
+        data = self._maps.get(dt.path)
         # The kernel keeps pages that a process has mapped (fadvise skips them), and our map of the file
         # stays for the pool's life: unmap its pages first. The map stays valid; the next access faults
         # them back in from the file. Only a map starting on a page boundary is released (torch.from_file
         # maps from offset 0, so it always does); a tensor of zero bytes has no map.
-        addr, nbytes = data.data_ptr(), dt.nbytes
-        if nbytes and addr % mmap.PAGESIZE == 0 and _LIBC is not None:
+        addr, nbytes = (data.data_ptr() if data is not None else 0), dt.nbytes
+        if addr and nbytes and addr % mmap.PAGESIZE == 0 and _LIBC is not None:
             if _LIBC.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes), _MADV_DONTNEED) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"disk: madvise of {dt.label!r}: {os.strerror(err)}")
@@ -310,6 +344,7 @@ class DiskPool(_Budgeted):
     def close(self) -> None:
         """Delete the run directory and every file in it; idempotent."""
         self._maps.clear()
+        self._held.clear()
         self._cleanup()
 
     def __enter__(self) -> DiskPool:

@@ -132,6 +132,8 @@ def copy(dst: Tensor | DiskTensor, dst_idx: Index, src: Tensor | DiskTensor, src
     non-blocking device->host `.to()` would hand index_put a host tensor that is not filled yet.
     """
     dst_idx, src_idx = _normalize(dst_idx), _normalize(src_idx)
+    if _whole_file_io(dst, dst_idx, src, src_idx, memory):
+        return _counted(memory, src, dst, dst.nbytes if isinstance(dst, DiskTensor) else src.nbytes)
     src_t = memory.disk.view(src) if isinstance(src, DiskTensor) else src
     dst_t = memory.disk.view(dst) if isinstance(dst, DiskTensor) else dst
     if src_t.dtype != dst_t.dtype:
@@ -144,10 +146,32 @@ def copy(dst: Tensor | DiskTensor, dst_idx: Index, src: Tensor | DiskTensor, src
         target.copy_(part, non_blocking=non_blocking)
     else:
         dst_t[_on(dst_idx, dst_t.device)] = part.to(dst_t.device)
-    nbytes = part.numel() * part.element_size()
     for x in (src, dst):
         if isinstance(x, DiskTensor):
             memory.disk.after_io(x)  # a pool without page cache evicts the file now
+    return _counted(memory, src, dst, part.numel() * part.element_size())
+
+
+def _whole_file_io(dst: Tensor | DiskTensor, dst_idx: Index, src: Tensor | DiskTensor, src_idx: Index,
+                   memory: Memory) -> bool:
+    """A whole disk tensor to or from a whole contiguous host tensor moves by file I/O (the disk pool's
+    `read_into` / `write`), never through the file's memory map: streamed weights then never count as
+    resident memory. Returns whether it did; anything else goes through the map."""
+    if dst_idx is not None or src_idx is not None or isinstance(dst, DiskTensor) == isinstance(src, DiskTensor):
+        return False
+    disk, host = (src, dst) if isinstance(src, DiskTensor) else (dst, src)
+    if host.device.type != "cpu" or not host.is_contiguous() or host.dtype != disk.dtype:
+        return False
+    if tuple(host.shape) != disk.shape:
+        raise ValueError(f"copy: shape mismatch, {tuple(src.shape)} -> {tuple(dst.shape)}")
+    if disk is src:
+        memory.disk.read_into(disk, host)
+    else:
+        memory.disk.write(disk, host)
+    return True
+
+
+def _counted(memory: Memory, src: Tensor | DiskTensor, dst: Tensor | DiskTensor, nbytes: int) -> dict[Direction, int]:
     moved = {d: nbytes for d in _ROUTES.get((memory.tier_of(src), memory.tier_of(dst)), ())}
     for d, n in moved.items():
         memory.count(d, n)

