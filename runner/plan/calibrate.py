@@ -283,11 +283,11 @@ _UNITS = {"bandwidth_gbps": "GB/s", "tflops": "TFLOP/s", "overhead_us": "us"}
 def implausible(profile: HardwareProfile, rows: list[Row]) -> list[str]:
     """What is wrong with a calibrated profile, one phrase per figure: outside its `PLAUSIBLE` range, or
     measured from repeats (`rows`' spreads) that spread beyond MAX_SPREAD even when measured again."""
-    found = []
+    found, figures = [], profile.to_dict()
     for field, ranges in PLAUSIBLE.items():
         limits = ranges[1] if profile.accelerator else ranges[0]
         section, name = field.split(".")
-        value = getattr(profile, section).values()[name]
+        value = figures[section][name]
         if limits is not None and not limits[0] <= value <= limits[1]:
             unit, device = _UNITS[section], "cuda" if profile.accelerator else "cpu"
             found.append(f"{field} = {value:g} {unit} is outside [{limits[0]:g}, {limits[1]:g}], plausible for a "
