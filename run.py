@@ -151,11 +151,13 @@ def _calibrate(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds: checks the tool, not the machine")
     parser.add_argument("--note", default="", help="a line for the profile's header (e.g. what else the machine ran)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="stop with an error after this much wall time (default 120; 20 with --quick)")
     args = parser.parse_args(argv)
     out = Path(args.out or f"results/calibration/{socket.gethostname()}.yaml")
     offload_dir = args.offload_dir or "offload/"
     import torch  # heavy imports only when actually running
-    from runner.plan.calibrate import calibrate, describe_machine
+    from runner.plan.calibrate import CalibrationError, calibrate, describe_machine
     from runner.plan.hardware import dump_profile
     try:  # fail before a minute of measuring, not after
         device = torch.device(_calibration_device(args.device, torch.cuda.is_available()))
@@ -164,24 +166,40 @@ def _calibrate(argv: list[str]) -> int:
             if args.threads < 1:
                 raise ValueError(f"--threads: must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
+        if args.max_seconds is not None and not args.max_seconds > 0:
+            raise ValueError(f"--max-seconds: must be > 0, got {args.max_seconds:g}")
         print(f"calibrating {device} with {torch.get_num_threads()} torch threads "
               f"({'a few seconds' if args.quick else 'about a minute'})", flush=True)
         start = time.perf_counter()
-        profile, rows = calibrate(device=device, offload_dir=offload_dir, quick=args.quick, name=out.stem)
+        try:
+            profile, rows = calibrate(device=device, offload_dir=offload_dir, quick=args.quick, name=out.stem,
+                                      max_seconds=args.max_seconds)
+        except CalibrationError as e:  # the machine's state, not the command line: exit 1, no profile
+            print(f"error: {e}; no profile written", file=sys.stderr)
+            return 1
         header = [f"Measured by `python run.py calibrate {shlex.join(argv)}` on "
                   f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in {time.perf_counter() - start:.0f} s, "
                   f"torch {torch.__version__}", describe_machine(device)] + ([args.note] if args.note else [])
-        header += ["Figures (median of repeats; field <- measurement, shape: value):"] + [_row_text(r) for r in rows]
-        try:
-            out.write_text(dump_profile(profile, "\n".join(header)))
-        except OSError as e:
-            raise OSError(f"--out {out}: cannot write: {e.strerror}") from None
+        header += ["Figures (median of repeats, each within its plausible range; field <- measurement, shape: value):"]
+        header += [_row_text(r) for r in rows]
+        _write_whole(out, dump_profile(profile, "\n".join(header)))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(_row_text(r) for r in rows))
     print(f"calibration done in {time.perf_counter() - start:.1f} s; profile: {out}")
     return 0
+
+
+def _write_whole(out: Path, text: str) -> None:
+    """`text` into `out` whole or not at all: written beside it, then renamed over it."""
+    part = out.with_name(out.name + ".part")
+    try:
+        part.write_text(text)
+        os.replace(part, out)
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        raise OSError(f"--out {out}: cannot write: {e.strerror}") from None
 
 
 def _calibration_device(name: str, has_cuda: bool) -> str:
@@ -207,6 +225,7 @@ def _check_calibration_paths(out: Path, offload_dir: str, *, create_offload_dir:
 
 def _row_text(r: dict) -> str:
     seconds = "" if r["seconds"] is None else f" in {r['seconds'] * 1e3:.3f} ms"
+    seconds += "" if r["spread"] is None else f" (repeats within {r['spread']:g}x)"
     return f"{r['field'] or '-':<28} {r['name']}, {r['shape']}{seconds}: {r['value']:g} {r['unit']}"
 
 

@@ -14,6 +14,12 @@ What is measured, through the runner's own code paths where it has one:
   filesystem. On a CPU device the gpu and cpu tiers both report the same RAM: they share it.
 
 Each figure is the median of a few repeats after a warm-up. Torch's thread count is the caller's.
+
+What makes the figures trustworthy (issue 20: a loaded machine once gave a profile 1,000-5,000x off, and
+nothing said so): the whole calibration runs under a wall-time limit (`Deadline`, checked before every
+repeat); a measurement whose repeats spread beyond `MAX_SPREAD` is measured once more; and the finished
+profile is refused (`CalibrationError`, nothing returned) when a figure lies outside its plausible range
+(`PLAUSIBLE`) or its repeats still spread too far.
 """
 from __future__ import annotations
 
@@ -28,8 +34,9 @@ import time
 import torch
 
 from runner.plan import measure as C
-from runner.plan.measure import MIB, Row, row
+from runner.plan.measure import MAX_SPREAD, MIB, CalibrationError, Deadline, Row, Timer, row
 from runner.memory.copy_engine import CopyEngine
+from runner.memory.pools import DiskTensor
 from runner.plan.hardware import Bandwidth, Compute, HardwareProfile, Overheads, TierMemory
 from runner.memory.tiers import Memory, TierBudgets, copy
 from runner.units import bytes_to_gib, format_gib
@@ -66,16 +73,28 @@ CUDA_FULL = Sizes(copy_mib=1024, disk_mib=1024, matmul_n=8192, projection_mib=10
                   layers=8, steps=30)
 
 
+# Default wall-time limits: a full calibration of this 2-core machine takes ~30 s when quiet and a quick
+# one a few seconds; 4x that is room for a slower disk or a busier moment, and far short of issue 20's 882 s.
+MAX_SECONDS_FULL = 120.0
+MAX_SECONDS_QUICK = 20.0
+
+
 def sizes_for(device: torch.device, quick: bool) -> Sizes:
     if quick:
         return QUICK
     return CUDA_FULL if device.type == "cuda" else CPU_FULL
 
 
-def calibrate(*, device: torch.device, offload_dir: str, quick: bool = False,
-              name: str = "calibrated") -> tuple[HardwareProfile, list[Row]]:
-    """Measure this machine; returns the profile and one row per measurement (see `runner.plan.measure`)."""
+def calibrate(*, device: torch.device, offload_dir: str, quick: bool = False, name: str = "calibrated",
+              max_seconds: float | None = None) -> tuple[HardwareProfile, list[Row]]:
+    """Measure this machine; returns the profile and one row per measurement (see `runner.plan.measure`).
+
+    Raises `CalibrationError` (one line) when `max_seconds` of wall time pass (default MAX_SECONDS_FULL,
+    or MAX_SECONDS_QUICK when `quick`) or the figures fail `check_figures`."""
     device = torch.device(device)
+    limit = max_seconds if max_seconds is not None else MAX_SECONDS_QUICK if quick else MAX_SECONDS_FULL
+    if not limit > 0:
+        raise ValueError(f"max_seconds: must be > 0, got {limit:g}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda requested but torch sees no CUDA device")
     if device.type not in ("cpu", "cuda"):
@@ -83,30 +102,33 @@ def calibrate(*, device: torch.device, offload_dir: str, quick: bool = False,
     if not os.path.isdir(offload_dir):
         raise ValueError(f"offload dir {offload_dir}: no such directory (create it, or pass another)")
     sizes, host = sizes_for(device, quick), sizes_for(_CPU, quick)
+    deadline = Deadline(limit_s=limit)
+    timer, host_timer = Timer(repeats=sizes.repeats, deadline=deadline), Timer(repeats=host.repeats, deadline=deadline)
     rows = _memory_rows(device, offload_dir)
     with Memory(TierBudgets(offload_dir=offload_dir, disk_page_cache=False), device) as mem:
-        rows += _link_rows(mem, sizes) + _disk_rows(mem, sizes) + _transfer_rows(mem)
+        rows += _link_rows(mem, sizes, timer) + _disk_rows(mem, sizes, timer) + _transfer_rows(mem, timer)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    rows += _compute_rows(device, dtype, sizes, "gpu")
+    rows += _compute_rows(device, dtype, sizes, timer, "gpu")
     if device.type == "cuda":
-        rows += _compute_rows(_CPU, torch.float32, host, "cpu")
-    rows += C.overheads(device, dtype, sizes.layers, sizes.steps, sizes.repeats)
-    return _profile(name, rows, device), rows
+        rows += _compute_rows(_CPU, torch.float32, host, host_timer, "cpu")
+    rows += C.overheads(device, dtype, sizes.layers, sizes.steps, timer)
+    profile = _profile(name, rows, device)
+    check_figures(profile, rows)
+    return profile, rows
 
 
-def _compute_rows(device: torch.device, dtype: torch.dtype, s: Sizes, side: str) -> list[Row]:
-    rows = C.matmul(device, dtype, s.matmul_n, s.repeats, f"tflops.{side}_matmul")
-    rows += C.projection(device, dtype, s.projection_mib, s.repeats, f"bandwidth_gbps.{side}_memory")
+def _compute_rows(device: torch.device, dtype: torch.dtype, s: Sizes, timer: Timer, side: str) -> list[Row]:
+    rows = C.matmul(device, dtype, s.matmul_n, timer, f"tflops.{side}_matmul")
+    rows += C.projection(device, dtype, s.projection_mib, timer, f"bandwidth_gbps.{side}_memory")
     if side == "gpu" and device.type == "cpu":  # the all-resident path's packed weights (kernels.pack)
-        rows += C.projection(device, dtype, s.projection_mib, s.repeats, "bandwidth_gbps.packed_weights",
-                             packed=True)
-    rows += C.attention(device, dtype, s.decode, s.prefill, s.repeats, f"tflops.{side}_attention")
+        rows += C.projection(device, dtype, s.projection_mib, timer, "bandwidth_gbps.packed_weights", packed=True)
+    rows += C.attention(device, dtype, s.decode, s.prefill, timer, f"tflops.{side}_attention")
     if side == "gpu":  # recomputation runs where the kept inputs are: on the compute device
-        rows += C.recompute(device, dtype, *s.recompute, s.repeats, "tflops.gpu_recompute")
+        rows += C.recompute(device, dtype, *s.recompute, timer, "tflops.gpu_recompute")
     return rows
 
 
-def _link_rows(mem: Memory, s: Sizes) -> list[Row]:
+def _link_rows(mem: Memory, s: Sizes, timer: Timer) -> list[Row]:
     """gpu <- cpu and cpu <- gpu through `runner.memory.tiers.copy`, one large contiguous tensor."""
     nbytes = s.copy_mib * MIB
     host = mem.cpu.alloc((nbytes,), torch.uint8, "calibration host buffer")
@@ -116,15 +138,15 @@ def _link_rows(mem: Memory, s: Sizes) -> list[Row]:
     where = "pinned host <-> cuda" if mem.device.type == "cuda" else "host buffer -> host buffer (gpu tier is the CPU)"
     rows = []
     for field, dst, src in (("gpu_from_cpu", dev, host), ("cpu_from_gpu", host, dev)):
-        sec = C.median_seconds(lambda: copy(dst, None, src, None, mem), mem.device, repeats=s.repeats)
-        rows.append(row(f"copy {field}", f"bandwidth_gbps.{field}", f"{s.copy_mib} MiB, {where}", sec,
-                        nbytes / sec / 1e9, "GB/s"))
+        t = timer.time(lambda: copy(dst, None, src, None, mem), mem.device, f"copy {field}")
+        rows.append(row(f"copy {field}", f"bandwidth_gbps.{field}", f"{s.copy_mib} MiB, {where}", t.seconds,
+                        nbytes / t.seconds / 1e9, "GB/s", spread=t.spread))
     mem.cpu.free(host)
     mem.gpu.free(dev)
     return rows
 
 
-def _disk_rows(mem: Memory, s: Sizes) -> list[Row]:
+def _disk_rows(mem: Memory, s: Sizes, timer: Timer) -> list[Row]:
     """Synced writes of fresh disk-tier tensors, then reads of them, the page cache dropped after each.
     Tensors of `DISK_TENSOR_MIB` (a layer matrix), not one big file: the executor reads and writes
     tensor by tensor, and here 16 MiB reads stream at ~half the rate of one 1 GiB read."""
@@ -133,42 +155,53 @@ def _disk_rows(mem: Memory, s: Sizes) -> list[Row]:
     host = [mem.cpu.alloc((chunk,), torch.uint8, f"calibration disk buffer {i}") for i in range(count)]
     for h in host:
         h.random_(0, 256)  # incompressible, in case the filesystem compresses
-    writes, files = [], []
-    for _ in range(s.repeats + 1):  # the first of each is a warm-up
+    files: list[DiskTensor] = []
+
+    def write() -> float:
         for f in files:
             mem.disk.free(f)
         # Fresh (sparse) files each time: rewriting evicted pages of a mapped file would read them first.
-        files = [mem.disk.alloc((chunk,), torch.uint8, f"calibration file {i}") for i in range(count)]
+        files[:] = [mem.disk.alloc((chunk,), torch.uint8, f"calibration file {i}") for i in range(count)]
         start = time.perf_counter()
         for f, h in zip(files, host):
             copy(f, None, h, None, mem)  # ends with fsync and eviction (page_cache=False)
-        writes.append(time.perf_counter() - start)
+        return time.perf_counter() - start
 
     def read() -> None:
         for f, h in zip(files, host):
             copy(h, None, f, None, mem)
-    seconds = C.median_seconds(read, _CPU, repeats=s.repeats)
+    writes = timer.series(write, "disk write (synced)")
+    reads = timer.time(read, _CPU, "disk read")
     for f in files:
         mem.disk.free(f)
     for h in host:
         mem.cpu.free(h)
-    write, nbytes = statistics.median(writes[1:]), chunk * count
+    nbytes = chunk * count
     where = f"{count} tensors of {chunk // MIB} MiB in {mem.disk.root}, page cache dropped"
-    return [row("disk write (synced)", "bandwidth_gbps.disk_from_cpu", where, write, nbytes / write / 1e9, "GB/s"),
-            row("disk read", "bandwidth_gbps.cpu_from_disk", where, seconds, nbytes / seconds / 1e9, "GB/s")]
+    return [row("disk write (synced)", "bandwidth_gbps.disk_from_cpu", where, writes.seconds,
+                nbytes / writes.seconds / 1e9, "GB/s", spread=writes.spread),
+            row("disk read", "bandwidth_gbps.cpu_from_disk", where, reads.seconds, nbytes / reads.seconds / 1e9,
+                "GB/s", spread=reads.spread)]
 
 
-def _transfer_rows(mem: Memory) -> list[Row]:
+def _transfer_rows(mem: Memory, timer: Timer) -> list[Row]:
     """Round trip of a 1 KiB copy through the copy engine (submit to a worker thread, wait): the fixed
-    cost each transfer adds whatever its size."""
+    cost each transfer adds whatever its size. Each repeat is the median of 40 round trips: one trip
+    (tens of microseconds) is shorter than the scheduler's noise, so single trips spread far beyond 3x."""
     src = mem.cpu.alloc((1024,), torch.uint8, "calibration tiny source")
     dst = mem.gpu.alloc((1024,), torch.uint8, "calibration tiny destination")
     with CopyEngine(mem, threads=2) as engine:
-        sec = C.median_seconds(lambda: engine.submit(dst, None, src, None).wait(), mem.device, repeats=200, warmup=20)
+        def trip() -> float:
+            start = time.perf_counter()
+            engine.submit(dst, None, src, None).wait()
+            C.sync(mem.device)
+            return time.perf_counter() - start
+
+        t = timer.series(lambda: statistics.median([trip() for _ in range(40)]), "tiny copy latency", repeats=5)
     mem.cpu.free(src)
     mem.gpu.free(dst)
-    return [row("tiny copy latency", "overhead_us.transfer", "1 KiB gpu <- cpu via CopyEngine (2 threads)", sec,
-                sec * 1e6, "us")]
+    return [row("tiny copy latency", "overhead_us.transfer", "1 KiB gpu <- cpu via CopyEngine (2 threads), "
+                "5 medians of 40", t.seconds, t.seconds * 1e6, "us", spread=t.spread)]
 
 
 def _memory_rows(device: torch.device, offload_dir: str) -> list[Row]:
@@ -207,6 +240,70 @@ def _profile(name: str, rows: list[Row], device: torch.device) -> HardwareProfil
     return HardwareProfile(name=name, memory_gib=TierMemory(**section("memory_gib")),
                            bandwidth_gbps=Bandwidth(**section("bandwidth_gbps")), tflops=Compute(**section("tflops")),
                            overhead_us=Overheads(**section("overhead_us")), accelerator=device.type == "cuda")
+
+
+Range = tuple[float, float]
+# Plausible range of each measured figure, (low, high), on a CPU device and on a CUDA device: wide enough
+# for any real machine from a single-board computer to an H200 host, so a figure outside is a measurement
+# gone wrong (issue 20's loaded machine gave 7.8e-5 TFLOP/s for a matmul this machine does at 0.18).
+# Capacities (memory_gib) are not here: the OS reports them, nothing is timed, load cannot skew them.
+_HOST_COPY: Range = (0.1, 2000.0)  # GB/s, RAM to RAM: 10x under a Raspberry Pi's memcpy; ~2x a Xeon Max's HBM
+_PCIE: Range = (0.1, 1000.0)  # GB/s, pinned host <-> device: a PCIe 1.0 x1 riser (0.25) to 2x GH200's NVLink-C2C
+_DISK: Range = (0.005, 100.0)  # GB/s, synced, page cache dropped: an SD card (~10 MB/s) to a PCIe 5.0 NVMe array
+_CPU_MEMORY: Range = (0.1, 2000.0)  # GB/s, weight streaming: as _HOST_COPY (small sizes may stream from cache)
+_GPU_MEMORY: Range = (1.0, 20000.0)  # GB/s: a Jetson's 25 GB/s / 25 to 4x an H200's 4.8 TB/s (L2-resident sizes)
+# TFLOP/s fp32 on a CPU: 1e-3 is ~5x under one Raspberry Pi 4 core; 100 is above two 192-core AVX-512 sockets (~74).
+_CPU_MATMUL: Range = (1e-3, 100.0)
+_CPU_SMALL_OPS: Range = (1e-4, 100.0)  # decode attention and recompute: memory-bound, ~10x under the GEMM rate
+# TFLOP/s fp16 on a GPU: a Pascal GeForce runs fp16 at 1/64 rate (~0.03); a B200 does ~2,250 dense.
+_GPU_MATMUL: Range = (1e-2, 5000.0)
+_GPU_SMALL_OPS: Range = (1e-4, 5000.0)  # tiny decode shapes are launch-bound: ~0.01 on any GPU, 100x margin
+_OVERHEAD: Range = (0.0, 1e5)  # us: a fitted fixed cost may be 0; 0.1 s per layer or step is ~400x this machine's
+PLAUSIBLE: dict[str, tuple[Range, Range | None]] = {  # field: (on a CPU device, on a CUDA device)
+    "bandwidth_gbps.gpu_from_cpu": (_HOST_COPY, _PCIE),
+    "bandwidth_gbps.cpu_from_gpu": (_HOST_COPY, _PCIE),
+    "bandwidth_gbps.cpu_from_disk": (_DISK, _DISK),
+    "bandwidth_gbps.disk_from_cpu": (_DISK, _DISK),
+    "bandwidth_gbps.gpu_memory": (_CPU_MEMORY, _GPU_MEMORY),
+    "bandwidth_gbps.cpu_memory": (_CPU_MEMORY, _CPU_MEMORY),
+    "bandwidth_gbps.packed_weights": (_CPU_MEMORY, None),  # measured on a CPU device only (0 on CUDA: unused)
+    "tflops.gpu_matmul": (_CPU_MATMUL, _GPU_MATMUL),
+    "tflops.gpu_attention": (_CPU_SMALL_OPS, _GPU_SMALL_OPS),
+    "tflops.gpu_recompute": (_CPU_SMALL_OPS, _GPU_SMALL_OPS),
+    "tflops.cpu_matmul": (_CPU_MATMUL, _CPU_MATMUL),
+    "tflops.cpu_attention": (_CPU_SMALL_OPS, _CPU_SMALL_OPS),
+    "overhead_us.layer": ((1.0, 1e5), (1.0, 1e5)),  # a layer is a dozen ops, each at least ~1 us of Python
+    "overhead_us.step": (_OVERHEAD, _OVERHEAD),
+    "overhead_us.select": (_OVERHEAD, _OVERHEAD),
+    "overhead_us.transfer": ((0.1, 1e5), (0.1, 1e5)),  # a thread hand-off takes microseconds
+}
+_UNITS = {"bandwidth_gbps": "GB/s", "tflops": "TFLOP/s", "overhead_us": "us"}
+
+
+def implausible(profile: HardwareProfile, rows: list[Row]) -> list[str]:
+    """What is wrong with a calibrated profile, one phrase per figure: outside its `PLAUSIBLE` range, or
+    measured from repeats (`rows`' spreads) that spread beyond MAX_SPREAD even when measured again."""
+    found, figures = [], profile.to_dict()
+    for field, ranges in PLAUSIBLE.items():
+        limits = ranges[1] if profile.accelerator else ranges[0]
+        section, name = field.split(".")
+        value = figures[section][name]
+        if limits is not None and not limits[0] <= value <= limits[1]:
+            unit, device = _UNITS[section], "cuda" if profile.accelerator else "cpu"
+            found.append(f"{field} = {value:g} {unit} is outside [{limits[0]:g}, {limits[1]:g}], plausible for a "
+                         f"{device} device")
+    for r in rows:
+        if r["field"] and r["spread"] is not None and r["spread"] > MAX_SPREAD:
+            found.append(f"{r['field']} is unstable: its repeats ({r['name']}) spread {r['spread']:g}x, slowest "
+                         f"over fastest, above {MAX_SPREAD:g}x, measured twice")
+    return found
+
+
+def check_figures(profile: HardwareProfile, rows: list[Row]) -> None:
+    """Raise `CalibrationError` (one line naming every figure at fault) if `implausible` finds anything."""
+    found = implausible(profile, rows)
+    if found:
+        raise CalibrationError(f"calibration refused: {'; '.join(found)}; re-run on a quiet machine")
 
 
 def describe_machine(device: torch.device) -> str:
