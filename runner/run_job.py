@@ -94,11 +94,14 @@ def _link_columns(job: JobSpec) -> dict:
 @contextlib.contextmanager
 def _budget_errors() -> Iterator[None]:
     """A tier budget the executor's plan does not fit is a job error naming the budget's key."""
-    from runner.memory.tiers import BudgetError
+    from runner.memory.tiers import BudgetError, DiskSpaceError
     try:
         yield
     except BudgetError as e:
         raise RunError(f"hardware.{e.tier.value}_gib: {e}") from e
+    except DiskSpaceError as e:
+        raise RunError(f"hardware.offload_dir: {e}; free space there, choose another offload_dir, or plan for "
+                       "less disk (hardware.disk_gib)") from e
 
 
 def prompt_tokenizer(loaded: LoadedModel, max_new_tokens: int) -> Callable[[Prompt], list[int]]:
@@ -146,10 +149,12 @@ def sampling_params(job: JobSpec) -> SamplingParams:
                           top_k=g.top_k, top_p=g.top_p, seed=g.seed, stop=tuple(g.stop), ignore_eos=g.ignore_eos)
 
 
-def _warm_up(engine: Engine, loaded: LoadedModel) -> None:
-    # Like FlexGen's warm-up generate: first calls pay for allocator and kernel set-up.
+def _warm_up(engine: Engine, loaded: LoadedModel, job: JobSpec) -> None:
+    # Like FlexGen's warm-up generate: first calls pay for allocator and kernel set-up. With weights on
+    # disk a step reads the whole disk share (52 GB for OPT-30B here): one prefill warms up enough.
     ids = [loaded.tokenizer.encode("Warm-up: the quick brown fox jumps over the lazy dog.")]
-    engine.generate(ids, SamplingParams(max_new_tokens=2, ignore_eos=True), None)
+    on_disk = job.offload is not None and job.offload.w_gpu_percent + job.offload.w_cpu_percent < 100
+    engine.generate(ids, SamplingParams(max_new_tokens=1 if on_disk else 2, ignore_eos=True), None)
 
 
 class Interrupted(Exception):
@@ -194,7 +199,7 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh
     resumed, stop = state.prompts, StopRequest()
     try:
         with stop.installed(), _budget_errors():
-            _warm_up(engine, loaded)
+            _warm_up(engine, loaded, job)
             engine.reset_stats()  # the CSV reports the measured run, not the warm-up
             write_atomic(out_dir / "job.yaml", yaml.safe_dump(job.to_dict(), sort_keys=False))
             loop = Loop(job=job, engine=engine, params=params, state=state, step=step, stop=stop, check_batch=check,

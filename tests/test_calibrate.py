@@ -59,6 +59,12 @@ def test_quick_calibration_gives_plausible_figures(quick):
     assert 0.1 < ov.transfer < 1e5 and 1 < ov.layer < 1e5 and ov.step >= 0 and ov.select >= 0
 
 
+def test_the_profile_records_whether_the_cpu_has_native_bf16(quick):
+    """`dtype: auto` plans bf16 on such a CPU when fp32 weights exceed RAM (runner.planner.plan_dtype)."""
+    from runner.model import kernels
+    assert quick[0].native_bf16 == kernels.native_bf16() and not quick[0].accelerator
+
+
 def test_every_profile_figure_comes_from_one_measurement_row(quick):
     profile, rows, _ = quick
     fields = [r["field"] for r in rows if r["field"]]

@@ -372,3 +372,44 @@ def test_disk_files_removed_on_sigint(tmp_path: Path, mode: str):
     assert Path(root).parent == offload and int(nfiles) == 1  # the file existed before the signal
     assert not os.path.exists(root)
     assert os.listdir(offload) == []
+
+
+_KILLED_RUN = """
+import os, sys, time, torch
+from runner.memory.pools import DiskPool
+pool = DiskPool(sys.argv[1])
+pool.write(pool.alloc((256, 1024), torch.float32, "w"), torch.ones(256, 1024))
+print(pool.root, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_run_killed_with_sigkill_leaves_files_that_the_next_pool_removes(tmp_path):
+    """kill -9 runs no finalizer, so its run directory stays; the next DiskPool on the same offload dir
+    removes it (its pid is dead), and leaves a live process's directory alone."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(tmp_path)], cwd=root, stdout=subprocess.PIPE,
+                            text=True)
+    left = Path(proc.stdout.readline().strip())
+    live = DiskPool(str(tmp_path))  # this process's directory: alive, never removed by another pool
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert left.is_dir() and any(left.iterdir())  # the killed run's 1 MiB file is still there
+    nxt = DiskPool(str(tmp_path))
+    assert nxt.removed_stale == [str(left)] and not left.exists()
+    assert Path(live.root).is_dir() and Path(nxt.root).is_dir()
+    assert oct(Path(nxt.root).stat().st_mode & 0o777) == "0o700"
+    live.close()
+    nxt.close()
+
+
+def test_a_plan_bigger_than_the_free_disk_is_refused_before_writing(tmp_path):
+    import shutil
+    from runner.memory.pools import DiskSpaceError
+    pool = DiskPool(str(tmp_path))
+    free = shutil.disk_usage(tmp_path).free
+    pool.check_space(1 << 20, "plan (disk weights 1 MiB)")
+    with pytest.raises(DiskSpaceError, match=r"plan \(disk weights\) needs .* on disk but the filesystem of .* free"):
+        pool.check_space(free + (1 << 40), "plan (disk weights)")
+    assert not any(Path(pool.root).iterdir())
+    pool.close()

@@ -4,7 +4,10 @@ in-use and peak accounting, and the disk tier's file-backed tensors.
 `Pool` (GPU or CPU tier) hands out tensors on a device; `DiskPool` hands out `DiskTensor` handles
 to memory-mapped files under `<offload_dir>/run-<pid>-<random>/`, removed by `close()` (also on
 leaving its `with` block, normally, by an exception or by Ctrl-C's KeyboardInterrupt), when the
-pool is garbage-collected, and at interpreter exit. A `DiskPool(page_cache=False)` evicts each file
+pool is garbage-collected, and at interpreter exit; a run killed outright (SIGKILL, OOM) leaves its
+directory to the next pool opened on the same offload dir, which removes it (`remove_stale_runs`).
+Whole tensors move by `preadv`/`pwritev` (`read_into`, `write`); a file is memory-mapped only for indexed
+copies (`view`), so streamed weights never count as resident memory. A `DiskPool(page_cache=False)` evicts each file
 from the OS page cache after every write and read, so reads measure the device rather than spare RAM.
 `runner.memory.tiers` puts the pools together and counts the bytes copied between them.
 """
@@ -17,6 +20,7 @@ import itertools
 import math
 import mmap
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -47,6 +51,43 @@ class BudgetError(RuntimeError):
         free = max(budget - in_use, 0)
         super().__init__(f"{tier.value}: {label} needs {format_bytes(nbytes)} but only {format_bytes(free)} "
                          f"of the {format_bytes(budget)} budget is free")
+
+
+class DiskSpaceError(RuntimeError):
+    """The disk tier's plan needs more bytes than its filesystem has free (nothing was written)."""
+
+    def __init__(self, root: str, label: str, nbytes: int, free: int):
+        super().__init__(f"{label} needs {format_bytes(nbytes)} on disk but the filesystem of "
+                         f"{os.path.dirname(root)} has only {format_bytes(free)} free")
+
+
+_RUN_DIR = re.compile(r"run-(\d+)-")  # DiskPool's run directories: run-<pid>-<random>
+
+
+def remove_stale_runs(offload_dir: str) -> list[str]:
+    """Delete the run directories in `offload_dir` that this user's processes left when they were killed
+    (SIGKILL, OOM, power loss: no finalizer ran). A directory is stale when its pid is no longer alive;
+    another user's, and a live process's, are left alone. Returns the paths removed."""
+    removed = []
+    with os.scandir(offload_dir) as entries:
+        for entry in entries:
+            m = _RUN_DIR.match(entry.name)
+            if not m or not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            if not _pid_alive(int(m.group(1))):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
 
 
 def _check_budget(name: str, value: int | None) -> None:
@@ -221,7 +262,8 @@ class DiskPool(_Budgeted):
             raise ValueError("disk: page_cache=False (evicting files from the page cache) needs Linux")
         self.page_cache = page_cache
         os.makedirs(offload_dir, exist_ok=True)
-        self.root = tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=offload_dir)
+        self.removed_stale = remove_stale_runs(offload_dir)
+        self.root = tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=offload_dir)  # mode 0700
         self._held: dict[str, DiskTensor] = {}  # path -> handle, for every live file
         self._maps: dict[str, Tensor] = {}  # path -> shared memory map of the file, once `view` made one
         self._names = itertools.count()
@@ -232,6 +274,13 @@ class DiskPool(_Budgeted):
     @property
     def closed(self) -> bool:
         return not self._cleanup.alive
+
+    def check_space(self, nbytes: int, label: str) -> None:
+        """Refuse (`DiskSpaceError`) a plan of `nbytes` more than the filesystem has free: files are sparse
+        until written, so without this a plan bigger than the disk dies mid-run of SIGBUS or ENOSPC."""
+        free = shutil.disk_usage(self.root).free
+        if nbytes > free:
+            raise DiskSpaceError(self.root, label, nbytes, free)
 
     def alloc(self, shape: Sequence[int], dtype: torch.dtype, label: str) -> DiskTensor:
         """A file of the tensor's size (contents unspecified); raises BudgetError if over budget."""

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from runner.memory.pools import (BudgetError, DiskPool, DiskTensor, Pool, Reservation, Tier,  # noqa: F401
-                                 TierBudgets)
+from runner.memory.pools import (BudgetError, DiskPool, DiskSpaceError, DiskTensor, Pool, Reservation,  # noqa: F401
+                                 Tier, TierBudgets)
 
 
 class Direction(str, enum.Enum):

@@ -7,9 +7,10 @@ weights transformers loads from the same file bit for bit.
 """
 from __future__ import annotations
 
+import functools
 import mmap
-from collections.abc import Mapping
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from gguf.quants import dequantize
 
 from runner.model.config import LLAMA_ARCH, ModelConfig
 from runner.model.layers import weight_shapes
+from runner.model.lazy import LazyWeights
 from runner.model.tokenizer import Tokenizer
 
 _MAGIC = b"GGUF"
@@ -54,16 +56,26 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
               with_weights: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Config, canonical weights (see `runner.model.layers.weight_shapes`; empty unless `with_weights`)
     and tokenizer of a LLaMA GGUF file."""
+    cfg, weights, tokenizer = read_gguf_lazy(path, dtype, with_weights=with_weights)
+    return cfg, weights.materialize(), tokenizer
+
+
+def read_gguf_lazy(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                   with_weights: bool = True) -> tuple[ModelConfig, LazyWeights, Tokenizer]:
+    """`read_gguf` with weights dequantized one fused tensor per lookup, from the file's memory map
+    (which lives as long as the returned weights do)."""
     path = Path(path)
-    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        gguf = parse_gguf(buf, path)
-        cfg = gguf_config(gguf)
-        tokenizer = gguf_tokenizer(gguf.metadata, path)
-        if tokenizer.vocab_size != cfg.vocab_size:
-            raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens "
-                             f"but the vocabulary lists {cfg.vocab_size}")
-        weights = _canonical_weights(buf, gguf, cfg, dtype) if with_weights else {}
-    return cfg, weights, tokenizer
+    with path.open("rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the map outlives the file object
+    gguf = parse_gguf(buf, path)
+    cfg = gguf_config(gguf)
+    tokenizer = gguf_tokenizer(gguf.metadata, path)
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens "
+                         f"but the vocabulary lists {cfg.vocab_size}")
+    if not with_weights:
+        return cfg, LazyWeights({}, {}, dtype=dtype, device=device), tokenizer
+    return cfg, _canonical_weights(buf, gguf, cfg, dtype, device), tokenizer
 
 
 def parse_gguf(buf: mmap.mmap | bytes, path: Path) -> GGUFFile:
@@ -229,20 +241,28 @@ def _canonical_name(gguf_name: str, path: Path) -> tuple[str, int]:
     raise ValueError(f"{path}: unexpected tensor {gguf_name} for a llama model")
 
 
-def _canonical_weights(buf: mmap.mmap, gguf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _canonical_weights(buf: mmap.mmap, gguf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
+                       device: torch.device | str) -> LazyWeights:
+    """The file's tensors under canonical names, fused parts in order, shapes checked before any is read.
+    A lookup dequantizes one fused weight: only its parts are ever held twice."""
     groups: dict[str, dict[int, TensorInfo]] = {}
     for info in gguf.tensors.values():
         name, index = _canonical_name(info.name, gguf.path)
         groups.setdefault(name, {})[index] = info
-    # One fused weight at a time: only its parts are ever held twice, which sets the load's peak
-    # memory (dequantizing every part first held the fused layers' weights twice at the end).
-    weights = {name: _fuse(name, {i: _read_part(buf, info, cfg, dtype, gguf.path) for i, info in infos.items()},
-                           gguf.path)
-               for name, infos in groups.items()}
-    if cfg.tie_embeddings and "embed.tok_w" in weights:
-        weights["head.lm_w"] = weights["embed.tok_w"]  # tied: the same tensor, not a copy
-    check_shapes({n: tuple(w.shape) for n, w in weights.items()}, cfg, str(gguf.path))
-    return weights
+    parts, shapes = {}, {}
+    for name, infos in groups.items():
+        if sorted(infos) != list(range(len(infos))):
+            raise ValueError(f"{gguf.path}: {name} is missing some of its fused parts (have parts {sorted(infos)})")
+        ordered = [infos[i] for i in range(len(infos))]
+        parts[name] = [functools.partial(_read_part, buf, info, cfg, dtype, gguf.path) for info in ordered]
+        shapes[name] = (sum(i.shape[0] for i in ordered), *ordered[0].shape[1:])
+    aliases = {}
+    if cfg.tie_embeddings and "embed.tok_w" in shapes and "head.lm_w" not in shapes:
+        aliases["head.lm_w"] = "embed.tok_w"  # tied: one tensor, read once by `materialize`
+        shapes["head.lm_w"] = shapes["embed.tok_w"]
+    check_shapes(shapes, cfg, str(gguf.path))
+    return LazyWeights(parts, {n: shapes[n] for n in weight_shapes(cfg)}, dtype=dtype, device=device,
+                       aliases=aliases)
 
 
 def _read_part(buf: mmap.mmap, info: TensorInfo, cfg: ModelConfig, dtype: torch.dtype, path: Path) -> torch.Tensor:
@@ -250,12 +270,6 @@ def _read_part(buf: mmap.mmap, info: TensorInfo, cfg: ModelConfig, dtype: torch.
     if info.name.endswith(("attn_q.weight", "attn_k.weight")):
         w = _unpermute_rope(w, cfg.num_heads if "attn_q" in info.name else cfg.num_kv_heads)
     return torch.from_numpy(w).to(dtype)
-
-
-def _fuse(name: str, pieces: dict[int, torch.Tensor], path: Path) -> torch.Tensor:
-    if sorted(pieces) != list(range(len(pieces))):
-        raise ValueError(f"{path}: {name} is missing some of its fused parts (have parts {sorted(pieces)})")
-    return pieces[0] if len(pieces) == 1 else torch.cat([pieces[i] for i in range(len(pieces))], dim=0)
 
 
 def check_shapes(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, source: str) -> None:

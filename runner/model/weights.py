@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from runner.model.config import LLAMA_ARCH, OPT_ARCH, QWEN2_ARCH, Arch, ModelConfig, get_preset
-from runner.model.gguf import check_shapes, read_gguf
+from runner.model.gguf import check_shapes, read_gguf_lazy
 from runner.model.layers import weight_shapes
 from runner.model.lazy import BinShards, LazyWeights, Part, SafetensorsFile, dummy_parts
 from runner.model.tokenizer import ByteTokenizer, Tokenizer
@@ -75,8 +75,7 @@ def load_model(*, name: str | None, path: str, dtype: torch.dtype, device: torch
         cfg, weights, tokenizer = _read_hf_dir(p, dtype, device, with_weights)
         source = f"hf:{p}"
     elif p.suffix.lower() == ".gguf":
-        cfg, eager, tokenizer = read_gguf(p, dtype, with_weights)
-        weights = _eager_as_lazy(eager, dtype, device)
+        cfg, weights, tokenizer = read_gguf_lazy(p, dtype, device, with_weights)
         source = f"gguf:{p}"
     else:
         raise ModelSourceError(f"model.path: {path} is neither a checkpoint directory nor a .gguf file")
@@ -84,18 +83,6 @@ def load_model(*, name: str | None, path: str, dtype: torch.dtype, device: torch
         cfg = cfg.replace(name=name)  # the checkpoint's own config wins; the name is only for display
     return LoadedModel(config=cfg, weights=weights if lazy else weights.materialize(), tokenizer=tokenizer,
                        source=source)
-
-
-def _eager_as_lazy(weights: dict[str, Tensor], dtype: torch.dtype, device: torch.device) -> LazyWeights:
-    """Weights already in memory (a GGUF's, dequantized) behind the lazy interface."""
-    first: dict[int, str] = {}  # tensor id -> the first name holding it; later names are aliases
-    aliases = {}
-    for n, t in weights.items():
-        if (owner := first.setdefault(id(t), n)) != n:
-            aliases[n] = owner
-    parts: dict[str, list[Part]] = {n: [lambda t=t: t] for n, t in weights.items() if n not in aliases}
-    return LazyWeights(parts, {n: tuple(t.shape) for n, t in weights.items()}, dtype=dtype, device=device,
-                       aliases=aliases)
 
 
 def _auto_gguf_path(name: str | None) -> Path:

@@ -352,7 +352,9 @@ def _check_fits(memory: Memory, tier: Tier, parts: Mapping[str, int]) -> None:
     """Raise one BudgetError naming every part of the plan for `tier` if together they exceed what is free."""
     pool = memory.pool(tier)
     total = sum(parts.values())
+    label = "plan (" + " + ".join(f"{name} {format_bytes(n)}" for name, n in parts.items() if n) + ")"
+    if tier is Tier.DISK and total:
+        memory.disk.check_space(total, label)
     free = pool.free_bytes()
     if free is not None and total > free:
-        label = "plan (" + " + ".join(f"{name} {format_bytes(n)}" for name, n in parts.items() if n) + ")"
         raise BudgetError(tier, label, total, pool.budget, pool.in_use)

@@ -36,6 +36,7 @@ import torch
 from runner.plan import measure as C
 from runner.plan.measure import MAX_SPREAD, MIB, CalibrationError, Deadline, Row, Timer, row
 from runner.memory.copy_engine import CopyEngine
+from runner.model import kernels
 from runner.memory.pools import DiskTensor
 from runner.plan.hardware import Bandwidth, Compute, HardwareProfile, Overheads, TierMemory
 from runner.memory.tiers import Memory, TierBudgets, copy
@@ -239,7 +240,8 @@ def _profile(name: str, rows: list[Row], device: torch.device) -> HardwareProfil
 
     return HardwareProfile(name=name, memory_gib=TierMemory(**section("memory_gib")),
                            bandwidth_gbps=Bandwidth(**section("bandwidth_gbps")), tflops=Compute(**section("tflops")),
-                           overhead_us=Overheads(**section("overhead_us")), accelerator=device.type == "cuda")
+                           overhead_us=Overheads(**section("overhead_us")), accelerator=device.type == "cuda",
+                           native_bf16=device.type == "cpu" and kernels.native_bf16())
 
 
 Range = tuple[float, float]
