@@ -257,7 +257,7 @@ def _print_plan(job, report) -> None:
     import yaml
     from runner.planner import plan_sections
     budgets = ", ".join(f"{t.value} {format_gib(b)}" for t, b in report.budgets.items())
-    print(f"# profile {report.profile.name}; budgets {budgets}")
+    print(f"# profile {report.profile.name}; budgets {budgets}; {str(report.dtype).removeprefix('torch.')}")
     rows = [("job's own plan", report.job_plan, report.job_prediction, None)]
     rows += [(f"{name} (searched)", r.plan if r else None, r.prediction if r else None, r)
              for name, r in (("alisa", report.alisa), ("flexgen", report.flexgen))]

@@ -41,6 +41,7 @@ class PlanReport:
     job_plan: Plan
     job_prediction: Prediction | None  # None with offload: auto (the job has no plan of its own yet)
     job_fits: bool  # the job's own plan within every budget
+    dtype: torch.dtype  # the compute dtype planned (as a run on the profile's machine resolves `dtype: auto`)
     alisa: SearchResult | None
     flexgen: SearchResult | None
 
@@ -151,6 +152,7 @@ def plan_job(job: JobSpec) -> PlanReport:
     fits = own is not None and all(own.peak_bytes[t] <= budgets[t] for t in budgets)
     shape = _batch_shape(job)
     return PlanReport(profile=profile, budgets=budgets, job_plan=plan, job_prediction=own, job_fits=fits,
+                      dtype=w.dtype,
                       alisa=search_alisa(w, profile, budgets, pick_buffer=_pinned_picks(job), **shape)
                       if _alisa_ready(w) else None,
                       flexgen=search_flexgen(w, profile, budgets, compress=w.kv.bits < 16, **shape))

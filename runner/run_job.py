@@ -18,7 +18,6 @@ from runner.model import kernels
 from runner.data.dataset import DatasetError, Prompt, count_records, iter_records
 from runner.engines.base import Engine
 from runner.job import Device, DType, Engine as EngineKind, JobSpec, OutputOrder
-from runner.offload.policy import OffloadPolicy
 from runner.kv.store import kv_bytes
 from runner.data.outputs import append_csv_row, git_commit, peak_rss_bytes, throughput_row
 from runner.data.reports import plot_report
@@ -343,19 +342,24 @@ def _resolved(job: JobSpec, device: torch.device, dtype: torch.dtype) -> JobSpec
         return job
     if not job.auto_offload and (job.offload is not None or _fits_plainly(job, device, dtype)):
         return job
-    from runner.planner import resolve_auto, run_profile
+    from runner.planner import PlanError, resolve_auto, run_profile
     profile = run_profile(job, device, this_machine=True)
     if profile is None:
         raise RunError("hardware.profile: the model does not fit in memory and offload: auto needs a profile of "
                        "this machine to plan with (a shipped one such as h100-80g, or `run.py calibrate`)")
-    if not job.auto_offload:  # the plain job does not fit: plan it as `offload: auto`
-        memory = job.hardware.memory_gib  # the plain engine's budget: the tiers share it here
-        if memory is not None:
-            profile = dataclasses.replace(profile, memory_gib=dataclasses.replace(
-                profile.memory_gib, gpu=min(profile.memory_gib.gpu, memory), cpu=min(profile.memory_gib.cpu, memory)))
-        job = dataclasses.replace(job, offload=OffloadPolicy(),
-                                  hardware=dataclasses.replace(job.hardware, memory_gib=None))
-    return resolve_auto(job, profile, dtype)
+    if job.auto_offload:
+        return resolve_auto(job, profile, dtype)
+    # The plain job does not fit: plan it as `offload: auto`, and if its batch shape cannot fit either,
+    # with `batch: auto` (every prompt still runs, in blocks this machine can hold).
+    memory = job.hardware.memory_gib  # the plain engine's budget: the tiers share it here
+    if memory is not None:
+        profile = dataclasses.replace(profile, memory_gib=dataclasses.replace(
+            profile.memory_gib, gpu=min(profile.memory_gib.gpu, memory), cpu=min(profile.memory_gib.cpu, memory)))
+    job = dataclasses.replace(job, offload="auto", hardware=dataclasses.replace(job.hardware, memory_gib=None))
+    try:
+        return resolve_auto(job, profile, dtype)
+    except PlanError:
+        return resolve_auto(dataclasses.replace(job, batch="auto", offload="auto"), profile, dtype)
 
 
 def _fits_plainly(job: JobSpec, device: torch.device, dtype: torch.dtype) -> bool:
