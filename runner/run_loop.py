@@ -177,7 +177,8 @@ class Loop:
     def _generate(self, batch: list[Prompt], ids: list[list[int]]) -> BatchOutput:
         self.check_batch(ids)
         # Seeded per batch by its first position, so a resumed or sharded run samples what one run would.
-        generator = torch.Generator().manual_seed(self.params.seed * 1_000_003 + batch[0].index)
+        # Modulo 2^64: torch takes seeds in [0, 2^64), and any 64-bit generation.seed must work.
+        generator = torch.Generator().manual_seed((self.params.seed * 1_000_003 + batch[0].index) % 2 ** 64)
         out = self.engine.generate(ids, self.params, generator)
         self.totals.add(out, ids)
         return out
