@@ -12,9 +12,11 @@ the dataset: batches finish window by window, so the set above the frontier hold
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from runner.data.outputs import named_errors
 from runner.job import JobSpec
 
 STATE_FILE = "state.json"
+LOCK_FILE = "run.lock"  # flock'd by the run writing the directory; holds its pid
 GENERATIONS, REJECTS, BATCHES = "generations.jsonl", "rejects.jsonl", "batches.csv"
 APPENDED = (GENERATIONS, REJECTS, BATCHES)  # the files whose committed length the state records
 _VERSION = 1
@@ -103,6 +106,28 @@ class RunState:
         }, indent=1) + "\n")
 
 
+@contextlib.contextmanager
+def locked(out_dir: Path) -> Iterator[None]:
+    """Hold `out_dir`'s lock for the life of a run: a second run into the same directory would truncate
+    the first one's files to its own committed lengths. flock, so a killed holder's lock goes with it
+    (the kernel drops it with the process) and a stale lock file never blocks."""
+    path = out_dir / LOCK_FILE
+    with named_errors(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise ResumeError(f"output.dir: {out_dir} is in use by another run (pid {holder}); wait for it to "
+                              "finish or stop it, or choose another output.dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def open_state(job: JobSpec, window: int, *, fresh: bool = False) -> RunState:
     """The run state of `job.output_dir`: a new one (first run, `fresh`, or `output.resume: false`, which
     clear the old outputs), or the one found there, its files cut back to their committed lengths."""
@@ -112,6 +137,8 @@ def open_state(job: JobSpec, window: int, *, fresh: bool = False) -> RunState:
     shard = (ds.shard_index, ds.shard_count)
     path = out_dir / STATE_FILE
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not fresh and job.output.resume and path.exists() and _generated_nothing(_read(path)):
+        fresh = True  # a run that failed before generating (a bad model path, Ctrl-C while loading) blocks nothing
     if fresh or not job.output.resume:
         for name in (*APPENDED, STATE_FILE, "report.png"):
             (out_dir / name).unlink(missing_ok=True)
@@ -133,13 +160,23 @@ def open_state(job: JobSpec, window: int, *, fresh: bool = False) -> RunState:
     return state
 
 
-def _load(path: Path, out_dir: Path, fp: dict, window: int, shard: tuple[int, int]) -> RunState:
+def _generated_nothing(raw: dict[str, Any]) -> bool:
+    """An unfinished run with no generation: starting it over loses nothing (rejects are found again)."""
+    return raw.get("prompts") == 0 and not raw.get("complete")
+
+
+def _read(path: Path) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text())
-        if raw.get("version") != _VERSION:
-            raise ValueError(f"version {raw.get('version')}")
+        if not isinstance(raw, dict) or raw.get("version") != _VERSION:
+            raise ValueError(f"version {raw.get('version') if isinstance(raw, dict) else None}")
     except (ValueError, OSError) as e:
         raise ResumeError(f"{path}: unreadable run state ({e}); re-run with --fresh to start over") from None
+    return raw
+
+
+def _load(path: Path, out_dir: Path, fp: dict, window: int, shard: tuple[int, int]) -> RunState:
+    raw = _read(path)
     changed = [k for k in sorted(set(fp) | set(raw["fingerprint"])) if fp.get(k) != raw["fingerprint"].get(k)]
     if changed:
         k = changed[0]

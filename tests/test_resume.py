@@ -59,13 +59,32 @@ def test_reopen_cuts_what_was_appended_after_the_last_commit(tmp_path):
 
 
 def test_a_changed_spec_is_refused_naming_the_key_and_fresh_starts_over(tmp_path):
-    open_state(_job(tmp_path), window=2).commit()
+    state = open_state(_job(tmp_path), window=2)
+    state.prompts = 1  # something was generated (a state with nothing blocks nothing, see below)
+    state.commit()
     changed = job_from_dict({**_job(tmp_path).to_dict(), "generation": {"max_new_tokens": 5}})
     with pytest.raises(ResumeError, match=r"^generation\.max_new_tokens: .*64, now 5.*--fresh"):
         open_state(changed, window=2)
     (tmp_path / "out" / GENERATIONS).write_text("x\n")
     fresh = open_state(changed, window=2, fresh=True)
     assert fresh.frontier == 0 and (tmp_path / "out" / GENERATIONS).read_text() == ""
+
+
+def test_a_state_that_generated_nothing_blocks_no_changed_job(tmp_path):
+    """A run that failed before its first batch (bad model path, Ctrl-C while loading) left a state naming
+    its job; the corrected job starts over instead of being told to use --fresh."""
+    state = open_state(_job(tmp_path), window=2)
+    (tmp_path / "out" / "rejects.jsonl").write_text('{"index": 0}\n')
+    state.rejects = 1
+    state.mark([0])
+    state.commit()
+    changed = job_from_dict({**_job(tmp_path).to_dict(), "generation": {"max_new_tokens": 5}})
+    again = open_state(changed, window=2)
+    assert again.frontier == 0 and again.rejects == 0 and (tmp_path / "out" / "rejects.jsonl").read_text() == ""
+    again.prompts = 1  # once something was generated, a changed job is refused as before
+    again.commit()
+    with pytest.raises(ResumeError, match="max_new_tokens"):
+        open_state(_job(tmp_path), window=2)
 
 
 def test_a_larger_limit_continues_a_complete_run(tmp_path):
@@ -163,6 +182,28 @@ def test_sigint_or_sigterm_stops_cleanly_with_a_row_and_resumes(tmp_path, refere
     assert (out / GENERATIONS).read_text() == reference
     rows = pd.read_csv(out / "throughput.csv")
     assert list(rows.status) == ["interrupted", "complete"] and rows.num_prompts.sum() == 16
+
+
+def test_a_second_run_into_the_same_dir_is_refused_and_a_killed_holder_blocks_nothing(tmp_path, reference):
+    out = tmp_path / "locked"
+    first = _start_and_wait(out, batches=1)
+    first.send_signal(signal.SIGSTOP)  # holds the lock, mid-run, for as long as the test needs
+    try:
+        before = (out / GENERATIONS).read_text()
+        start = time.monotonic()
+        second = subprocess.run(_cmd(out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines() == [
+            f"error: output.dir: {out} is in use by another run (pid {first.pid}); wait for it to finish or stop it, "
+            "or choose another output.dir"]
+        assert time.monotonic() - start < 30  # refused before the model loads
+        assert (out / GENERATIONS).read_text() == before  # the holder's files were not cut back
+    finally:
+        first.kill()  # a stopped process dies of SIGKILL too; the kernel drops its lock
+        first.communicate()
+    again = subprocess.run(_cmd(out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]  # the lock file of the dead run does not block
+    assert (out / GENERATIONS).read_text() == reference
 
 
 def test_changed_generation_params_refuse_to_resume(tmp_path, reference):

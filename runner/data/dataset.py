@@ -19,10 +19,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from runner.data.formats import (SUFFIXES, DatasetError, Fields, RawRecord, count_file,
-                                    dir_files, parse_object, read_file)
+                                    dir_files, open_binary, parse_object, read_file)
 from runner.data.spec import TEMPLATE_FIELD, DatasetFormat, DatasetSpec, OnError
 
-__all__ = ["DatasetError", "Prompt", "Reject", "iter_records", "load_prompts", "count_records",
+__all__ = ["DatasetError", "Prompt", "Reject", "check_readable", "iter_records", "load_prompts", "count_records",
            "json_object", "reflow_paragraphs"]
 
 
@@ -84,6 +84,13 @@ def iter_records(spec: DatasetSpec, tokenizer: Tokenizer | None = None,
             taken += 1
             if taken == spec.limit:
                 return  # records past the limit are not even read
+
+
+def check_readable(spec: DatasetSpec) -> None:
+    """Raise now the DatasetError that reading would raise for a missing or unreadable file or directory
+    (a run checks this before its model loads)."""
+    for file, _, _ in _files(spec, Path(spec.path)):
+        open_binary(file).close()
 
 
 def load_prompts(spec: DatasetSpec, tokenizer: Tokenizer | None = None, default_count: int = 1) -> list[Prompt]:
