@@ -150,12 +150,18 @@ class _RowLines:
         self.count = 0  # lines handed out so far
         self.raw: list[bytes] = []
         self.error: str | None = None
+        self.ended = False  # the row being read reached the end of the file
+        self._replay: list[bytes] = []  # lines to hand out again before the file's next ones
 
     def __iter__(self) -> _RowLines:
         return self
 
     def __next__(self) -> str:
-        raw = next(self._f)
+        try:
+            raw = self._replay.pop() if self._replay else next(self._f)
+        except StopIteration:
+            self.ended = True
+            raise
         self.count += 1
         if self.count == 1:
             raw = raw.removeprefix(codecs.BOM_UTF8)
@@ -168,7 +174,23 @@ class _RowLines:
             return raw.decode("utf-8", "replace")
 
     def next_row(self) -> None:
-        self.raw, self.error = [], None
+        self.raw, self.error, self.ended = [], None, False
+
+    def replay_after_first(self, first_line: int) -> None:
+        """Hand out the lines of the row just read again, all but its first (which started at `first_line`)."""
+        self._replay = self.raw[1:][::-1]
+        self.count = first_line
+
+
+def _unterminated(raw: list[bytes], delimiter: str) -> bool:
+    """Whether a row read to the end of the file ends inside a quoted cell: csv.reader (not strict) would
+    take every line after an unclosed quote into one cell. Strict parsing says so ("unexpected end of data")."""
+    try:
+        for _ in csv.reader((r.decode("utf-8", "replace") for r in raw), delimiter=delimiter, strict=True):
+            pass
+    except csv.Error as e:
+        return "unexpected end of data" in str(e)
+    return False
 
 
 def read_csv(path: Path, fields: Fields, skip: int, delimiter: str = ",") -> Iterator[RawRecord | int]:
@@ -194,6 +216,10 @@ def read_csv(path: Path, fields: Fields, skip: int, delimiter: str = ",") -> Ite
                 error = lines.error
             if row == []:
                 continue  # blank line
+            if lines.ended and _unterminated(lines.raw, delimiter):  # one bad record, not the rest of the file
+                row, error = None, (f"unterminated quote: the quoted cell opened in this row never closes "
+                                    f"(it would take lines {start}-{lines.count}, to the end of the file)")
+                lines.replay_after_first(start)
             row_number += 1
             if skip:
                 skip -= 1
