@@ -2,6 +2,8 @@
 SIGKILL or stopped with SIGINT and resumed, against one uninterrupted run of the same job."""
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import resource
@@ -14,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from runner.data.dataset import iter_records
 from runner.job import job_from_dict
 from runner.resume import GENERATIONS, STATE_FILE, ResumeError, open_state, reorder_windows
 
@@ -85,6 +88,38 @@ def test_a_state_that_generated_nothing_blocks_no_changed_job(tmp_path):
     again.commit()
     with pytest.raises(ResumeError, match="max_new_tokens"):
         open_state(_job(tmp_path), window=2)
+
+
+def _finish_first(state, n: int) -> None:
+    """What the loop does for a batch: the next `n` records' generations written, marked, committed."""
+    job = _job(state.out_dir.parent)
+    records = list(itertools.islice((r for r in iter_records(job.dataset) if not state.is_done(r.index)), n))
+    with (state.out_dir / GENERATIONS).open("a") as f:
+        f.writelines(json.dumps({"index": r.index}) + "\n" for r in records)
+    state.prompts += n
+    state.mark(r.index for r in records)
+    state.read(records)
+    state.commit()
+
+
+def test_a_dataset_edited_above_what_was_finished_refuses_to_resume(tmp_path):
+    data = tmp_path / "p.jsonl"
+    _finish_first(open_state(_job(tmp_path), window=2), 4)
+    original = data.read_bytes()
+    data.write_bytes(original + b'{"id": "more", "prompt": "appended later"}\n')  # appending is fine
+    state = open_state(_job(tmp_path), window=2)
+    _finish_first(state, 2)  # the fingerprint goes on from where it was, over the newly read bytes only
+    size, digest = state.dataset[str(data)]
+    assert size == len(b"".join(original.splitlines(keepends=True)[:6]))
+    assert digest == hashlib.sha256(original[:size]).hexdigest()
+    data.write_bytes(b'{"id": "new", "prompt": "prepended"}\n' + data.read_bytes())
+    with pytest.raises(ResumeError, match=rf"^dataset\.path: {data} changed since the run being resumed read it "
+                       rf"\(its first {size:,} bytes differ\), so its 6 finished prompts.*--fresh"):
+        open_state(_job(tmp_path), window=2)
+    data.write_bytes(original[:size - 1])  # cut short
+    with pytest.raises(ResumeError, match="changed since"):
+        open_state(_job(tmp_path), window=2)
+    assert len((tmp_path / "out" / GENERATIONS).read_text().splitlines()) == 6  # refused before touching it
 
 
 def test_a_larger_limit_continues_a_complete_run(tmp_path):

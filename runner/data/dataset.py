@@ -8,6 +8,7 @@ ids seen so far are kept as 64-bit hashes, so memory stays flat however long the
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -34,6 +35,9 @@ class Prompt:
     index: int  # 0-based position of the record in the whole dataset (a directory: its files by name)
     source: str = ""  # the file it came from
     token_ids: tuple[int, ...] | None = None  # synthetic only: the exact ids to feed the model
+    # Byte offset in `source` just past the record (0: not a line format): what a resume fingerprints.
+    # Where the record lies, not what it is: left out of ==.
+    end: int = dataclasses.field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Reject:
     id: str | None  # when it could be read
     reason: str
     excerpt: str  # the raw record, bad bytes replaced, at most 200 characters
+    end: int = dataclasses.field(default=0, compare=False)  # as Prompt.end
 
     def to_json(self) -> str:
         return json.dumps({"index": self.index, "line": self.line, "source": self.source, "id": self.id,
@@ -173,8 +178,8 @@ class _Builder:
             reason = f"duplicate id {id_!r}"
         if reason is not None:
             return Reject(index=index, line=raw.line, source=source, id=id_, reason=reason,
-                          excerpt=raw.excerpt())
-        return Prompt(id=id_, text=text, line=raw.line, index=index, source=source)
+                          excerpt=raw.excerpt(), end=raw.end)
+        return Prompt(id=id_, text=text, line=raw.line, index=index, source=source, end=raw.end)
 
     def _id(self, record: dict, number: int, prefix: str) -> tuple[str | None, str | None]:
         value = record.get(self.fields.id_field)
