@@ -2,7 +2,6 @@
 stops; real runs of run.py (subprocesses, signals, files), and its prompt check in process."""
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
