@@ -311,9 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         return _run_sweep(args, job)
     if job.eval is not None:
         return _run_eval(job)
-    from runner.run_job import Interrupted, run_job  # heavy imports (torch) only when actually running
     try:
+        from runner.run_job import Interrupted, run_job  # heavy imports (torch) only when actually running
         row = run_job(job, sweep_point=args.sweep_point, fresh=args.fresh)
+    except KeyboardInterrupt:  # Ctrl-C outside the batch loop (imports, model load): nothing in flight to keep
+        print(f"interrupted while loading or finishing (no batch in flight); everything committed in "
+              f"{job.output_dir} is kept: run the same command again to resume", file=sys.stderr)
+        return 128 + signal.SIGINT
     except Interrupted as e:
         print(" ".join(f"{k}={e.row[k]}" for k in FIELDS))
         print(f"{e}; partial-run row appended to {job.throughput_csv}", file=sys.stderr)

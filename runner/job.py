@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import enum
 import itertools
+import math
 import re
 import typing
 from collections.abc import Mapping, Sequence
@@ -33,8 +34,8 @@ from runner.eval.spec import EvalSpec
 from runner.hardware_spec import Device, HardwareSpec, LinkSpec  # noqa: F401 (re-exported)
 from runner.kv.spec import KVSpec
 from runner.offload.policy import OffloadPolicy
-from runner.spec import (JobError, _at_least, _bad, _build, _check_key, _freeze, _hints, _plain, _Spec,  # noqa: F401
-                         _UniqueKeyLoader, _yaml_error, parse_override)
+from runner.spec import (JobError, _at_least, _at_most, _bad, _build, _check_key, _freeze, _hints, _plain, _Spec,  # noqa: F401
+                         _yaml_error, load_yaml, parse_override)
 
 
 class Engine(str, enum.Enum):
@@ -73,6 +74,12 @@ class OutputOrder(str, enum.Enum):
     COMPLETION = "completion"  # as batches finish (with dataset.bucket: by length within each window)
 
 
+# Upper bounds no real job reaches: a typo of a few zeros is an error naming the key, not hours of
+# work that fails late (or an allocation that takes the machine down).
+MAX_NEW_TOKENS = 1 << 24  # 16.7M tokens: beyond the context of any model
+MAX_BATCH = 1 << 20  # sequences per forward pass, GPU batches per block
+MAX_SWEEP_POINTS = 10_000  # each point is a run of its own
+
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -99,6 +106,8 @@ class BatchSpec(_Spec):
     def _validate(self) -> None:
         _at_least(self, "gpu_batch_size", 1)
         _at_least(self, "num_gpu_batches", 1)
+        _at_most(self, "gpu_batch_size", MAX_BATCH)
+        _at_most(self, "num_gpu_batches", MAX_BATCH)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -115,6 +124,8 @@ class GenerationSpec(_Spec):
 
     def _validate(self) -> None:
         _at_least(self, "max_new_tokens", 1)
+        # Past any model's context; the run checks the model's own context once it is known (run_job).
+        _at_most(self, "max_new_tokens", MAX_NEW_TOKENS)
         _at_least(self, "top_k", 0)
         if self.temperature <= 0:
             raise _bad("generation.temperature", f"must be > 0, got {self.temperature}")
@@ -178,6 +189,9 @@ class JobSpec(_Spec):
         self._check_offload()
         if self.auto_batch and not self.auto_offload:
             raise _bad("batch", "auto: the plan search picks the batch shape with offload: auto")
+        points = math.prod(len(values) for _, values in self.sweep)
+        if points > MAX_SWEEP_POINTS:  # checked before the points are built, each a whole job
+            raise _bad("sweep", f"{points:,} points (the product of its lists' lengths), more than {MAX_SWEEP_POINTS:,}")
         for key, values in self.sweep:
             if not values:
                 raise _bad(f"sweep.{key}", "must be a non-empty list of values")
@@ -354,7 +368,7 @@ def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
     except (OSError, UnicodeDecodeError) as e:
         raise JobError(f"{source}: cannot read job file ({e})") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        data = load_yaml(text, source)
     except yaml.YAMLError as e:
         raise _yaml_error(source, e) from None
     if not isinstance(data, dict):

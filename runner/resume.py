@@ -12,17 +12,22 @@ the dataset: batches finish window by window, so the set above the frontier hold
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner.data.dataset import Prompt, Reject
 from runner.data.outputs import named_errors
 from runner.job import JobSpec
 
 STATE_FILE = "state.json"
+LOCK_FILE = "run.lock"  # flock'd by the run writing the directory; holds its pid
 GENERATIONS, REJECTS, BATCHES = "generations.jsonl", "rejects.jsonl", "batches.csv"
 APPENDED = (GENERATIONS, REJECTS, BATCHES)  # the files whose committed length the state records
 _VERSION = 1
@@ -64,6 +69,11 @@ class RunState:
     batches: int = 0
     complete: bool = False
     limit: int | None = None  # dataset.limit of the run that completed (a higher one continues the run)
+    # The dataset as read: file -> (bytes before the furthest finished record's end, their sha256). A file
+    # edited under a run (a line prepended) would pair its finished outputs with other records.
+    dataset: dict[str, tuple[int, str]] = field(default_factory=dict)
+    _read_to: dict[str, int] = field(default_factory=dict, repr=False)  # file -> furthest finished end
+    _hashed: dict[str, tuple[int, Any]] = field(default_factory=dict, repr=False)  # file -> (bytes, sha256 so far)
 
     @property
     def out_dir(self) -> Path:
@@ -88,6 +98,26 @@ class RunState:
             else:
                 break
 
+    def read(self, records: Iterable[Prompt | Reject]) -> None:
+        """Note finished records' ends in their files (0: a format without byte offsets, not fingerprinted)."""
+        for r in records:
+            if r.end > self._read_to.get(r.source, 0):
+                self._read_to[r.source] = r.end
+
+    def _hash_dataset(self) -> None:
+        """Extend each file's sha256 over the bytes read since the last commit (a batch's lines, not the file)."""
+        for source, end in self._read_to.items():
+            done, digest = self._hashed.get(source, (0, hashlib.sha256()))
+            if end <= done:
+                continue
+            with named_errors(Path(source)), open(source, "rb") as f:
+                f.seek(done)
+                while done < end and (chunk := f.read(min(end - done, 1 << 20))):
+                    digest.update(chunk)
+                    done += len(chunk)
+            self._hashed[source] = (done, digest)
+            self.dataset[source] = (done, digest.hexdigest())
+
     def rollback(self) -> None:
         """After a failed write: cut every file back to its committed length, so no half line stays."""
         for name, length in self.lengths.items():
@@ -96,11 +126,35 @@ class RunState:
     def commit(self) -> None:
         """Record the files' current lengths and the finished positions; atomic (write, fsync, rename)."""
         self.lengths = {name: _size(self.out_dir / name) for name in APPENDED}
+        self._hash_dataset()
         write_atomic(self.path, json.dumps({
             "version": _VERSION, "fingerprint": self.fingerprint, "window": self.window, "shard": list(self.shard),
             "frontier": self.frontier, "done": sorted(self.done), "lengths": self.lengths, "prompts": self.prompts,
             "rejects": self.rejects, "batches": self.batches, "complete": self.complete, "limit": self.limit,
+            "dataset": {source: list(v) for source, v in self.dataset.items()},
         }, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def locked(out_dir: Path) -> Iterator[None]:
+    """Hold `out_dir`'s lock for the life of a run: a second run into the same directory would truncate
+    the first one's files to its own committed lengths. flock, so a killed holder's lock goes with it
+    (the kernel drops it with the process) and a stale lock file never blocks."""
+    path = out_dir / LOCK_FILE
+    with named_errors(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise ResumeError(f"output.dir: {out_dir} is in use by another run (pid {holder}); wait for it to "
+                              "finish or stop it, or choose another output.dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def open_state(job: JobSpec, window: int, *, fresh: bool = False) -> RunState:
@@ -112,6 +166,8 @@ def open_state(job: JobSpec, window: int, *, fresh: bool = False) -> RunState:
     shard = (ds.shard_index, ds.shard_count)
     path = out_dir / STATE_FILE
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not fresh and job.output.resume and path.exists() and _generated_nothing(_read(path)):
+        fresh = True  # a run that failed before generating (a bad model path, Ctrl-C while loading) blocks nothing
     if fresh or not job.output.resume:
         for name in (*APPENDED, STATE_FILE, "report.png"):
             (out_dir / name).unlink(missing_ok=True)
@@ -133,13 +189,23 @@ def open_state(job: JobSpec, window: int, *, fresh: bool = False) -> RunState:
     return state
 
 
-def _load(path: Path, out_dir: Path, fp: dict, window: int, shard: tuple[int, int]) -> RunState:
+def _generated_nothing(raw: dict[str, Any]) -> bool:
+    """An unfinished run with no generation: starting it over loses nothing (rejects are found again)."""
+    return raw.get("prompts") == 0 and not raw.get("complete")
+
+
+def _read(path: Path) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text())
-        if raw.get("version") != _VERSION:
-            raise ValueError(f"version {raw.get('version')}")
+        if not isinstance(raw, dict) or raw.get("version") != _VERSION:
+            raise ValueError(f"version {raw.get('version') if isinstance(raw, dict) else None}")
     except (ValueError, OSError) as e:
         raise ResumeError(f"{path}: unreadable run state ({e}); re-run with --fresh to start over") from None
+    return raw
+
+
+def _load(path: Path, out_dir: Path, fp: dict, window: int, shard: tuple[int, int]) -> RunState:
+    raw = _read(path)
     changed = [k for k in sorted(set(fp) | set(raw["fingerprint"])) if fp.get(k) != raw["fingerprint"].get(k)]
     if changed:
         k = changed[0]
@@ -150,11 +216,34 @@ def _load(path: Path, out_dir: Path, fp: dict, window: int, shard: tuple[int, in
     if raw["window"] != window or tuple(raw["shard"]) != shard:
         raise ResumeError(f"output.dir: {out_dir} holds a run cut into windows of {raw['window']} records "
                           f"(shard {raw['shard']}), now {window} (shard {list(shard)}); re-run with --fresh")
+    # States written before the dataset was fingerprinted have no "dataset": nothing to check.
+    dataset = {source: (n, digest) for source, (n, digest) in raw.get("dataset", {}).items()}
+    hashed = {source: _same_prefix(Path(source), n, digest, raw["prompts"]) for source, (n, digest) in dataset.items()}
     for name, length in raw["lengths"].items():
         _truncate(out_dir / name, length)
     return RunState(path=path, fingerprint=fp, window=window, shard=shard, frontier=raw["frontier"],
                     done=set(raw["done"]), lengths=raw["lengths"], prompts=raw["prompts"], rejects=raw["rejects"],
-                    batches=raw["batches"], complete=raw["complete"], limit=raw["limit"])
+                    batches=raw["batches"], complete=raw["complete"], limit=raw["limit"], dataset=dataset,
+                    _read_to={source: n for source, (n, _) in dataset.items()}, _hashed=hashed)
+
+
+def _same_prefix(path: Path, size: int, expected: str, prompts: int) -> tuple[int, Any]:
+    """The sha256 of the first `size` bytes of `path`, which an earlier run read; refused when they changed
+    (a line added or edited above where that run got to would shift or swap the records it finished)."""
+    digest, done = hashlib.sha256(), 0
+    try:
+        with path.open("rb") as f:
+            while done < size and (chunk := f.read(min(size - done, 1 << 20))):
+                digest.update(chunk)
+                done += len(chunk)
+    except OSError as e:
+        raise ResumeError(f"dataset.path: {path}: cannot read it to check it against the run being resumed "
+                          f"({e.strerror}); restore it, or re-run with --fresh to start over") from None
+    if done < size or digest.hexdigest() != expected:
+        raise ResumeError(f"dataset.path: {path} changed since the run being resumed read it (its first {size:,} "
+                          f"bytes differ), so its {prompts} finished prompts may not be this file's records; "
+                          "restore the file, or re-run with --fresh to start over")
+    return done, digest
 
 
 def _truncate(path: Path, length: int) -> None:

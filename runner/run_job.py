@@ -15,13 +15,13 @@ import torch
 import yaml
 
 from runner.model import kernels
-from runner.data.dataset import DatasetError, Prompt, count_records, iter_records
+from runner.data.dataset import DatasetError, Prompt, check_readable, count_records, iter_records
 from runner.engines.base import Engine
 from runner.job import Device, DType, Engine as EngineKind, JobSpec, OutputOrder
 from runner.kv.store import kv_bytes
 from runner.data.outputs import append_csv_row, git_commit, peak_rss_bytes, throughput_row
 from runner.data.reports import plot_report
-from runner.resume import GENERATIONS, RunState, open_state, reorder_windows, write_atomic
+from runner.resume import GENERATIONS, REJECTS, RunState, locked, open_state, reorder_windows, write_atomic
 from runner.run_loop import Loop, RunError, StopRequest, Totals
 from runner.engines.sampling import SamplingParams
 from runner.model.weights import LoadedModel, available_memory, load_model
@@ -103,11 +103,22 @@ def _budget_errors() -> Iterator[None]:
                        "less disk (hardware.disk_gib)") from e
 
 
+# No token of a real vocabulary spans more bytes (the longest are runs of spaces or of one symbol), so a
+# prompt of more bytes than the context times this cannot fit.
+MAX_BYTES_PER_TOKEN = 64
+
+
 def prompt_tokenizer(loaded: LoadedModel, max_new_tokens: int) -> Callable[[Prompt], list[int]]:
     """Prompt -> token ids; a prompt the model cannot take raises RunError with the reason (a reject)."""
     limit = loaded.config.max_seq_len
+    max_bytes = limit * MAX_BYTES_PER_TOKEN
 
     def tokenize(p: Prompt) -> list[int]:
+        if p.token_ids is None and len(p.text) > max_bytes // 4:  # else it has too few characters to be too long
+            size = len(p.text.encode("utf-8", "surrogatepass"))
+            if size > max_bytes:  # refused before tokenizing: a 10 MB line would take the tokenizer minutes
+                raise RunError(f"prompt too long: {size:,} bytes, more than the model's {limit}-token context "
+                               f"can hold at {MAX_BYTES_PER_TOKEN} bytes a token")
         ids = list(p.token_ids) if p.token_ids is not None else loaded.tokenizer.encode(p.text)
         if not ids:
             raise RunError("prompt tokenizes to nothing")
@@ -171,12 +182,22 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh
     nothing and returns a row with status "complete" and no prompts, not written to the CSV.
     Raises Interrupted (after writing the row) when SIGINT or SIGTERM stopped it."""
     _check_engine(job)
+    try:  # a missing dataset fails now, not after the model loads
+        check_readable(job.dataset)
+    except DatasetError as e:
+        raise RunError(f"dataset.path: {e}") from None
     device = resolve_device(job.hardware.device)
     dtype = _run_dtype(job, device)
     job = _resolved(job, device, dtype)
     if job.hardware.num_threads:
         torch.set_num_threads(job.hardware.num_threads)
     out_dir = _prepare_dir(job)
+    with locked(out_dir):  # one run per output dir at a time: a second is refused here, before any work
+        return _run_locked(job, out_dir, device, dtype, progress=progress, sweep_point=sweep_point, fresh=fresh)
+
+
+def _run_locked(job: JobSpec, out_dir: os.PathLike, device: torch.device, dtype: torch.dtype, *, progress: bool,
+                sweep_point: str, fresh: bool) -> dict:
     step = job.batch.gpu_batch_size * (job.batch.num_gpu_batches if job.offload is not None else 1)
     state = open_state(job, job.dataset.bucket or step, fresh=fresh)
     if state.complete:
@@ -184,16 +205,13 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh
                               generated_tokens=0, job=job.name, engine=job.engine.value, status="complete",
                               resumed_prompts=state.prompts, rejected_prompts=0, workers=1)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    # The block executor places weights tensor by tensor into their tiers: never the whole model in RAM.
-    loaded = load_model(name=job.model.name, path=job.model.path, dtype=dtype, device=device,
-                        seed=job.generation.seed, with_weights=job.engine is EngineKind.ALISA,
-                        lazy=job.offload is not None)
+    loaded = _load(job, device, dtype)
     params = sampling_params(job)
     records = iter_records(job.dataset, loaded.tokenizer,
                            default_count=job.batch.gpu_batch_size * job.batch.num_gpu_batches)
     check = memory_check(job, loaded, dtype, device)
     tokenize = prompt_tokenizer(loaded, params.max_new_tokens)
-    records = _checked_up_front(records, step, tokenize, check)
+    records = _checked_up_front(job, records, step, tokenize, check)
     engine = _make_engine(job, loaded, device, dtype)
     resumed, stop = state.prompts, StopRequest()
     try:
@@ -219,10 +237,27 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh
     return row
 
 
-def _checked_up_front(records: Iterator, step: int, tokenize: Callable, check: Callable) -> Iterator:
-    """Read the first batch's records before the engine is built: a missing file, or a batch that cannot fit
-    the memory budget, fails now rather than after warm-up. Later batches are checked as they come."""
+def _load(job: JobSpec, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """The model, and a job it cannot run at all refused before the dataset is read."""
+    # The block executor places weights tensor by tensor into their tiers: never the whole model in RAM.
+    loaded = load_model(name=job.model.name, path=job.model.path, dtype=dtype, device=device,
+                        seed=job.generation.seed, with_weights=job.engine is EngineKind.ALISA,
+                        lazy=job.offload is not None)
+    context, new = loaded.config.max_seq_len, job.generation.max_new_tokens
+    if new >= context:  # every prompt would be rejected, one by one, after reading the whole dataset
+        raise RunError(f"generation.max_new_tokens: {new} new tokens leave no room for a prompt in "
+                       f"{loaded.config.name}'s {context}-token context")
+    return loaded
+
+
+def _checked_up_front(job: JobSpec, records: Iterator, step: int, tokenize: Callable, check: Callable) -> Iterator:
+    """Read the first batch's records before the engine is built: an empty dataset, an unreadable file, or a
+    batch that cannot fit the memory budget, fails now rather than after warm-up. Later batches are checked
+    as they come."""
     head = list(itertools.islice(records, step))
+    if not head:
+        after = f" after dataset.offset {job.dataset.offset}" if job.dataset.offset else ""
+        raise RunError(f"dataset.path: {job.dataset.path} has no records{after}: nothing to run")
     ids = []
     for p in (r for r in head if isinstance(r, Prompt)):
         with contextlib.suppress(RunError):  # a prompt the model cannot take is a reject, in the loop
@@ -258,11 +293,25 @@ def _prepare_dir(job: JobSpec) -> os.PathLike:
             raise RunError(f"hardware.offload_dir: cannot create {job.hardware.offload_dir} ({e.strerror})") from None
         if not os.access(job.hardware.offload_dir, os.W_OK):
             raise RunError(f"hardware.offload_dir: {job.hardware.offload_dir} is not writable")
+    _check_csv(job.throughput_csv)
     free = shutil.disk_usage(out_dir).free
     if free < _MIN_FREE_BYTES:
         raise RunError(f"output.dir: {out_dir} has only {free / 2 ** 20:.1f} MiB free; free some space or "
                        "choose another output.dir")
     return out_dir
+
+
+def _check_csv(path: os.PathLike) -> None:
+    """output.csv must take the run's row: found now, not after the night's work (the row is written last)."""
+    existed = os.path.exists(path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise RunError(f"output.csv: cannot create or append to {path} ({e.strerror})") from None
+    if not existed:
+        os.unlink(path)  # a run refused later writes no row, so it leaves no empty CSV either
 
 
 @contextlib.contextmanager
@@ -284,7 +333,11 @@ def _kept_on_failure(state: RunState) -> Iterator[None]:
 
 
 def _finish(job: JobSpec, state: RunState) -> None:
-    """Every record is done: put the generations in dataset order if asked, and mark the run complete."""
+    """Every record is done: put the generations in dataset order if asked, and mark the run complete.
+    A dataset whose every record was rejected ran nothing: an error, not a complete run."""
+    if not state.prompts and job.dataset.shard_count == 1:  # a Ray shard may own no window at all
+        raise RunError(f"dataset: all {state.rejects} records were rejected, nothing ran; "
+                       f"{state.out_dir / REJECTS} says why")
     if job.dataset.bucket and job.output.order is OutputOrder.DATASET:
         reorder_windows(state.out_dir / GENERATIONS, state.window)
     state.complete, state.limit = True, job.dataset.limit

@@ -159,7 +159,7 @@ class Loop:
             except RunError as e:
                 prompts.pop()
                 rejects.append(Reject(index=p.index, line=p.line, source=p.source, id=p.id, reason=str(e),
-                                      excerpt=p.text[:200]))
+                                      excerpt=p.text[:200], end=p.end))
         if rejects:
             if self.job.dataset.on_error is OnError.FAIL:
                 raise RunError(f"dataset.on_error: fail: {rejects[0].message()}")
@@ -167,6 +167,7 @@ class Loop:
             self.totals.rejects += len(rejects)
             self.state.rejects += len(rejects)
             self.state.mark(r.index for r in rejects)
+            self.state.read(rejects)
             if durable:
                 self.state.commit()
         if self.job.dataset.bucket:
@@ -177,7 +178,8 @@ class Loop:
     def _generate(self, batch: list[Prompt], ids: list[list[int]]) -> BatchOutput:
         self.check_batch(ids)
         # Seeded per batch by its first position, so a resumed or sharded run samples what one run would.
-        generator = torch.Generator().manual_seed(self.params.seed * 1_000_003 + batch[0].index)
+        # Modulo 2^64: torch takes seeds in [0, 2^64), and any 64-bit generation.seed must work.
+        generator = torch.Generator().manual_seed((self.params.seed * 1_000_003 + batch[0].index) % 2 ** 64)
         out = self.engine.generate(ids, self.params, generator)
         self.totals.add(out, ids)
         return out
@@ -189,6 +191,7 @@ class Loop:
         append_lines(self.state.out_dir / GENERATIONS, (r.to_json() for r in records), durable=durable)
         self.state.prompts += len(records)
         self.state.mark(p.index for p in batch)
+        self.state.read(batch)
 
 
 def _batch_row(engine: Engine, out: BatchOutput, elapsed: float) -> dict:

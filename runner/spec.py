@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
 import types
 import typing
@@ -26,6 +27,16 @@ class JobError(ValueError):
     def __init__(self, message: str, *, key: str | None = None) -> None:
         super().__init__(message)
         self.key = key
+
+
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+_FLOAT_MAX = 1.7976931348623157e308
+
+
+def _shown(value: Any) -> str:
+    """A value for a one-line error: a 400-digit integer is cut, not printed whole."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def _bad(key: str, problem: str) -> JobError:
@@ -127,10 +138,15 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise _bad(key, f"must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not INT64_MIN <= value <= INT64_MAX:  # no count, size or seed of a job needs more than 64 bits
+                raise _bad(key, f"must fit in a 64-bit integer, got {_shown(value)}")
             return value
         raise _bad(key, f"must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # NaN and inf pass every `<` check, so they are refused here, once; an int past a float's range too
+            if isinstance(value, int) and abs(value) > _FLOAT_MAX or not math.isfinite(value):
+                raise _bad(key, f"must be a finite number, got {_shown(value)}")
             return float(value)
         raise _bad(key, f"must be a number, got {value!r}")
     if tp is str:
@@ -158,6 +174,13 @@ def _coerce_tuple(args: tuple, value: Any, key: str) -> tuple:
     return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
 
 
+def _at_most(spec: _Spec, name: str, high: int) -> None:
+    value = spec.values()[name]
+    if value is not None and value > high:
+        kind = "an integer" if isinstance(value, int) else "a number"
+        raise _bad(spec._key(name), f"must be {kind} <= {high}, got {value}")
+
+
 def _at_least(spec: _Spec, name: str, low: int) -> None:
     value = spec.values()[name]
     if value is not None and value < low:
@@ -173,10 +196,52 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise JobError(f"override {item!r}: expected KEY=VALUE, e.g. batch.gpu_batch_size=8")
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw, f"override {item!r}")
     except yaml.YAMLError:
         value = raw  # e.g. a template such as `{prompt} Answer:` that YAML reads as a broken mapping
     return key.strip(), value
+
+
+MAX_YAML_NODES = 100_000  # a job is tens of nodes, a big sweep a few thousand
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """`text` parsed with duplicate keys refused and its size bounded: aliases repeat a node without
+    copying its text, so nine lines of `&a [*b, *b, ...]` expand to a billion nodes. The node graph is
+    counted as it would expand, before anything is built (JobError naming `source` past the bound)."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_NODES:
+            raise JobError(f"{source}: the YAML expands to more than {MAX_YAML_NODES:,} nodes (aliases repeat "
+                           "nodes); write the job out without so many aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Nodes of `node` with every alias expanded, stopping once past the bound (a shared node is counted
+    once per use, but measured once: the graph is a DAG of at most as many nodes as the text has)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = MAX_YAML_NODES + 1  # a node that holds itself (`&a [*a]`) expands forever
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_size(child, sizes)
+        if total > MAX_YAML_NODES:
+            break
+    sizes[id(node)] = total
+    return total
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -121,6 +121,17 @@ def test_unknown_key_names_dotted_path_and_known_keys():
     ({"dataset": {}}, "dataset.path", "required"),
     ({"name": "my job"}, "name", "letters, digits"),
     ({"batch": [1, 2]}, "batch", "must be a mapping"),
+    # non-finite floats pass every `<` check, so they are refused by type, in every section
+    ({"generation": {"temperature": float("nan")}}, "generation.temperature", "must be a finite number, got nan"),
+    ({"hardware": {"memory_gib": float("nan")}}, "hardware.memory_gib", "must be a finite number, got nan"),
+    ({"hardware": {"memory_gib": float("inf")}}, "hardware.memory_gib", "must be a finite number, got inf"),
+    ({"kv": {"policy": "swa", "sparsity": float("-inf")}}, "kv.sparsity", "finite"),
+    ({"hardware": {"memory_gib": 10 ** 400}}, "hardware.memory_gib", "finite"),
+    # integers: 64 bits at most everywhere, and a sane bound where a typo of zeros would cost hours
+    ({"batch": {"gpu_batch_size": 10 ** 30}}, "batch.gpu_batch_size", "must fit in a 64-bit integer"),
+    ({"generation": {"seed": 10 ** 20}}, "generation.seed", "must fit in a 64-bit integer"),
+    ({"batch": {"gpu_batch_size": 10 ** 9}}, "batch.gpu_batch_size", "must be an integer <= 1048576"),
+    ({"generation": {"max_new_tokens": 10 ** 9}}, "generation.max_new_tokens", "must be an integer <= 16777216"),
 ])
 def test_bad_values_name_the_key(sections, key, detail):
     with pytest.raises(JobError) as e:
@@ -220,6 +231,12 @@ def test_parse_override_and_set_dotted():
     with pytest.raises(JobError, match=r"^kv.polcy: unknown key \(known: policy, sparsity, budget_tokens, mode, "
                                       r"score, window, sinks, per_head, bits, group_size, quant_axis, profile\)$"):
         set_dotted(d, "kv.polcy", "dense")
+
+
+def test_a_sweep_of_too_many_points_is_refused_before_they_are_built():
+    sweep = {"generation.seed": list(range(100)), "generation.top_k": list(range(101))}
+    with pytest.raises(JobError, match=r"^sweep: 10,100 points .* more than 10,000$"):
+        job_from_dict(minimal(sweep=sweep))
 
 
 def test_sweep_points_cartesian_order():

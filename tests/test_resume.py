@@ -2,6 +2,8 @@
 SIGKILL or stopped with SIGINT and resumed, against one uninterrupted run of the same job."""
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import resource
@@ -14,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from runner.data.dataset import iter_records
 from runner.job import job_from_dict
 from runner.resume import GENERATIONS, STATE_FILE, ResumeError, open_state, reorder_windows
 
@@ -59,13 +62,64 @@ def test_reopen_cuts_what_was_appended_after_the_last_commit(tmp_path):
 
 
 def test_a_changed_spec_is_refused_naming_the_key_and_fresh_starts_over(tmp_path):
-    open_state(_job(tmp_path), window=2).commit()
+    state = open_state(_job(tmp_path), window=2)
+    state.prompts = 1  # something was generated (a state with nothing blocks nothing, see below)
+    state.commit()
     changed = job_from_dict({**_job(tmp_path).to_dict(), "generation": {"max_new_tokens": 5}})
     with pytest.raises(ResumeError, match=r"^generation\.max_new_tokens: .*64, now 5.*--fresh"):
         open_state(changed, window=2)
     (tmp_path / "out" / GENERATIONS).write_text("x\n")
     fresh = open_state(changed, window=2, fresh=True)
     assert fresh.frontier == 0 and (tmp_path / "out" / GENERATIONS).read_text() == ""
+
+
+def test_a_state_that_generated_nothing_blocks_no_changed_job(tmp_path):
+    """A run that failed before its first batch (bad model path, Ctrl-C while loading) left a state naming
+    its job; the corrected job starts over instead of being told to use --fresh."""
+    state = open_state(_job(tmp_path), window=2)
+    (tmp_path / "out" / "rejects.jsonl").write_text('{"index": 0}\n')
+    state.rejects = 1
+    state.mark([0])
+    state.commit()
+    changed = job_from_dict({**_job(tmp_path).to_dict(), "generation": {"max_new_tokens": 5}})
+    again = open_state(changed, window=2)
+    assert again.frontier == 0 and again.rejects == 0 and (tmp_path / "out" / "rejects.jsonl").read_text() == ""
+    again.prompts = 1  # once something was generated, a changed job is refused as before
+    again.commit()
+    with pytest.raises(ResumeError, match="max_new_tokens"):
+        open_state(_job(tmp_path), window=2)
+
+
+def _finish_first(state, n: int) -> None:
+    """What the loop does for a batch: the next `n` records' generations written, marked, committed."""
+    job = _job(state.out_dir.parent)
+    records = list(itertools.islice((r for r in iter_records(job.dataset) if not state.is_done(r.index)), n))
+    with (state.out_dir / GENERATIONS).open("a") as f:
+        f.writelines(json.dumps({"index": r.index}) + "\n" for r in records)
+    state.prompts += n
+    state.mark(r.index for r in records)
+    state.read(records)
+    state.commit()
+
+
+def test_a_dataset_edited_above_what_was_finished_refuses_to_resume(tmp_path):
+    data = tmp_path / "p.jsonl"
+    _finish_first(open_state(_job(tmp_path), window=2), 4)
+    original = data.read_bytes()
+    data.write_bytes(original + b'{"id": "more", "prompt": "appended later"}\n')  # appending is fine
+    state = open_state(_job(tmp_path), window=2)
+    _finish_first(state, 2)  # the fingerprint goes on from where it was, over the newly read bytes only
+    size, digest = state.dataset[str(data)]
+    assert size == len(b"".join(original.splitlines(keepends=True)[:6]))
+    assert digest == hashlib.sha256(original[:size]).hexdigest()
+    data.write_bytes(b'{"id": "new", "prompt": "prepended"}\n' + data.read_bytes())
+    with pytest.raises(ResumeError, match=rf"^dataset\.path: {data} changed since the run being resumed read it "
+                       rf"\(its first {size:,} bytes differ\), so its 6 finished prompts.*--fresh"):
+        open_state(_job(tmp_path), window=2)
+    data.write_bytes(original[:size - 1])  # cut short
+    with pytest.raises(ResumeError, match="changed since"):
+        open_state(_job(tmp_path), window=2)
+    assert len((tmp_path / "out" / GENERATIONS).read_text().splitlines()) == 6  # refused before touching it
 
 
 def test_a_larger_limit_continues_a_complete_run(tmp_path):
@@ -163,6 +217,28 @@ def test_sigint_or_sigterm_stops_cleanly_with_a_row_and_resumes(tmp_path, refere
     assert (out / GENERATIONS).read_text() == reference
     rows = pd.read_csv(out / "throughput.csv")
     assert list(rows.status) == ["interrupted", "complete"] and rows.num_prompts.sum() == 16
+
+
+def test_a_second_run_into_the_same_dir_is_refused_and_a_killed_holder_blocks_nothing(tmp_path, reference):
+    out = tmp_path / "locked"
+    first = _start_and_wait(out, batches=1)
+    first.send_signal(signal.SIGSTOP)  # holds the lock, mid-run, for as long as the test needs
+    try:
+        before = (out / GENERATIONS).read_text()
+        start = time.monotonic()
+        second = subprocess.run(_cmd(out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines() == [
+            f"error: output.dir: {out} is in use by another run (pid {first.pid}); wait for it to finish or stop it, "
+            "or choose another output.dir"]
+        assert time.monotonic() - start < 30  # refused before the model loads
+        assert (out / GENERATIONS).read_text() == before  # the holder's files were not cut back
+    finally:
+        first.kill()  # a stopped process dies of SIGKILL too; the kernel drops its lock
+        first.communicate()
+    again = subprocess.run(_cmd(out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]  # the lock file of the dead run does not block
+    assert (out / GENERATIONS).read_text() == reference
 
 
 def test_changed_generation_params_refuse_to_resume(tmp_path, reference):

@@ -166,6 +166,7 @@ def test_offload_row_states_the_link_and_emulation_costs_its_time(tmp_path):
 @pytest.mark.parametrize("key, value", [
     ("output.dir", "/proc/alisa-runner-test/out"),  # procfs: nothing can be created there
     ("hardware.offload_dir", "/proc/alisa-runner-test/offload"),
+    ("output.csv", "/proc/alisa-runner-test.csv"),  # the row is written last: found before the work, not after
 ])
 def test_unusable_output_or_offload_dir_is_refused_before_work(tmp_path, key, value):
     sets = {"output.dir": str(tmp_path / "out"), "offload": "{w_gpu_percent: 100}", key: value}

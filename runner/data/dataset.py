@@ -8,6 +8,7 @@ ids seen so far are kept as 64-bit hashes, so memory stays flat however long the
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -19,10 +20,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from runner.data.formats import (SUFFIXES, DatasetError, Fields, RawRecord, count_file,
-                                    dir_files, parse_object, read_file)
+                                    dir_files, open_binary, parse_object, read_file)
 from runner.data.spec import TEMPLATE_FIELD, DatasetFormat, DatasetSpec, OnError
 
-__all__ = ["DatasetError", "Prompt", "Reject", "iter_records", "load_prompts", "count_records",
+__all__ = ["DatasetError", "Prompt", "Reject", "check_readable", "iter_records", "load_prompts", "count_records",
            "json_object", "reflow_paragraphs"]
 
 
@@ -34,6 +35,9 @@ class Prompt:
     index: int  # 0-based position of the record in the whole dataset (a directory: its files by name)
     source: str = ""  # the file it came from
     token_ids: tuple[int, ...] | None = None  # synthetic only: the exact ids to feed the model
+    # Byte offset in `source` just past the record (0: not a line format): what a resume fingerprints.
+    # Where the record lies, not what it is: left out of ==.
+    end: int = dataclasses.field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Reject:
     id: str | None  # when it could be read
     reason: str
     excerpt: str  # the raw record, bad bytes replaced, at most 200 characters
+    end: int = dataclasses.field(default=0, compare=False)  # as Prompt.end
 
     def to_json(self) -> str:
         return json.dumps({"index": self.index, "line": self.line, "source": self.source, "id": self.id,
@@ -84,6 +89,13 @@ def iter_records(spec: DatasetSpec, tokenizer: Tokenizer | None = None,
             taken += 1
             if taken == spec.limit:
                 return  # records past the limit are not even read
+
+
+def check_readable(spec: DatasetSpec) -> None:
+    """Raise now the DatasetError that reading would raise for a missing or unreadable file or directory
+    (a run checks this before its model loads)."""
+    for file, _, _ in _files(spec, Path(spec.path)):
+        open_binary(file).close()
 
 
 def load_prompts(spec: DatasetSpec, tokenizer: Tokenizer | None = None, default_count: int = 1) -> list[Prompt]:
@@ -166,8 +178,8 @@ class _Builder:
             reason = f"duplicate id {id_!r}"
         if reason is not None:
             return Reject(index=index, line=raw.line, source=source, id=id_, reason=reason,
-                          excerpt=raw.excerpt())
-        return Prompt(id=id_, text=text, line=raw.line, index=index, source=source)
+                          excerpt=raw.excerpt(), end=raw.end)
+        return Prompt(id=id_, text=text, line=raw.line, index=index, source=source, end=raw.end)
 
     def _id(self, record: dict, number: int, prefix: str) -> tuple[str | None, str | None]:
         value = record.get(self.fields.id_field)

@@ -39,6 +39,7 @@ class RawRecord(NamedTuple):
     record: dict[str, Any] | None
     error: str | None
     raw: Any  # bytes, list of bytes (csv lines) or a dict (parquet row): only ever read for an excerpt
+    end: int = 0  # byte offset in the file just past the record (0 for parquet): what a resume fingerprints
 
     def excerpt(self) -> str:
         raw = self.raw
@@ -85,14 +86,17 @@ def open_binary(path: Path) -> IO[bytes]:
         raise DatasetError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def _lines(f: IO[bytes]) -> Iterator[tuple[int, bytes]]:
-    """(1-based line, bytes without "\\n" or "\\r\\n"); the BOM spreadsheet exports add is dropped."""
-    first = f.readline().removeprefix(codecs.BOM_UTF8)
+def _lines(f: IO[bytes]) -> Iterator[tuple[int, bytes, int]]:
+    """(1-based line, bytes without "\\n" or "\\r\\n", byte offset past the line); the BOM spreadsheet
+    exports add is dropped."""
+    first = f.readline()
     if not first:
         return
-    yield 1, first.removesuffix(b"\n").removesuffix(b"\r")
+    end = len(first)
+    yield 1, first.removeprefix(codecs.BOM_UTF8).removesuffix(b"\n").removesuffix(b"\r"), end
     for number, raw in enumerate(f, start=2):
-        yield number, raw.removesuffix(b"\n").removesuffix(b"\r")
+        end += len(raw)
+        yield number, raw.removesuffix(b"\n").removesuffix(b"\r"), end
 
 
 def _decode(raw: bytes) -> tuple[str | None, str | None]:
@@ -102,18 +106,18 @@ def _decode(raw: bytes) -> tuple[str | None, str | None]:
         return None, f"invalid UTF-8 ({e.reason} at byte {e.start + 1} of the line)"
 
 
-def _line_records(path: Path, skip: int) -> Iterator[tuple[int, bytes, str | None, str | None] | int]:
-    """One record per non-blank line: (line, raw, text, UTF-8 error), or 1 for each of the first `skip`
-    records (counted, not decoded)."""
+def _line_records(path: Path, skip: int) -> Iterator[tuple[int, bytes, str | None, str | None, int] | int]:
+    """One record per non-blank line: (line, raw, text, UTF-8 error, end offset), or 1 for each of the
+    first `skip` records (counted, not decoded)."""
     with open_binary(path) as f:
-        for line, raw in _lines(f):
+        for line, raw, end in _lines(f):
             if not raw.strip():
                 continue
             if skip:
                 skip -= 1
                 yield 1
                 continue
-            yield (line, raw, *_decode(raw))
+            yield (line, raw, *_decode(raw), end)
 
 
 def read_jsonl(path: Path, fields: Fields, skip: int) -> Iterator[RawRecord | int]:
@@ -121,11 +125,11 @@ def read_jsonl(path: Path, fields: Fields, skip: int) -> Iterator[RawRecord | in
         if item == 1:
             yield 1
             continue
-        line, raw, text, error = item
+        line, raw, text, error, end = item
         record = None
         if error is None:
             record, error = parse_object(text)
-        yield RawRecord(line, line, record, error, raw)
+        yield RawRecord(line, line, record, error, raw, end)
 
 
 def read_txt(path: Path, fields: Fields, skip: int) -> Iterator[RawRecord | int]:
@@ -136,9 +140,9 @@ def read_txt(path: Path, fields: Fields, skip: int) -> Iterator[RawRecord | int]
         if item == 1:
             yield 1
             continue
-        line, raw, text, error = item
+        line, raw, text, error, end = item
         record = None if error else {"prompt": text, fields.field: text}
-        yield RawRecord(line, line, record, error, raw)
+        yield RawRecord(line, line, record, error, raw, end)
 
 
 class _RowLines:
@@ -148,15 +152,23 @@ class _RowLines:
     def __init__(self, f: IO[bytes]) -> None:
         self._f = f
         self.count = 0  # lines handed out so far
+        self.end = 0  # byte offset past them
         self.raw: list[bytes] = []
         self.error: str | None = None
+        self.ended = False  # the row being read reached the end of the file
+        self._replay: list[bytes] = []  # lines to hand out again before the file's next ones
 
     def __iter__(self) -> _RowLines:
         return self
 
     def __next__(self) -> str:
-        raw = next(self._f)
+        try:
+            raw = self._replay.pop() if self._replay else next(self._f)
+        except StopIteration:
+            self.ended = True
+            raise
         self.count += 1
+        self.end += len(raw)
         if self.count == 1:
             raw = raw.removeprefix(codecs.BOM_UTF8)
         self.raw.append(raw)
@@ -168,7 +180,24 @@ class _RowLines:
             return raw.decode("utf-8", "replace")
 
     def next_row(self) -> None:
-        self.raw, self.error = [], None
+        self.raw, self.error, self.ended = [], None, False
+
+    def replay_after_first(self, first_line: int) -> None:
+        """Hand out the lines of the row just read again, all but its first (which started at `first_line`)."""
+        self._replay = self.raw[1:][::-1]
+        self.count = first_line
+        self.end -= sum(map(len, self._replay))
+
+
+def _unterminated(raw: list[bytes], delimiter: str) -> bool:
+    """Whether a row read to the end of the file ends inside a quoted cell: csv.reader (not strict) would
+    take every line after an unclosed quote into one cell. Strict parsing says so ("unexpected end of data")."""
+    try:
+        for _ in csv.reader((r.decode("utf-8", "replace") for r in raw), delimiter=delimiter, strict=True):
+            pass
+    except csv.Error as e:
+        return "unexpected end of data" in str(e)
+    return False
 
 
 def read_csv(path: Path, fields: Fields, skip: int, delimiter: str = ",") -> Iterator[RawRecord | int]:
@@ -194,6 +223,10 @@ def read_csv(path: Path, fields: Fields, skip: int, delimiter: str = ",") -> Ite
                 error = lines.error
             if row == []:
                 continue  # blank line
+            if lines.ended and _unterminated(lines.raw, delimiter):  # one bad record, not the rest of the file
+                row, error = None, (f"unterminated quote: the quoted cell opened in this row never closes "
+                                    f"(it would take lines {start}-{lines.count}, to the end of the file)")
+                lines.replay_after_first(start)
             row_number += 1
             if skip:
                 skip -= 1
@@ -202,7 +235,7 @@ def read_csv(path: Path, fields: Fields, skip: int, delimiter: str = ",") -> Ite
             if error is None and len(row) != len(header):
                 error = f"expected {len(header)} columns, got {len(row)}"
             record = None if error else dict(zip(header, row))
-            yield RawRecord(start, row_number, record, error, lines.raw)
+            yield RawRecord(start, row_number, record, error, lines.raw, lines.end)
 
 
 def _csv_header(path: Path, reader: Any, lines: _RowLines) -> list[str]:

@@ -5,6 +5,11 @@ No build step and no new package: a machine without a compiler (or with ALISA_NA
 the pure-torch path, which computes the same math. The library is built for the host CPU
 (-march=native), so its cache key names the CPU's flags, the compiler and the source: a home
 directory shared by different machines never loads a library built for another CPU.
+
+The cache holds code this process will run, so it is guarded like code: the directory is created 0700,
+a library (or its record) not owned by this user or writable by group or others is refused, and each
+build records the library's sha256 beside it (`<library>.sha256`), checked before every load. A cached
+library that does not match its record (a crash mid-copy, a disk error) is rebuilt, and the status says so.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -77,10 +83,6 @@ def _cache_dir() -> Path:
 def _build(cc: list[str], out: Path) -> str | None:
     """Compile SOURCES into `out` (atomically: concurrent processes may build at once).
     Returns None, or the compiler's first error line. OpenMP if the compiler has it."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return f"cannot create {out.parent}: {e.strerror}"
     error = "no attempt"
     for extra in (["-fopenmp"], []):
         try:
@@ -92,6 +94,8 @@ def _build(cc: list[str], out: Path) -> str | None:
             proc = subprocess.run([*cc, *_FLAGS, *extra, *map(str, SOURCES), "-o", tmp, "-lm"],
                                   capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
             if proc.returncode == 0:
+                os.chmod(tmp, 0o700)  # the linker's mode follows the umask, which may let the group write
+                _write_private(_record(out), hashlib.sha256(Path(tmp).read_bytes()).hexdigest() + "\n")
                 os.replace(tmp, out)
                 return None
             lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -127,8 +131,22 @@ def status() -> NativeStatus:
     sources = [f"{p.name}\0{p.read_text()}" for p in SOURCES]
     key = hashlib.sha256("\0".join([*sources, version, " ".join(cc + _FLAGS), _cpu_signature()])
                          .encode()).hexdigest()[:16]
-    path = _cache_dir() / f"kernels-{key}.so"
-    if not path.exists():
+    return _load(cc, _cache_dir() / f"kernels-{key}.so")
+
+
+def _load(cc: list[str], path: Path) -> NativeStatus:
+    """Load the library at `path`, building it first when it is missing or does not match its record."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        return NativeStatus(library=None, reason=f"cannot create {path.parent}: {e.strerror}")
+    unsafe = _unsafe(path.parent) or (_unsafe(path) or _unsafe(_record(path)) if path.exists() else None)
+    if unsafe is not None:
+        return NativeStatus(library=None, reason=f"refusing the native kernels: {unsafe}")
+    rebuilt = ""
+    if path.exists() and not _matches_record(path):
+        rebuilt = f"; rebuilt {path.name}: the cached copy did not match its recorded sha256"
+    if rebuilt or not path.exists():
         error = _build(cc, path)
         if error is not None:
             names = ", ".join(p.name for p in SOURCES)
@@ -138,4 +156,37 @@ def status() -> NativeStatus:
         _declare(lib)
     except (OSError, AttributeError) as e:
         return NativeStatus(library=None, reason=f"cannot load {path}: {e}")
-    return NativeStatus(library=lib, reason=f"built by {cc[0]} in {path.parent}")
+    return NativeStatus(library=lib, reason=f"built by {cc[0]} in {path.parent}{rebuilt}")
+
+
+def _record(library: Path) -> Path:
+    """Where the sha256 of what was built is kept: beside the library."""
+    return library.with_name(library.name + ".sha256")
+
+
+def _matches_record(library: Path) -> bool:
+    try:
+        return _record(library).read_text().strip() == hashlib.sha256(library.read_bytes()).hexdigest()
+    except OSError:
+        return False  # no record (a cache from before records): rebuilt like a corrupt one
+
+
+def _unsafe(path: Path) -> str | None:
+    """Why `path` must not be trusted with code to load (another user owns it, or others may write it)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    if st.st_uid != os.getuid():
+        return f"{path} is owned by uid {st.st_uid}, not this user ({os.getuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `path` atomically, readable by this user only."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
