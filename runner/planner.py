@@ -13,15 +13,17 @@ import torch
 
 from runner.data.outputs import PREDICTED_THROUGHPUT_COLUMNS
 from runner.model.config import PRESETS, ModelConfig
+from runner.model import kernels
 from runner.model.layers import num_params
+from runner.model.weights import available_memory
 from runner.plan.cost_model import Plan, Prediction, Workload, predict
 from runner.plan.hardware import HardwareProfile, PROFILE_DIR, load_profile
-from runner.job import DatasetFormat, Engine, JobSpec
+from runner.job import DatasetFormat, DType, Engine, JobSpec
 from runner.kv.spec import KVMode, QuantAxis
 from runner.memory.tiers import Tier
 from runner.offload.policy import KVPlacement, OffloadPolicy
 from runner.plan.search import SearchResult, budgets_from, search_alisa, search_flexgen
-from runner.units import bytes_to_gib
+from runner.units import bytes_to_gib, gib_to_bytes
 
 CPU_PROFILE = "cpu-only"  # the profile a CPU run's predicted columns use when its job names none
 # Share of MemAvailable a CPU run's `offload: auto` plans the tiers into (the profile's usable_fraction
@@ -111,7 +113,6 @@ def run_profile(job: JobSpec, device: torch.device, *, this_machine: bool = Fals
     profile = job_profile(job, name)
     if not this_machine or device.type != "cpu":
         return profile
-    from runner.model.weights import available_memory
     ram = bytes_to_gib(available_memory(device) * RUN_RAM_SHARE)
     where = Path(job.hardware.offload_dir).absolute()
     while not where.exists():  # created when the run starts: its filesystem is the nearest existing parent's
@@ -263,3 +264,57 @@ def plan_rows(report: PlanReport, job: JobSpec, sweep_point: str = "") -> list[d
 def _found(result: SearchResult | None) -> tuple:
     return (None, None, None) if result is None else (result.plan, result.prediction, result)
 
+
+# ---------------------------------------------------------------- what a run on this machine runs
+
+def resolve_dtype(dtype: DType, device: torch.device, fp32_bytes: int | None = None,
+                  ram_bytes: int | None = None) -> torch.dtype:
+    """The run's compute dtype (`DType.torch_dtype`). On a CPU, `auto` turns bf16 when the model's fp32
+    weights (`fp32_bytes`) exceed `ram_bytes` (default: the RAM available now) and the CPU has native bf16."""
+    fits = fp32_bytes is None or fp32_bytes <= (ram_bytes if ram_bytes is not None else available_memory(device))
+    return dtype.torch_dtype(accelerator=device.type == "cuda", fp32_fits=fits, native_bf16=kernels.native_bf16())
+
+
+def run_dtype(job: JobSpec, device: torch.device) -> torch.dtype:
+    """`resolve_dtype` for the job's model, sized from its config (no weights read)."""
+    if job.model.dtype is not DType.AUTO or device.type == "cuda" or job.engine is not Engine.ALISA:
+        return resolve_dtype(job.model.dtype, device)
+    ram = gib_to_bytes(job.hardware.memory_gib) if job.hardware.memory_gib is not None else None
+    return resolve_dtype(job.model.dtype, device, weight_bytes(model_config(job), torch.float32), ram)
+
+
+def resolve_run(job: JobSpec, device: torch.device, dtype: torch.dtype) -> JobSpec:
+    """`offload: auto` (and a plain alisa job whose weights do not fit in memory): the plan search fills
+    in the offload policy (with `batch: auto` the batch shape too), on the run's profile
+    (`runner.planner.run_profile`: on a CPU, this machine's memory and disk)."""
+    if job.engine is not Engine.ALISA or job.eval is not None:
+        return job
+    if not job.auto_offload and (job.offload is not None or _fits_plainly(job, device, dtype)):
+        return job
+    profile = run_profile(job, device, this_machine=True)
+    if profile is None:
+        raise PlanError("hardware.profile: the model does not fit in memory and offload: auto needs a profile of "
+                        "this machine to plan with (a shipped one such as h100-80g, or `run.py calibrate`)")
+    if job.auto_offload:
+        return resolve_auto(job, profile, dtype)
+    # The plain job does not fit: plan it as `offload: auto`, and if its batch shape cannot fit either,
+    # with `batch: auto` (every prompt still runs, in blocks this machine can hold).
+    memory = job.hardware.memory_gib  # the plain engine's budget: the tiers share it here
+    if memory is not None:
+        profile = dataclasses.replace(profile, memory_gib=dataclasses.replace(
+            profile.memory_gib, gpu=min(profile.memory_gib.gpu, memory), cpu=min(profile.memory_gib.cpu, memory)))
+    hardware = dataclasses.replace(job.hardware, memory_gib=None, profile=job.hardware.profile or profile.name)
+    job = dataclasses.replace(job, offload="auto", hardware=hardware)
+    try:
+        return resolve_auto(job, profile, dtype)
+    except PlanError:
+        return resolve_auto(dataclasses.replace(job, batch="auto", offload="auto"), profile, dtype)
+
+
+def _fits_plainly(job: JobSpec, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the plain engine can hold the weights: within hardware.memory_gib, or within the memory
+    free on the device now (with a tenth left for the KV cache and temporaries)."""
+    need = weight_bytes(model_config(job), dtype)
+    if job.hardware.memory_gib is not None:
+        return need <= gib_to_bytes(job.hardware.memory_gib)
+    return need <= 0.9 * available_memory(device)

@@ -27,7 +27,8 @@ from runner.job import JobSpec
 from runner.kv.spec import KVSpec
 from runner.engines.lm import LM
 from runner.data.outputs import git_commit
-from runner.run_job import RunError, resolve_device, resolve_dtype
+from runner.planner import resolve_dtype
+from runner.run_job import RunError, resolve_device
 from runner.model.weights import LoadedModel, load_model
 
 ACCURACY_COLUMNS: tuple[str, ...] = (

@@ -3,7 +3,6 @@ commit each batch (runner/resume.py), write the reports, return the CSV row."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import itertools
 import os
@@ -17,7 +16,7 @@ import yaml
 from runner.model import kernels
 from runner.data.dataset import DatasetError, Prompt, check_readable, count_records, iter_records
 from runner.engines.base import Engine
-from runner.job import Device, DType, Engine as EngineKind, JobSpec, OutputOrder
+from runner.job import Device, Engine as EngineKind, JobSpec, OutputOrder
 from runner.kv.store import kv_bytes
 from runner.data.outputs import append_csv_row, git_commit, peak_rss_bytes, throughput_row
 from runner.data.reports import plot_report
@@ -25,6 +24,7 @@ from runner.resume import GENERATIONS, REJECTS, RunState, locked, open_state, re
 from runner.run_loop import Loop, RunError, StopRequest, Totals
 from runner.engines.sampling import SamplingParams
 from runner.model.weights import LoadedModel, available_memory, load_model
+from runner.planner import resolve_run, run_dtype
 from runner.units import format_gib, gib_to_bytes
 
 
@@ -35,23 +35,6 @@ def resolve_device(device: Device) -> torch.device:
     if device is Device.AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device.value)
-
-
-def resolve_dtype(dtype: DType, device: torch.device, fp32_bytes: int | None = None,
-                  ram_bytes: int | None = None) -> torch.dtype:
-    """The run's compute dtype (`DType.torch_dtype`). On a CPU, `auto` turns bf16 when the model's fp32
-    weights (`fp32_bytes`) exceed `ram_bytes` (default: the RAM available now) and the CPU has native bf16."""
-    fits = fp32_bytes is None or fp32_bytes <= (ram_bytes if ram_bytes is not None else available_memory(device))
-    return dtype.torch_dtype(accelerator=device.type == "cuda", fp32_fits=fits, native_bf16=kernels.native_bf16())
-
-
-def _run_dtype(job: JobSpec, device: torch.device) -> torch.dtype:
-    """`resolve_dtype` for the job's model, sized from its config (no weights read)."""
-    if job.model.dtype is not DType.AUTO or device.type == "cuda" or job.engine is not EngineKind.ALISA:
-        return resolve_dtype(job.model.dtype, device)
-    from runner.planner import model_config, weight_bytes
-    ram = gib_to_bytes(job.hardware.memory_gib) if job.hardware.memory_gib is not None else None
-    return resolve_dtype(job.model.dtype, device, weight_bytes(model_config(job), torch.float32), ram)
 
 
 def _make_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> Engine:
@@ -187,8 +170,8 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh
     except DatasetError as e:
         raise RunError(f"dataset.path: {e}") from None
     device = resolve_device(job.hardware.device)
-    dtype = _run_dtype(job, device)
-    job = _resolved(job, device, dtype)
+    dtype = run_dtype(job, device)
+    job = resolve_run(job, device, dtype)
     if job.hardware.num_threads:
         torch.set_num_threads(job.hardware.num_threads)
     out_dir = _prepare_dir(job)
@@ -385,44 +368,6 @@ def _greedy_head(job: JobSpec, device: torch.device, dtype: torch.dtype) -> str:
         return ""
     screened = job.offload is None and kernels.bf16_screen(device, dtype)  # the executor's head has no screen
     return "bf16-screen" if screened else "full"
-
-
-def _resolved(job: JobSpec, device: torch.device, dtype: torch.dtype) -> JobSpec:
-    """`offload: auto` (and a plain alisa job whose weights do not fit in memory): the plan search fills
-    in the offload policy (with `batch: auto` the batch shape too), on the run's profile
-    (`runner.planner.run_profile`: on a CPU, this machine's memory and disk)."""
-    if job.engine is not EngineKind.ALISA or job.eval is not None:
-        return job
-    if not job.auto_offload and (job.offload is not None or _fits_plainly(job, device, dtype)):
-        return job
-    from runner.planner import PlanError, resolve_auto, run_profile
-    profile = run_profile(job, device, this_machine=True)
-    if profile is None:
-        raise RunError("hardware.profile: the model does not fit in memory and offload: auto needs a profile of "
-                       "this machine to plan with (a shipped one such as h100-80g, or `run.py calibrate`)")
-    if job.auto_offload:
-        return resolve_auto(job, profile, dtype)
-    # The plain job does not fit: plan it as `offload: auto`, and if its batch shape cannot fit either,
-    # with `batch: auto` (every prompt still runs, in blocks this machine can hold).
-    memory = job.hardware.memory_gib  # the plain engine's budget: the tiers share it here
-    if memory is not None:
-        profile = dataclasses.replace(profile, memory_gib=dataclasses.replace(
-            profile.memory_gib, gpu=min(profile.memory_gib.gpu, memory), cpu=min(profile.memory_gib.cpu, memory)))
-    job = dataclasses.replace(job, offload="auto", hardware=dataclasses.replace(job.hardware, memory_gib=None))
-    try:
-        return resolve_auto(job, profile, dtype)
-    except PlanError:
-        return resolve_auto(dataclasses.replace(job, batch="auto", offload="auto"), profile, dtype)
-
-
-def _fits_plainly(job: JobSpec, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the plain engine can hold the weights: within hardware.memory_gib, or within the memory
-    free on the device now (with a tenth left for the KV cache and temporaries)."""
-    from runner.planner import model_config, weight_bytes
-    need = weight_bytes(model_config(job), dtype)
-    if job.hardware.memory_gib is not None:
-        return need <= gib_to_bytes(job.hardware.memory_gib)
-    return need <= 0.9 * available_memory(device)
 
 
 def _predicted(job: JobSpec, loaded: LoadedModel, totals: Totals, device: torch.device, dtype: torch.dtype) -> dict:
