@@ -110,6 +110,8 @@ def calibrate(*, device: torch.device, offload_dir: str, quick: bool = False, na
         rows += _link_rows(mem, sizes, timer) + _disk_rows(mem, sizes, timer) + _transfer_rows(mem, timer)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     rows += _compute_rows(device, dtype, sizes, timer, "gpu")
+    if device.type == "cpu" and kernels.native_bf16():  # `dtype: auto` may run bf16 here (too big for fp32)
+        rows += C.matmul(device, torch.bfloat16, sizes.matmul_n, timer, "tflops.gpu_matmul_bf16")
     if device.type == "cuda":
         rows += _compute_rows(_CPU, torch.float32, host, host_timer, "cpu")
     rows += C.overheads(device, dtype, sizes.layers, sizes.steps, timer)
@@ -273,6 +275,7 @@ PLAUSIBLE: dict[str, tuple[Range, Range | None]] = {  # field: (on a CPU device,
     "tflops.gpu_attention": (_CPU_SMALL_OPS, _GPU_SMALL_OPS),
     "tflops.gpu_recompute": (_CPU_SMALL_OPS, _GPU_SMALL_OPS),
     "tflops.cpu_matmul": (_CPU_MATMUL, _CPU_MATMUL),
+    "tflops.gpu_matmul_bf16": (_CPU_MATMUL, None),  # a CPU with native bf16 only
     "tflops.cpu_attention": (_CPU_SMALL_OPS, _CPU_SMALL_OPS),
     "overhead_us.layer": ((1.0, 1e5), (1.0, 1e5)),  # a layer is a dozen ops, each at least ~1 us of Python
     "overhead_us.step": (_OVERHEAD, _OVERHEAD),
@@ -290,7 +293,7 @@ def implausible(profile: HardwareProfile, rows: list[Row]) -> list[str]:
         limits = ranges[1] if profile.accelerator else ranges[0]
         section, name = field.split(".")
         value = figures[section][name]
-        if limits is not None and not limits[0] <= value <= limits[1]:
+        if limits is not None and value is not None and not limits[0] <= value <= limits[1]:
             unit, device = _UNITS[section], "cuda" if profile.accelerator else "cpu"
             found.append(f"{field} = {value:g} {unit} is outside [{limits[0]:g}, {limits[1]:g}], plausible for a "
                          f"{device} device")

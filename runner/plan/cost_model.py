@@ -76,6 +76,13 @@ class Prediction:
 
 # ---------------------------------------------------------------- compute
 
+def gemm_tflops(hw: HardwareProfile, e: int) -> float:
+    """Large-GEMM rate for `e`-byte operands: on a CPU, 2-byte operands are bf16 (native only where
+    `gpu_matmul_bf16` was measured); an accelerator's profile is measured in its run dtype already."""
+    bf16 = hw.tflops.gpu_matmul_bf16
+    return bf16 if not hw.accelerator and e == 2 and bf16 else hw.tflops.gpu_matmul
+
+
 def _mm_s(hw: HardwareProfile, params: float, rows: float, e: int, packed: bool = False) -> float:
     """A matmul of `rows` rows by a (params)-element weight on the compute device. On an accelerator
     FLOP- or weight-read bound (the roofline); on a CPU the same cores read and multiply, and skinny
@@ -84,7 +91,7 @@ def _mm_s(hw: HardwareProfile, params: float, rows: float, e: int, packed: bool 
     profile's `bandwidth_gbps.packed_weights` that kernel streams at that rate and overlaps the
     FLOPs (the max, as on an accelerator)."""
     bw = hw.bandwidth_gbps
-    compute = 2 * params * rows / (hw.tflops.gpu_matmul * 1e12)
+    compute = 2 * params * rows / (gemm_tflops(hw, e) * 1e12)
     if packed and bw.packed_weights > 0:
         return max(compute, params * e / (bw.packed_weights * 1e9))
     read = params * e / (bw.gpu_memory * 1e9)
@@ -244,7 +251,7 @@ def _attention_compute(hw: HardwareProfile, w: Workload, sh: _Shape, plan: Plan,
     tokens = 1 if decode else w.prompt_len
     proj = _mm_s(hw, sh.attn_params, sh.b * tokens, sh.e, "attn" in sh.packed)
     if not decode:  # SDPA over the prompt: a big batched matmul
-        attn = 4 * sh.b * c.num_heads * lengths * lengths * c.head_dim / (tf.gpu_matmul * 1e12)
+        attn = 4 * sh.b * c.num_heads * lengths * lengths * c.head_dim / (gemm_tflops(hw, sh.e) * 1e12)
         return sh.k * (proj + attn + hw.overhead_us.layer * 1e-6)
     att, _, other = _attended(kv, lengths)
     token = plan.offload is not None and plan.offload.kv_placement is KVPlacement.TOKEN

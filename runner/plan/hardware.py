@@ -25,11 +25,11 @@ PROFILE_DIR = Path(__file__).parent / "profiles"
 
 
 class _Positive(_Spec):
-    """A section whose every figure must be > 0."""
+    """A section whose every figure must be > 0 (an optional one may be None: not measured)."""
 
     def _validate(self) -> None:
         for name, value in self.values().items():
-            if not value > 0:
+            if value is not None and not value > 0:
                 raise _bad(self._key(name), f"must be > 0, got {value:g}")
 
 
@@ -72,6 +72,9 @@ class Compute(_Positive):
     gpu_recompute: float  # phase III K/V projection of scattered tokens (gather + small GEMM)
     cpu_matmul: float
     cpu_attention: float
+    # A CPU with native bf16 dot products (`native_bf16`): large bf16 GEMMs, ~6x fp32 on AVX512-BF16 here.
+    # None (not measured): bf16 runs are priced at gpu_matmul.
+    gpu_matmul_bf16: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
