@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from runner.data.outputs import PREDICTED_THROUGHPUT_COLUMNS
+from runner.data.outputs import PREDICTED_THROUGHPUT_COLUMNS, git_commit
 from runner.model.config import PRESETS, ModelConfig
 from runner.model import kernels
 from runner.model.layers import num_params
@@ -242,12 +242,12 @@ def _predicted_throughputs(p: Prediction, digits: int) -> dict[str, float]:
 
 def plan_rows(report: PlanReport, job: JobSpec, sweep_point: str = "") -> list[dict]:
     """One CSV row per candidate of a `--plan` report: the plan's fields and its prediction."""
-    rows, model = [], model_config(job).name
+    rows, model, commit = [], model_config(job).name, git_commit()
     for name, plan, pred, result in (("job", report.job_plan, report.job_prediction, None),
                                      ("alisa", *_found(report.alisa)), ("flexgen", *_found(report.flexgen))):
         row = {"job": job.name, "sweep_point": sweep_point, "candidate": name, "profile": report.profile.name,
-               "model": model, "kv": job.kv.label(),
-               "fits": report.job_fits if name == "job" else pred is not None}
+               "model": model, "kv": job.kv.label(), "dtype": str(report.dtype).removeprefix("torch."),
+               "fits": report.job_fits if name == "job" else pred is not None, "git_commit": commit}
         if plan is not None:
             row.update(gpu_batch_size=plan.gpu_batch_size, num_gpu_batches=plan.num_gpu_batches)
             row.update({f"offload.{k}": v for k, v in plan_sections(plan).get("offload", {}).items()})

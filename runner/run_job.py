@@ -80,7 +80,8 @@ def _budget_errors() -> Iterator[None]:
     try:
         yield
     except BudgetError as e:
-        raise RunError(f"hardware.{e.tier.value}_gib: {e}") from e
+        raise RunError(f"hardware.{e.tier.value}_gib: {e}; raise it, place less on {e.tier.value} (offload.*_percent), "
+                       "or let `offload: auto` plan the tiers") from e
     except DiskSpaceError as e:
         raise RunError(f"hardware.offload_dir: {e}; free space there, choose another offload_dir, or plan for "
                        "less disk (hardware.disk_gib)") from e

@@ -85,17 +85,18 @@ def test_truncated_checkpoint_is_a_model_error(hf_checkpoints, tmp_path):
 
 
 _LOAD_INTO_DISK = textwrap.dedent("""
-    import resource, sys, torch
+    import sys, torch
+    from runner.data.outputs import peak_rss_bytes
     from runner.model.weights import load_model
     from runner.memory.tiers import TierBudgets
     from runner.offload.executor import Executor, OffloadPolicy
     lazy = sys.argv[1] == "lazy"
     loaded = load_model(name="opt-1.3b", path="dummy", dtype=torch.bfloat16, seed=0, lazy=lazy)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = peak_rss_bytes()
     ex = Executor(loaded.config, loaded.weights, loaded.tokenizer, dtype=torch.bfloat16,
                   policy=OffloadPolicy(w_gpu_percent=0, w_cpu_percent=0),
                   budgets=TierBudgets(offload_dir=sys.argv[2], disk_page_cache=False))
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = peak_rss_bytes()
     print(before, after, sum(l.staging_numel for l in ex.layers[:1]))
     ex.close()
 """)
@@ -117,3 +118,34 @@ def test_streaming_load_peak_is_one_layer_not_the_model(tmp_path):
     assert eager_before - lazy_before > 0.9 * model_bytes  # the eager load holds the model, the lazy one not
     embed_bytes = 2 * 50272 * 2048  # the largest single tensor (embedding), read once: ~206 MB
     assert lazy_after - lazy_before < embed_bytes + 4 * layer_bytes + 256 * 2 ** 20, (lazy_before, lazy_after)
+
+
+@pytest.mark.parametrize("kind", ["opt_preln", "llama_mha"])  # a single safetensors file; sharded with an index
+def test_a_checkpoint_streams_into_its_tiers_and_generates_as_the_plain_engine(kind, hf_checkpoints, tmp_path,
+                                                                               compute_device):
+    """Weights read lazily from a safetensors checkpoint straight into the gpu, cpu and disk tiers of the
+    executor on the compute device (CUDA in tests/gpu/check.sh): same greedy tokens as the plain engine
+    fed the eager load, logits within fp32 rounding."""
+    from runner.engines.lm import LM, Batch
+    from runner.engines.sampling import SamplingParams
+    from runner.memory.tiers import TierBudgets
+    from runner.model.tokenizer import ByteTokenizer
+    from runner.offload.executor import Executor, OffloadPolicy
+    path, device, steps = str(hf_checkpoints[kind]), compute_device, 4
+    eager = load_model(name=None, path=path, dtype=torch.float32, device=device)
+    lazy = load_model(name=None, path=path, dtype=torch.float32, device=device, lazy=True)
+    prompts = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38]]
+    batch = Batch(LM(eager.config, eager.weights, device, torch.float32), prompts, steps)
+    ref = [batch.prefill()]
+    for _ in range(steps - 1):
+        ref.append(batch.decode(ref[-1].argmax(-1)))
+    got = []
+    with Executor(lazy.config, lazy.weights, ByteTokenizer(), device=device, gpu_batch_size=2,
+                  policy=OffloadPolicy(w_gpu_percent=40, w_cpu_percent=30),
+                  budgets=TierBudgets(offload_dir=str(tmp_path))) as ex:
+        out = ex.generate(prompts, SamplingParams(max_new_tokens=steps, ignore_eos=True),
+                          observe=lambda i, lg: got.append(lg.cpu().clone()))
+        assert ex.stats()["bytes_disk_read"] > 0 and ex.stats()["bytes_gpu_from_cpu"] > 0
+    assert [s.token_ids for s in out.sequences] == torch.stack([r.argmax(-1) for r in ref], 1).tolist()
+    for a, b in zip(ref, got):
+        assert (a.cpu() - b).abs().max().item() < 1e-4

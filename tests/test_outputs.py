@@ -4,6 +4,7 @@ import csv
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -178,6 +179,15 @@ def test_git_commit_clean_dirty_and_unknown(tmp_path):
     head = git("rev-parse", "--short", "HEAD")
     (tmp_path / "untracked.txt").write_text("ignored for dirtiness")
     assert git_commit(tmp_path) == head
+    (tmp_path / "results" / "bench").mkdir(parents=True)  # a committed CSV a benchmark appends to
+    (tmp_path / "results" / "bench" / "t.csv").write_text("a\n")
+    git("add", "results")
+    git("commit", "-q", "-m", "rows")
+    head = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "results" / "bench" / "t.csv").write_text("a\n1\n")
+    sub = tmp_path / "sub"  # asked from a folder below the top, as runner/data asks
+    sub.mkdir()
+    assert git_commit(sub) == git_commit(tmp_path) == head  # results/ changes are not code changes
     (tmp_path / "f.txt").write_text("b")
     assert git_commit(tmp_path) == f"{head}-dirty"
     assert re.fullmatch(r"unknown|[0-9a-f]{4,40}(-dirty)?", git_commit())
@@ -186,3 +196,15 @@ def test_git_commit_clean_dirty_and_unknown(tmp_path):
 def test_peak_rss():
     rss = peak_rss_bytes()
     assert rss > 10 * 2**20  # a Python process with pandas loaded is well over 10 MiB
+
+
+def test_peak_rss_is_the_process_own_not_inherited_from_its_parent():
+    """A run started by a big parent (a pytest session, a sweep driver) reports its own peak: ru_maxrss
+    would start at the parent's peak at fork, which is why peak_rss_bytes reads VmHWM."""
+    import sys
+    big = bytearray(800 * 2 ** 20)  # touched: resident in this (parent) process
+    big[:: 4096] = b"\x01" * len(big[:: 4096])
+    child = subprocess.run([sys.executable, "-c", "from runner.data.outputs import peak_rss_bytes; print(peak_rss_bytes())"],
+                           capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert peak_rss_bytes() > 800 * 2 ** 20 > int(child.stdout) > 0
+    del big

@@ -38,6 +38,8 @@ def test_plan_prints_both_searched_plans_for_opt30b_without_its_weights(tmp_path
     import pandas as pd
     rows = pd.read_csv(tmp_path / "plan.csv")
     assert list(rows["candidate"]) == ["job", "alisa", "flexgen"] and rows["predicted_total_throughput"].notna().all()
+    from runner.data.outputs import git_commit
+    assert (rows["git_commit"] == git_commit()).all() and (rows["dtype"] == "float16").all()  # t4-16g plans fp16
 
 
 def test_plan_without_a_profile_is_a_one_line_error():

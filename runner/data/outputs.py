@@ -190,8 +190,10 @@ def _upgrade_header(path: Path, header: list[str]) -> None:
 
 
 def git_commit(repo: str | Path | None = None) -> str:
-    """Short HEAD hash of `repo` (default: the one holding this file), "-dirty" if tracked files
-    changed; "unknown" without git or commits."""
+    """Short HEAD hash of `repo` (default: the one holding this file), "-dirty" if tracked files outside
+    `results/` changed; "unknown" without git or commits. Benchmarks rewrite the committed CSVs under
+    `results/` as they run: counting those would mark every benchmark row dirty, and the tag could no
+    longer say whether the code that ran was the commit's."""
     repo = Path(__file__).resolve().parent if repo is None else Path(repo)
 
     def git(*args: str) -> str:
@@ -200,14 +202,23 @@ def git_commit(repo: str | Path | None = None) -> str:
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ":(top,exclude)results"))
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{commit}-dirty" if dirty else commit
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this process: VmHWM where Linux has it. Not ru_maxrss first: that one
+    survives fork + exec, so a child starts at its parent's peak (a run started by a 0.9 GB pytest or
+    sweep driver would report at least 0.9 GB). ru_maxrss (KiB on Linux) elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

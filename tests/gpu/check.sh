@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issues 4 and 5 (about 6 minutes on one H200-class GPU). Run it from the repository
+# The prepared GPU check of issues 4, 5 and 20 (about 6 minutes on one H200-class GPU). Run it from the repository
 # root after the README's setup, with a CUDA build of torch installed in the active environment:
 #
 #   tests/gpu/check.sh [--set section.key=value ...]   # extra arguments go to the throughput job
 #
 # (a) the copy-engine / executor / KV-tier tests with ALISA_TEST_DEVICE=cuda (the `compute_device`
-#     fixture in tests/conftest.py): equivalence with overlap on and off, side-stream ordering;
+#     fixture in tests/conftest.py): equivalence with overlap on and off, side-stream ordering; and
+#     issue 20's streaming load: safetensors checkpoints the tests generate, read tensor by tensor
+#     straight into the gpu, pinned cpu and disk tiers on CUDA, generating as the plain engine does;
 # (b) issue 5: `run.py calibrate --device cuda` (the CUDA path of runner/plan/calibrate.py, never run on a GPU
 #     before) writes results/gpu/calibrated.yaml;
 # (c) one throughput job on CUDA (jobs/gpu/flexgen-vs-alisa-opt1.3b.yaml, dummy OPT-1.3B fp16, weights
@@ -33,6 +35,7 @@ tests=()
 for f in tests/test_copy_engine.py tests/test_executor.py tests/test_kv_placement.py; do
     if [[ -f "$f" ]]; then tests+=("$f"); fi
 done
+tests+=("tests/test_lazy.py::test_a_checkpoint_streams_into_its_tiers_and_generates_as_the_plain_engine")
 echo "== (a) ALISA_TEST_DEVICE=cuda pytest ${tests[*]}"
 start=$SECONDS
 ALISA_TEST_DEVICE=cuda timeout 150 "$PY" -m pytest -q "${tests[@]}"
