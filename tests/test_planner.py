@@ -36,7 +36,7 @@ def test_plan_prints_both_searched_plans_for_opt30b_without_its_weights(tmp_path
                                                    for k, v in sections.items()])
         assert job.offload is not None and job.batch.gpu_batch_size == sections["batch"]["gpu_batch_size"]
     import pandas as pd
-    rows = pd.read_csv(tmp_path / "plan.csv")
+    rows = pd.read_csv(tmp_path / "plan.csv", dtype={"git_commit": str})  # an all-digit hash must stay a string
     assert list(rows["candidate"]) == ["job", "alisa", "flexgen"] and rows["predicted_total_throughput"].notna().all()
     from runner.data.outputs import git_commit
     assert (rows["git_commit"] == git_commit()).all() and (rows["dtype"] == "float16").all()  # t4-16g plans fp16

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from runner.units import format_bytes, gib_to_bytes
+
 _MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # for madvise on torch's map
 
@@ -40,7 +41,6 @@ class Tier(str, enum.Enum):
     GPU = "gpu"
     CPU = "cpu"
     DISK = "disk"
-
 
 
 class BudgetError(RuntimeError):
@@ -82,11 +82,11 @@ def remove_stale_runs(offload_dir: str) -> list[str]:
 
 def _pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, another user's
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # alive, another user's
+        pass
     return True
 
 
@@ -333,8 +333,7 @@ class DiskPool(_Budgeted):
         return out
 
     def read_into(self, dt: DiskTensor, out: Tensor) -> None:
-        """Fill the contiguous CPU tensor `out` (of `dt`'s size) with the whole file, by `preadv`."""
-        self._io(dt, out, write=False)
+        self._io(dt, out, write=False)  # the whole file into a contiguous CPU tensor of its size, by preadv
 
     def write(self, dt: DiskTensor, src: Tensor, rows: slice | Tensor | None = None) -> None:
         """Store `src` as the whole tensor or as `rows` along dim 0. Not counted: schedulers use `copy`."""
