@@ -13,7 +13,7 @@ from runner.plan import cost_model
 from runner.model.config import OPT_ARCH, ModelConfig, get_preset
 from runner.plan.cost_model import PICK_CHURN, Plan, Workload, peak_bytes, predict
 from runner.offload.executor import Executor
-from runner.plan.hardware import Bandwidth, Compute, HardwareProfile, TierMemory
+from runner.plan.hardware import Bandwidth, Compute, HardwareProfile, QuantCosts, TierMemory
 from runner.kv.spec import KVSettings
 from runner.offload.phases import TokenPhases
 from runner.model.layers import weight_shapes
@@ -32,6 +32,10 @@ HEAD_PARAMS = 100 * 64
 E = 4  # float32
 
 
+FREE_QUANT = QuantCosts(weight_dequantize_4=1e-9, kv_quantize_4=1e-9, kv_dequantize_4=1e-9, kv_quantize_8=1e-9,
+                        kv_dequantize_8=1e-9)  # (de)quantization at no cost: the hand-computed figures are bytes
+
+
 def _profile(**bw) -> HardwareProfile:
     """1 GB/s everywhere and FLOP/s so high that every op is bound by bytes."""
     figures = dict(gpu_from_cpu=1.0, cpu_from_gpu=1.0, cpu_from_disk=1.0, disk_from_cpu=1.0, gpu_memory=1.0,
@@ -39,7 +43,7 @@ def _profile(**bw) -> HardwareProfile:
     return HardwareProfile(name="round", memory_gib=TierMemory(gpu=1, cpu=1, disk=1),
                            bandwidth_gbps=Bandwidth(**figures),
                            tflops=Compute(gpu_matmul=1e6, gpu_attention=1e6, gpu_recompute=1e6, cpu_matmul=1e6,
-                                          cpu_attention=1e6))
+                                          cpu_attention=1e6), quant_ns=FREE_QUANT)
 
 
 def _workload(**kw) -> Workload:
