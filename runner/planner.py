@@ -156,7 +156,7 @@ def plan_job(job: JobSpec) -> PlanReport:
                       dtype=w.dtype,
                       alisa=search_alisa(w, profile, budgets, pick_buffer=_pinned_picks(job), **shape)
                       if _alisa_ready(w) else None,
-                      flexgen=search_flexgen(w, profile, budgets, compress=w.kv.bits < 16, **shape))
+                      flexgen=search_flexgen(w, profile, budgets, **shape))
 
 
 def _pinned_picks(job: JobSpec) -> bool | None:

@@ -99,7 +99,7 @@ def test_a_real_quick_calibration_passes_the_checks(quick):
     check_figures(profile, rows)
     # Every measured figure of the profile is checked: PLAUSIBLE names all but the capacities.
     sections = profile.to_dict()
-    figures = {f"{s}.{n}" for s in ("bandwidth_gbps", "tflops", "overhead_us") for n in sections[s]}
+    figures = {f"{s}.{n}" for s in ("bandwidth_gbps", "tflops", "quant_ns", "overhead_us") for n in sections[s]}
     assert set(PLAUSIBLE) == figures
 
 
@@ -256,3 +256,14 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, args, needle):
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], proc.stderr
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_quantization_figures_are_nanoseconds_per_element_of_the_runners_quant_code(quick):
+    """quant_ns: each figure is one row's median seconds over the tensor's elements, and a figure far off
+    (a microsecond per element on a CPU) is refused like any other."""
+    profile, rows, _ = quick
+    for r in (r for r in rows if r["field"].startswith("quant_ns.")):
+        n = int(r["shape"].split("x")[0].lstrip("(")) * int(r["shape"].split("x")[1].split(")")[0])
+        assert r["value"] == pytest.approx(r["seconds"] / n * 1e9, rel=1e-3)
+    assert any("quant_ns.kv_dequantize_4" in f for f in implausible(_with(profile, "quant_ns.kv_dequantize_4", 5e3),
+                                                                    rows))

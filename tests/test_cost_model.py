@@ -13,7 +13,7 @@ from runner.plan import cost_model
 from runner.model.config import OPT_ARCH, ModelConfig, get_preset
 from runner.plan.cost_model import PICK_CHURN, Plan, Workload, peak_bytes, predict
 from runner.offload.executor import Executor
-from runner.plan.hardware import Bandwidth, Compute, HardwareProfile, TierMemory
+from runner.plan.hardware import Bandwidth, Compute, HardwareProfile, QuantCosts, TierMemory
 from runner.kv.spec import KVSettings
 from runner.offload.phases import TokenPhases
 from runner.model.layers import weight_shapes
@@ -32,6 +32,10 @@ HEAD_PARAMS = 100 * 64
 E = 4  # float32
 
 
+FREE_QUANT = QuantCosts(weight_dequantize_4=1e-9, kv_quantize_4=1e-9, kv_dequantize_4=1e-9, kv_quantize_8=1e-9,
+                        kv_dequantize_8=1e-9)  # (de)quantization at no cost: the hand-computed figures are bytes
+
+
 def _profile(**bw) -> HardwareProfile:
     """1 GB/s everywhere and FLOP/s so high that every op is bound by bytes."""
     figures = dict(gpu_from_cpu=1.0, cpu_from_gpu=1.0, cpu_from_disk=1.0, disk_from_cpu=1.0, gpu_memory=1.0,
@@ -39,7 +43,7 @@ def _profile(**bw) -> HardwareProfile:
     return HardwareProfile(name="round", memory_gib=TierMemory(gpu=1, cpu=1, disk=1),
                            bandwidth_gbps=Bandwidth(**figures),
                            tflops=Compute(gpu_matmul=1e6, gpu_attention=1e6, gpu_recompute=1e6, cpu_matmul=1e6,
-                                          cpu_attention=1e6))
+                                          cpu_attention=1e6), quant_ns=FREE_QUANT)
 
 
 def _workload(**kw) -> Workload:
@@ -209,20 +213,31 @@ def test_peak_bytes_equal_a_real_executor_runs_pools(policy, tmp_path):
     assert predicted[Tier.DISK] == stats["peak_disk_bytes"]
 
 
+_ON_CPU = dict(w_gpu_percent=0, w_cpu_percent=100, cache_gpu_percent=0, cache_cpu_percent=100, act_gpu_percent=0,
+               act_cpu_percent=100)
+
+
 @pytest.mark.parametrize("model, gbs, ngb, policy, published", [
     ("opt-6.7b", 2, 1, OffloadPolicy(overlap=False), 25.26),
     ("opt-30b", 48, 3, OffloadPolicy(w_gpu_percent=20, w_cpu_percent=80, cache_gpu_percent=0, cache_cpu_percent=100,
                                      act_gpu_percent=0, act_cpu_percent=100, cpu_cache_compute=True), 7.32),
     ("opt-175b", 32, 8, OffloadPolicy(w_gpu_percent=0, w_cpu_percent=50, cache_gpu_percent=0, cache_cpu_percent=0,
                                       act_gpu_percent=0, act_cpu_percent=100, cpu_cache_compute=True), 0.69),
-], ids=["6.7b", "30b", "175b"])
-def test_flexgen_reference_policies_on_t4_land_within_35_percent_of_published(model, gbs, ngb, policy, published):
-    """FlexGen's README max-throughput runs (benchmark/flexgen/bench_suite.py policies, prompt 512, gen 32,
-    dummy weights) on the t4-16g profile, whose figures are FlexGen's fitted constants and paper specs."""
+    ("opt-6.7b", 72, 1, OffloadPolicy(overlap=False, compress_weight=True, compress_cache=True), 29.12),
+    ("opt-30b", 64, 8, OffloadPolicy(compress_cache=True, **_ON_CPU), 8.38),
+    pytest.param("opt-175b", 48, 3, OffloadPolicy(pin_weight=False, compress_weight=True, compress_cache=True,
+                                                  **_ON_CPU), 1.12, marks=pytest.mark.xfail(strict=True, reason=(
+        "predicted +40%: FlexGen dequantizes compressed weights once per GPU batch (pytorch_backend.mha), "
+        "3x at 48 x 3; the executor the model prices dequantizes once per step"))),
+], ids=["6.7b", "30b", "175b", "6.7b-c", "30b-c", "175b-c"])
+def test_flexgen_reference_policies_on_t4_land_within_25_percent_of_published(model, gbs, ngb, policy, published):
+    """FlexGen's README max-throughput runs, uncompressed and compressed (benchmark/flexgen/bench_suite.py
+    policies, prompt 512, gen 32, dummy weights) on the t4-16g profile, whose figures are FlexGen's fitted
+    constants and paper specs; its quant_ns were fitted to the compressed 256-token runs, not these."""
     from runner.plan.hardware import load_profile
     w = Workload(cfg=get_preset(model), prompt_len=512, gen_len=32, num_prompts=gbs * ngb, dtype=torch.float16)
     p = predict(w, Plan(gpu_batch_size=gbs, num_gpu_batches=ngb, offload=policy), load_profile("t4-16g"))
-    assert abs(p.total_throughput / published - 1) <= 0.35
+    assert abs(p.total_throughput / published - 1) <= 0.25
 
 
 def test_num_params_counts_the_matrices_and_a_tied_head_once():

@@ -2,6 +2,7 @@
 and come within 10% of the best plan of a brute-force grid under the same cost model."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -14,7 +15,7 @@ from runner.plan.hardware import load_profile
 from runner.kv.spec import KVSettings
 from runner.memory.tiers import Tier
 from runner.offload.policy import OffloadPolicy
-from runner.plan.search import budgets_from, search_alisa, search_flexgen
+from runner.plan.search import _Eval, budgets_from, flexgen_allows, search_alisa, search_flexgen
 
 T4 = load_profile("t4-16g")
 SWA8 = KVSettings(policy=get_policy("swa", sparsity=0.8), bits=8)
@@ -87,19 +88,57 @@ def test_without_an_accelerator_gpu_and_cpu_tiers_share_one_ram():
     assert need[Tier.GPU] + need[Tier.CPU] <= 4 * 2 ** 30 and need[Tier.DISK] > 0  # memory_gib: 4 GiB of RAM
 
 
-def test_flexgen_compresses_its_cache_only_when_allowed_and_never_with_cpu_attention():
+def test_flexgen_compresses_its_cache_when_that_is_faster_whatever_the_jobs_own_kv():
     """OPT-30B, batch 64, 128/512 on an H100: 16-bit KV cannot sit beside the weights, 4-bit KV nearly can.
-    With `compress` the search stores it compressed and predicts more; without, it never does. FlexGen's
-    cpu_cache_compute attends over uncompressed KV, so the two switches are never on together."""
+    The search covers FlexGen's whole policy space, so a dense 16-bit job's FlexGen plan stores its KV
+    compressed (the old search tried compress_cache only for a job whose own KV was quantized), wholly on
+    one tier, never with cpu_cache_compute (which attends over uncompressed KV), and predicts far more
+    than the fastest uncompressed plan it beats."""
     h100 = load_profile("h100-80g")
     w = _workload("opt-30b", prompt=128, gen=512)
     budgets = budgets_from(h100)
-    plain = search_flexgen(w, h100, budgets, gpu_batch_size=64, num_gpu_batches=1)
-    packed = search_flexgen(w, h100, budgets, gpu_batch_size=64, num_gpu_batches=1, compress=True)
-    assert not plain.plan.offload.compress_cache
-    assert packed.plan.offload.compress_cache and not packed.plan.offload.cpu_cache_compute
-    assert _fits(packed, budgets)
-    assert packed.prediction.total_throughput > 1.5 * plain.prediction.total_throughput
+    found = search_flexgen(w, h100, budgets, gpu_batch_size=64, num_gpu_batches=1)
+    policy = found.plan.offload
+    assert policy.compress_cache and not policy.cpu_cache_compute and flexgen_allows(policy)
+    assert _fits(found, budgets)
+    plain = _best_uncompressed(w, h100, budgets, gbs=64)
+    assert found.prediction.total_throughput > 1.5 * plain
+
+
+def _best_uncompressed(w: Workload, hw, budgets, gbs: int) -> float:
+    """The fastest plan without compression over a grid of weight and cache splits (all on gpu or cpu)."""
+    best = 0.0
+    work = Workload(cfg=w.cfg, prompt_len=w.prompt_len, gen_len=w.gen_len, num_prompts=gbs, dtype=w.dtype)
+    for wg, cg in itertools.product(range(0, 101, 10), range(0, 101, 25)):
+        for ccc in (False, True) if cg < 100 else (False,):
+            plan = Plan(gpu_batch_size=gbs, offload=OffloadPolicy(w_gpu_percent=wg, w_cpu_percent=100 - wg,
+                        cache_gpu_percent=cg, cache_cpu_percent=100 - cg, cpu_cache_compute=ccc))
+            need = peak_bytes(work, plan)
+            if all(need[t] <= budgets[t] for t in budgets):
+                best = max(best, predict(work, plan, hw, samples=16).total_throughput)
+    return best
+
+
+def test_flexgen_compresses_its_weights_when_that_is_faster():
+    """OPT-175B, 512/32 on FlexGen's T4: 4-bit weights cross the link at a quarter of the bytes, so the
+    searched plan compresses them (the old search never tried compress_weight)."""
+    t4 = load_profile("t4-16g")
+    found = search_flexgen(_workload("opt-175b", prompt=512, gen=32), t4, budgets_from(t4), gpu_batch_size=32,
+                           num_gpu_batches=1)
+    assert found is not None and found.plan.offload.compress_weight
+
+
+@pytest.mark.parametrize("gpu, cpu, allowed", [(100, 0, True), (0, 100, True), (0, 0, True), (50, 50, False),
+                                               (75, 0, False), (0, 30, False)])
+def test_a_compressed_cache_is_never_split_between_tiers(gpu, cpu, allowed):
+    """FlexGen's assert (flex_opt.py: no compressed cache on its mixed device): the search's plans keep a
+    compressed cache wholly on gpu, cpu or disk, and a split compressed one never fits."""
+    policy = OffloadPolicy(cache_gpu_percent=gpu, cache_cpu_percent=cpu, compress_cache=True)
+    assert flexgen_allows(policy) is allowed
+    assert flexgen_allows(dataclasses.replace(policy, compress_cache=False))
+    w = _workload("opt-125m", prompt=64, gen=8)
+    ev = _Eval(w, T4, budgets_from(T4))
+    assert ev.fits(Plan(gpu_batch_size=4, offload=policy)) is allowed
 
 
 @pytest.mark.parametrize("sparsity, buffered", [(0.5, False), (0.9, True)])

@@ -80,12 +80,13 @@ def test_a_real_run_row_carries_the_prediction(tmp_path):
 
 
 @pytest.mark.parametrize("bits", [8, 16])
-def test_the_flexgen_plan_compresses_its_cache_only_when_the_jobs_kv_is_quantized(bits):
-    """The ALISA-paper job (OPT-30B on h100-80g, batch 64, 128/512, SWA 0.8): with INT8 KV the FlexGen
-    comparison plan may use FlexGen's own 4-bit cache (it does: 16-bit KV does not fit beside the
-    weights); with 16-bit KV it keeps the job's precision."""
+def test_the_flexgen_plan_compresses_whatever_the_jobs_kv(bits):
+    """The ALISA-paper job (OPT-30B on h100-80g, batch 64, 128/512, SWA 0.8): FlexGen's comparison plan is
+    searched over FlexGen's whole policy space, so it stores its KV with FlexGen's 4-bit cache (16-bit KV
+    does not fit beside the weights) whether the job's own KV is INT8 or 16-bit (the old planner
+    compressed only for INT8 jobs)."""
     job = load_job(ROOT / "jobs/plan/alisa-h100-trend.yaml", [f"kv.bits={bits}"])
     point = next(j for p, j in job.sweep_points() if p["kv.sparsity"] == 0.8)
     report = plan_job(point)
     assert report.flexgen is not None
-    assert report.flexgen.plan.offload.compress_cache == (bits == 8)
+    assert report.flexgen.plan.offload.compress_cache

@@ -6,6 +6,7 @@ What is measured, through the runner's own code paths where it has one:
   the block executor does there), and to and from a disk-tier file under the offload directory with
   the page cache dropped after every write and read (`DiskPool(page_cache=False)`: writes are synced);
 - compute (`runner.plan.measure`): GEMM, matrix-vector over a large weight (memory bandwidth),
+  group-wise quantize and dequantize of KV and weights (`quant_ns`, runner/kv/quant.py),
   attention at decode and prefill shapes, phase III recomputation; on CUDA the `cpu_*` figures are
   measured on the CPU in float32, on a CPU device they equal the `gpu_*` ones (one processor);
 - fixed costs: decode steps of tiny models (per layer, per step, sparse selection) and the round trip
@@ -38,7 +39,7 @@ from runner.plan.measure import MAX_SPREAD, MIB, CalibrationError, Deadline, Row
 from runner.memory.copy_engine import CopyEngine
 from runner.model import kernels
 from runner.memory.pools import DiskTensor
-from runner.plan.hardware import Bandwidth, Compute, HardwareProfile, Overheads, TierMemory
+from runner.plan.hardware import Bandwidth, Compute, HardwareProfile, Overheads, QuantCosts, TierMemory
 from runner.memory.tiers import Memory, TierBudgets, copy
 from runner.units import bytes_to_gib, format_gib
 
@@ -57,20 +58,21 @@ class Sizes:
     decode: tuple[tuple[int, int, int, int], ...]  # attention (batch, heads, cached len, head dim)
     prefill: tuple[tuple[int, int, int, int], ...]  # attention (batch, heads, prompt len, head dim)
     recompute: tuple[int, int, int]  # hidden, stored rows, recomputed rows
+    quant_mib: int  # tensor quantized and dequantized (quant_ns)
     repeats: int
     layers: int  # layers of the bigger tiny model (fixed-cost fit)
     steps: int  # decode steps per tiny-model run
 
 
 QUICK = Sizes(copy_mib=8, disk_mib=4, matmul_n=256, projection_mib=8, decode=((1, 4, 256, 64),),
-              prefill=((1, 4, 128, 64),), recompute=(256, 1024, 32), repeats=2, layers=3, steps=6)
+              prefill=((1, 4, 128, 64),), recompute=(256, 1024, 32), quant_mib=2, repeats=2, layers=3, steps=6)
 CPU_FULL = Sizes(copy_mib=512, disk_mib=1024, matmul_n=2048, projection_mib=64,
                  decode=((8, 16, 1024, 64), (32, 32, 512, 128), (64, 12, 2048, 64)),
-                 prefill=((1, 16, 512, 64), (4, 32, 512, 128)), recompute=(1024, 16384, 256), repeats=7,
+                 prefill=((1, 16, 512, 64), (4, 32, 512, 128)), recompute=(1024, 16384, 256), quant_mib=32, repeats=7,
                  layers=8, steps=40)
 CUDA_FULL = Sizes(copy_mib=1024, disk_mib=1024, matmul_n=8192, projection_mib=1024,
                   decode=((32, 32, 2048, 128), (64, 56, 640, 128), (64, 40, 4096, 128)),
-                  prefill=((8, 32, 512, 128), (4, 56, 2048, 128)), recompute=(4096, 65536, 2048), repeats=5,
+                  prefill=((8, 32, 512, 128), (4, 56, 2048, 128)), recompute=(4096, 65536, 2048), quant_mib=512, repeats=5,
                   layers=8, steps=30)
 
 
@@ -128,6 +130,7 @@ def _compute_rows(device: torch.device, dtype: torch.dtype, s: Sizes, timer: Tim
     rows += C.attention(device, dtype, s.decode, s.prefill, timer, f"tflops.{side}_attention")
     if side == "gpu":  # recomputation runs where the kept inputs are: on the compute device
         rows += C.recompute(device, dtype, *s.recompute, timer, "tflops.gpu_recompute")
+        rows += C.quantization(device, dtype, s.quant_mib, timer)  # stored KV and weights convert where they compute
     return rows
 
 
@@ -242,6 +245,7 @@ def _profile(name: str, rows: list[Row], device: torch.device) -> HardwareProfil
 
     return HardwareProfile(name=name, memory_gib=TierMemory(**section("memory_gib")),
                            bandwidth_gbps=Bandwidth(**section("bandwidth_gbps")), tflops=Compute(**section("tflops")),
+                           quant_ns=QuantCosts(**section("quant_ns")),
                            overhead_us=Overheads(**section("overhead_us")), accelerator=device.type == "cuda",
                            native_bf16=device.type == "cpu" and kernels.native_bf16())
 
@@ -262,6 +266,11 @@ _CPU_SMALL_OPS: Range = (1e-4, 100.0)  # decode attention and recompute: memory-
 # TFLOP/s fp16 on a GPU: a Pascal GeForce runs fp16 at 1/64 rate (~0.03); a B200 does ~2,250 dense.
 _GPU_MATMUL: Range = (1e-2, 5000.0)
 _GPU_SMALL_OPS: Range = (1e-4, 5000.0)  # tiny decode shapes are launch-bound: ~0.01 on any GPU, 100x margin
+# ns per element of group-wise (de)quantization: a few memory passes per element. On a CPU ~1 ns here (2 cores,
+# fp32); 1e-3 would be ~100x a 192-core server's streaming rate, 1e3 is a microsecond per element. On a GPU
+# ~0.1 ns on a T4 (FlexGen's, fitted), ~0.01 on an H100; 1e-5 is beyond any HBM, 10 is ~100x a T4's.
+_CPU_QUANT: Range = (1e-3, 1e3)
+_GPU_QUANT: Range = (1e-5, 10.0)
 _OVERHEAD: Range = (0.0, 1e5)  # us: a fitted fixed cost may be 0; 0.1 s per layer or step is ~400x this machine's
 PLAUSIBLE: dict[str, tuple[Range, Range | None]] = {  # field: (on a CPU device, on a CUDA device)
     "bandwidth_gbps.gpu_from_cpu": (_HOST_COPY, _PCIE),
@@ -277,12 +286,13 @@ PLAUSIBLE: dict[str, tuple[Range, Range | None]] = {  # field: (on a CPU device,
     "tflops.cpu_matmul": (_CPU_MATMUL, _CPU_MATMUL),
     "tflops.gpu_matmul_bf16": (_CPU_MATMUL, None),  # a CPU with native bf16 only
     "tflops.cpu_attention": (_CPU_SMALL_OPS, _CPU_SMALL_OPS),
+    **{f"quant_ns.{name}": (_CPU_QUANT, _GPU_QUANT) for name in (f.name for f in dataclasses.fields(QuantCosts))},
     "overhead_us.layer": ((1.0, 1e5), (1.0, 1e5)),  # a layer is a dozen ops, each at least ~1 us of Python
     "overhead_us.step": (_OVERHEAD, _OVERHEAD),
     "overhead_us.select": (_OVERHEAD, _OVERHEAD),
     "overhead_us.transfer": ((0.1, 1e5), (0.1, 1e5)),  # a thread hand-off takes microseconds
 }
-_UNITS = {"bandwidth_gbps": "GB/s", "tflops": "TFLOP/s", "overhead_us": "us"}
+_UNITS = {"bandwidth_gbps": "GB/s", "tflops": "TFLOP/s", "quant_ns": "ns/element", "overhead_us": "us"}
 
 
 def implausible(profile: HardwareProfile, rows: list[Row]) -> list[str]:

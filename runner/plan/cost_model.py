@@ -24,7 +24,8 @@ import torch
 
 from runner.model.config import ModelConfig
 from runner.plan.hardware import HardwareProfile
-from runner.kv.quant import QuantLayout, flexgen_cache_layout
+from runner.plan.quant_cost import kv_load_s, kv_store_s, weight_dequantize_s
+from runner.kv.quant import FLEXGEN_BITS, QuantLayout, flexgen_cache_layout
 from runner.kv.spec import KVSettings
 from runner.kv.store import kv_bytes
 from runner.offload.phases import TokenPhases
@@ -192,12 +193,16 @@ def _sequence_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPo
     if new == 1:  # decode: read the prefix
         streams["gpu<-cpu"] += k * loaded * lengths * tok / (bw.gpu_from_cpu * 1e9)
         streams["disk read"] += k * disk * lengths * tok / (bw.cpu_from_disk * 1e9)
-        # gpu rows are copied into the working slot too (FlexGen's general_copy)
-        streams["compute"] += k * 2 * g * lengths * tok / (bw.gpu_memory * 1e9)
+        if policy.compress_cache:  # every row's stored prefix is dequantized into the working slot
+            streams["compute"] += kv_load_s(hw, FLEXGEN_BITS, k * sh.b * lengths * 2 * c.kv_dim)
+        else:  # gpu rows are copied into the working slot too (FlexGen's general_copy)
+            streams["compute"] += k * 2 * g * lengths * tok / (bw.gpu_memory * 1e9)
         if policy.cpu_cache_compute and cpu:
             kv_read = cpu * lengths * 2 * c.kv_dim * sh.e / (bw.cpu_memory * 1e9)
             flops = 4 * cpu * c.num_heads * lengths * c.head_dim / (hw.tflops.cpu_attention * 1e12)
             streams["cpu compute"] += k * np.maximum(kv_read, flops)
+    if policy.compress_cache:
+        streams["compute"] += kv_store_s(hw, FLEXGEN_BITS, k * sh.b * new * 2 * c.kv_dim, read_back=True)
     streams["cpu<-gpu"] += k * (cpu + disk) * new * tok / (bw.cpu_from_gpu * 1e9)
     streams["disk write"] += k * disk * new * tok / (bw.disk_from_cpu * 1e9)
 
@@ -213,7 +218,10 @@ def _token_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPolic
     tok = 2 * c.kv_dim * _kv_elem_bytes(kv, sh.e)
     lo = ph.gpu_from_each(lengths)
     before = ph.gpu_from_each(lengths - 1) if decode else np.zeros_like(lo)
-    streams["cpu<-gpu"] += sh.k * sh.b * np.maximum(lo - before, 0) * tok / (bw.cpu_from_gpu * 1e9)
+    leaving = sh.k * sh.b * np.maximum(lo - before, 0)  # tokens leaving the gpu window, quantized first
+    streams["cpu<-gpu"] += leaving * tok / (bw.cpu_from_gpu * 1e9)
+    if kv.bits != 16:
+        streams["compute"] += kv_store_s(hw, kv.bits, leaving * 2 * c.kv_dim, read_back=False)
     if not decode:
         return
     rec = ph.recompute_below_each(lengths)
@@ -238,7 +246,7 @@ def _token_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPolic
     # other load; quantized ones are dequantized again every step.
     streams["gpu<-cpu"] += fetch
     if kv.bits != 16:
-        streams["compute"] += reread * 2 * c.kv_dim * (1 + sh.e) / (bw.gpu_memory * 1e9)
+        streams["compute"] += kv_load_s(hw, kv.bits, reread * 2 * c.kv_dim)
     flops = recomputed * 2 * c.hidden_size * 2 * c.kv_dim
     streams["compute"] += flops / (hw.tflops.gpu_recompute * 1e12) + recomputed * c.hidden_size * sh.e / (
         bw.gpu_memory * 1e9)
@@ -296,7 +304,7 @@ def _step(hw: HardwareProfile, w: Workload, sh: _Shape, plan: Plan, lengths: np.
             _weights(hw, sh, kind, st)
             _activations(hw, w, sh, policy, tokens, st)
         if compress:  # dequantize the staged codes on the gpu
-            st["compute"] += sh.staged[kind] * 2 * sh.e / (hw.bandwidth_gbps.gpu_memory * 1e9)
+            st["compute"] += weight_dequantize_s(hw, sh.staged[kind])
         if kind == "attn":
             st["compute"] += _attention_compute(hw, w, sh, plan, lengths, decode)
             if plan.offload is not None and policy.kv_placement is KVPlacement.TOKEN:

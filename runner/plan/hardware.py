@@ -94,6 +94,28 @@ class Overheads(_Spec):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantCosts(_Positive):
+    """Time per element (nanoseconds) of group-wise min/max quantization on the compute device: codes
+    from values (`quantize`) and values from codes (`dequantize`) at each bit width a run stores. The
+    runner's own code (runner/kv/quant.py) on a calibrated profile; on a shipped GPU profile the engine
+    whose runs it predicts (FlexGen's compression.py on t4-16g). Elementwise passes over memory, so
+    far slower per element than the bandwidth alone says: FlexGen's unfused 4-bit (de)compression
+    makes ~6 passes. Weights are quantized once at load (not timed) and stored only at FlexGen's 4
+    bits (compress_weight); host-side figures are absent because no path quantizes on the host while
+    an accelerator computes (cpu_cache_compute refuses compressed KV)."""
+    _section = "quant_ns"
+    weight_dequantize_4: float  # compress_weight: a layer's codes into its staging slot, every step
+    kv_quantize_4: float  # new tokens' K and V as they are stored (compress_cache, kv.bits 4)
+    kv_dequantize_4: float  # stored K and V back to the compute dtype for attention
+    kv_quantize_8: float  # kv.bits 8 (ALISA's INT8)
+    kv_dequantize_8: float
+
+    def kv(self, bits: int) -> tuple[float, float]:
+        """(quantize, dequantize) ns per element of KV stored at `bits`."""
+        return {4: (self.kv_quantize_4, self.kv_dequantize_4), 8: (self.kv_quantize_8, self.kv_dequantize_8)}[bits]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class HardwareProfile(_Spec):
     _section = ""
     _retired = {"memory_gb": "renamed memory_gib (GiB, 2**30 bytes; a figure in GB is x 10**9 / 2**30)"}
@@ -101,6 +123,7 @@ class HardwareProfile(_Spec):
     memory_gib: TierMemory
     bandwidth_gbps: Bandwidth
     tflops: Compute
+    quant_ns: QuantCosts
     overhead_us: Overheads = dataclasses.field(default_factory=Overheads)
     # false: the compute device is the CPU itself (no accelerator): `dtype: auto` plans fp32, as runs do there
     accelerator: bool = True

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from policies import get_policy
 from runner.model import kernels, ops as M
 from runner.model.config import LLAMA_ARCH, ModelConfig
+from runner.kv.quant import FLEXGEN_BITS, FLEXGEN_GROUP, QTensor, dequantize, quantize
 from runner.kv.spec import KVSettings
 from runner.model.layers import Attention, weight_shapes
 from runner.engines.lm import LM, Batch
@@ -235,6 +236,32 @@ def recompute(device: torch.device, dtype: torch.dtype, hidden: int, stored: int
     flops = 2 * picks * hidden * 2 * cfg.kv_dim
     return [row(name, field, f"{picks} of {stored} rows, hidden {hidden} {_name(dtype)}", t.seconds,
                 flops / t.seconds / 1e12, "TFLOP/s", spread=t.spread)]
+
+
+def quantization(device: torch.device, dtype: torch.dtype, mib: int, timer: Timer) -> list[Row]:
+    """Nanoseconds per element of the runner's own group-wise quantization (`runner.kv.quant`), on a
+    `mib` MiB compute-dtype tensor: KV as the caches store it (groups of 64 along the head dim, the
+    `kv.group_size` default and FlexGen's compress_cache) at 4 and 8 bits, quantize and dequantize;
+    weights as compress_weight stores them (FlexGen's 4 bits, groups of 64 along dim 0), dequantize
+    only (weights are quantized once, at load). Dequantize writes into a reused buffer, as decode does."""
+    head_dim = 128
+    n = max(FLEXGEN_GROUP, mib * MIB // dtype.itemsize // head_dim // FLEXGEN_GROUP * FLEXGEN_GROUP)
+    kv = _rand(n, head_dim, device=device, dtype=dtype)  # rows: (batch, head, token) flattened
+    weight = _rand(n, head_dim, device=device, dtype=dtype)
+    cases: list[tuple[str, Callable[[], object]]] = []
+    for bits in (FLEXGEN_BITS, 8):
+        q = quantize(kv, bits, FLEXGEN_GROUP, dim=1)
+        cases += [(f"quant_ns.kv_quantize_{bits}", lambda b=bits: quantize(kv, b, FLEXGEN_GROUP, dim=1)),
+                  (f"quant_ns.kv_dequantize_{bits}", lambda q=q: dequantize(q, dtype, out=kv))]
+    wq: QTensor = quantize(weight, FLEXGEN_BITS, FLEXGEN_GROUP, dim=0)
+    cases.append((f"quant_ns.weight_dequantize_{FLEXGEN_BITS}", lambda: dequantize(wq, dtype, out=weight)))
+    rows = []
+    for field, fn in cases:
+        name = f"{field.split('.')[1].replace('_', ' ')} {device.type}"
+        t = timer.time(fn, device, name)
+        rows.append(row(name, field, f"({n}x{head_dim}) {_name(dtype)}, groups of {FLEXGEN_GROUP}", t.seconds,
+                        t.seconds / kv.numel() * 1e9, "ns/element", spread=t.spread))
+    return rows
 
 
 def _tiny_lm(layers: int, device: torch.device, dtype: torch.dtype) -> LM:

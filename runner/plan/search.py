@@ -6,8 +6,10 @@ steps, so opt-175b takes well under 5 s):
   throughput falls or nothing fits (either may be fixed by the job);
 - FlexGen's policy (`search_flexgen`): start with everything on the gpu, move 10-point steps of
   weights, KV or the activations down a tier, cheapest time per byte freed first, until every tier
-  fits; then hill-climb with 5-point moves (and cpu_cache_compute) while throughput improves; with
-  `compress`, FlexGen's 4-bit compress_cache is one more switch the climb may flip;
+  fits, from each of FlexGen's compression settings (compress_weight, compress_cache: its whole policy
+  space, whatever the job's own KV); then hill-climb with 5-point moves and jumps (cpu_cache_compute,
+  either compression switched) while throughput improves. As FlexGen asserts, a compressed cache lives
+  wholly on one tier, never split between gpu and cpu (`flexgen_allows`);
 - ALISA (`search_alisa`): weights and activations placed the same way; for the KV, each offload
   ratio alpha at the latest phase II start p1 that fits the gpu, the fastest of them, then the
   recompute ratio beta (with that alpha or a larger one) and phase III start p2 that predict the most
@@ -38,6 +40,7 @@ MIN_GAIN = 0.01
 TIERS = tuple(Tier)
 ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)  # ALISA's offload ratio candidates
 BETAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)  # and its recompute ratio's
+_WHOLE_TIERS = ((100.0, 0.0), (0.0, 100.0), (0.0, 0.0))  # (cache_gpu_percent, cache_cpu_percent): all gpu, cpu, disk
 _DOWN = ((Tier.GPU, Tier.CPU), (Tier.CPU, Tier.DISK), (Tier.GPU, Tier.DISK))  # (from, to): moves to a slower tier
 
 
@@ -63,6 +66,9 @@ class _Eval:
 
     def peaks(self, plan: Plan) -> dict[Tier, int] | None:
         if plan not in self._peaks:
+            if plan.offload is not None and not flexgen_allows(plan.offload):
+                self._peaks[plan] = None
+                return None
             try:
                 self._peaks[plan] = peak_bytes(self.workload(plan), plan)
             except ValueError:  # a policy the executor refuses (e.g. phases it cannot place)
@@ -88,6 +94,14 @@ class _Eval:
             self._thr[plan] = predict(self.workload(plan), plan, self.hw, samples=SAMPLES,
                                       quick=True).total_throughput
         return self._thr[plan]
+
+
+def flexgen_allows(policy: OffloadPolicy) -> bool:
+    """FlexGen's own constraint on its policy space (flexgen/flex_opt.py, SelfAttention.init_cache_one_gpu_batch:
+    `assert device.device_type != DeviceType.MIXED` under compress_cache): a compressed cache lives wholly on
+    one tier. The executor could split one; a FlexGen plan does not."""
+    whole = (policy.cache_gpu_percent, policy.cache_cpu_percent) in _WHOLE_TIERS
+    return not policy.compress_cache or policy.kv_placement is not KVPlacement.SEQUENCE or whole
 
 
 def budgets_from(hw: HardwareProfile, gpu_gib: float | None = None, cpu_gib: float | None = None,
@@ -193,34 +207,37 @@ def _climb(ev: _Eval, plan: Plan, kinds: tuple[str, ...], extra: Callable[[Offlo
     return plan, best
 
 
-def _ccc(policy: OffloadPolicy, compress: bool = False) -> list[OffloadPolicy]:
-    """Jumps 5-point moves cannot reach one at a time: the KV split in quarters between gpu and cpu (the
-    weights as they are), each with and without FlexGen's cpu_cache_compute, which pays off only once
-    much of the KV sits on cpu; with `compress`, each also with and without compress_cache (never both:
-    cpu_cache_compute attends over uncompressed KV)."""
+def _jumps(policy: OffloadPolicy) -> list[OffloadPolicy]:
+    """Jumps 5-point moves cannot reach one at a time (the weights as they are): the KV split in quarters
+    between gpu and cpu, each with and without FlexGen's cpu_cache_compute, which pays off only once much
+    of the KV sits on cpu; the KV compressed wholly on each tier (never with cpu_cache_compute, which
+    attends over uncompressed KV); and compress_weight switched."""
     out = []
     for gpu in (0.0, 25.0, 50.0, 75.0, 100.0):
-        for ccc, packed in ((False, False), (True, False), (False, True)):
-            if (ccc and gpu == 100) or (packed and not compress):
-                continue
+        for ccc in (False, True) if gpu < 100 else (False,):
             out.append(dataclasses.replace(policy, cache_gpu_percent=gpu, cache_cpu_percent=100 - gpu,
-                                           cpu_cache_compute=ccc, compress_cache=packed))
+                                           cpu_cache_compute=ccc, compress_cache=False))
+    for gpu, cpu in _WHOLE_TIERS:
+        out.append(dataclasses.replace(policy, cache_gpu_percent=gpu, cache_cpu_percent=cpu,
+                                       cpu_cache_compute=False, compress_cache=True))
+    out.append(dataclasses.replace(policy, compress_weight=not policy.compress_weight))
     return [p for p in out if p != policy]
 
 
 # ---------------------------------------------------------------- per family
 
-def _flexgen_place(ev: _Eval, gbs: int, ngb: int, compress: bool = False) -> Plan | None:
-    """Everything moved down until it fits; with `compress` also from a 4-bit cache, the faster of the two
-    (a batch whose 16-bit KV fits nowhere may fit compressed)."""
-    fits = [_fit(ev, Plan(gpu_batch_size=gbs, num_gpu_batches=ngb, offload=OffloadPolicy(compress_cache=packed)),
-                 ("w", "cache")) for packed in ((False, True) if compress else (False,))]
+def _flexgen_place(ev: _Eval, gbs: int, ngb: int) -> Plan | None:
+    """Everything moved down until it fits, from each of FlexGen's compression settings, the fastest (a
+    batch whose 16-bit weights or KV fit nowhere may fit compressed). A compressed cache moves only as a
+    whole (`flexgen_allows`), so its fit takes the 100-point moves."""
+    starts = [OffloadPolicy(compress_weight=cw, compress_cache=cc) for cw in (False, True) for cc in (False, True)]
+    fits = [_fit(ev, Plan(gpu_batch_size=gbs, num_gpu_batches=ngb, offload=p), ("w", "cache")) for p in starts]
     fits = [p for p in fits if p is not None]
     return max(fits, key=ev.throughput) if fits else None
 
 
-def _flexgen_climb(ev: _Eval, plan: Plan, compress: bool = False) -> tuple[Plan, float]:
-    return _climb(ev, plan, ("w", "cache"), functools.partial(_ccc, compress=compress))
+def _flexgen_climb(ev: _Eval, plan: Plan) -> tuple[Plan, float]:
+    return _climb(ev, plan, ("w", "cache"), _jumps)
 
 
 def _grid(lo: int, hi: int, n: int = 16) -> list[int]:
@@ -327,11 +344,10 @@ def search_alisa(w: Workload, hw: HardwareProfile, budgets: dict[Tier, float], *
 
 
 def search_flexgen(w: Workload, hw: HardwareProfile, budgets: dict[Tier, float], *, gpu_batch_size: int | None = None,
-                   num_gpu_batches: int | None = None, keep_kv: bool = False,
-                   compress: bool = False) -> SearchResult | None:
-    """The fastest FlexGen plan (per-sequence KV split) for `w`: with FlexGen's dense 16-bit attention,
-    or with `keep_kv` the workload's own KV policy (16-bit, retained). `compress` lets the plan store
-    its KV with FlexGen's 4-bit compress_cache (the comparison plan of a job whose own KV is quantized)."""
+                   num_gpu_batches: int | None = None, keep_kv: bool = False) -> SearchResult | None:
+    """The fastest FlexGen plan (per-sequence KV split) for `w` over FlexGen's whole policy space,
+    compress_weight and compress_cache included: with FlexGen's dense 16-bit attention, or with `keep_kv`
+    the workload's own KV policy (16-bit, retained; a compressed cache is then refused by the executor's
+    sizing, so those plans never fit)."""
     t0, ev = time.perf_counter(), _Eval(w if keep_kv else dataclasses.replace(w, kv=KVSettings()), hw, budgets)
-    place, climb = (functools.partial(f, compress=compress) for f in (_flexgen_place, _flexgen_climb))
-    return _result(ev, _search(ev, place, climb, gpu_batch_size, num_gpu_batches), t0)
+    return _result(ev, _search(ev, _flexgen_place, _flexgen_climb, gpu_batch_size, num_gpu_batches), t0)
