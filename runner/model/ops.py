@@ -109,15 +109,15 @@ def attention_column_sums(q: Tensor, k: Tensor, q_start: int, mask: Tensor | Non
     b, nh, sq, d = q.shape
     kvh, t = k.shape[1], k.shape[2]
     g = nh // kvh
-    kf = k.to(torch.float32).reshape(b * kvh, t, d)  # fp32 scores whatever the model dtype
+    kf = k.to(torch.float32).reshape(b * kvh, t, d)  # (b*kvh, t, d): fp32 scores whatever the model dtype
     w = weights.to(torch.float32)
-    total = torch.zeros((b * kvh, 1, t), dtype=torch.float32, device=q.device)
+    total = torch.zeros((b * kvh, 1, t), dtype=torch.float32, device=q.device)  # (b*kvh, 1, t)
     for i in range(0, sq, chunk):
         j = min(sq, i + chunk)
         c, last = j - i, q_start + j  # keys 0..last can be attended by this tile's queries
         # The scale goes on the (c, d) queries, not the (c, t) scores; rows ordered (group head, query).
         qs = q[:, :, i:j].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        qs = qs.mul_(1.0 / math.sqrt(d)).view(b * kvh, g * c, d)
+        qs = qs.mul_(1.0 / math.sqrt(d)).view(b * kvh, g * c, d)  # (b*kvh, g*c, d)
         scores = torch.bmm(qs, kf[:, :last].transpose(1, 2)).view(b, kvh, g, c, last)  # fp32 logits
         if mask is not None:  # padding breaks the causal pattern: the mask covers the whole tile
             scores.masked_fill_(~mask[:, :, i:j, :last].unsqueeze(1), float("-inf"))
