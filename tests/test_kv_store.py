@@ -7,10 +7,14 @@ import dataclasses
 import pytest
 import torch
 
-from policies import policy_names
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from policies import get_policy, policy_names
 from runner.kv.spec import KVSettings, KVSpec
-from runner.kv.store import kv_bytes
+from runner.kv.store import KVStore, kv_bytes
 from runner.engines.lm import LM, Batch
+from runner.model.config import LLAMA_ARCH, ModelConfig
+from test_ops import padded_mask, reference
 
 SPARSE = [p for p in policy_names() if p != "dense"]
 PROMPT, STEPS = 96, 24
@@ -120,3 +124,76 @@ def test_packed_picks_match_a_fresh_gather_and_are_counted(lm, ids, policy):
     # Without buffers the store holds the cache and, at most, one layer's gather.
     assert kv_bytes(lm.cfg, per_step, 2, PROMPT + STEPS, torch.float32) < kv_bytes(
         lm.cfg, spec.settings(), 2, PROMPT + STEPS, torch.float32)
+
+
+# A bare store on random q/k: GQA, 4 query heads on 2 kv heads of 16 dims.
+CFG = ModelConfig(name="tiny", arch=LLAMA_ARCH, vocab_size=100, hidden_size=64, intermediate_size=160,
+                  num_layers=1, num_heads=4, num_kv_heads=2, max_seq_len=4096, norm_eps=1e-5,
+                  tie_embeddings=False)
+
+
+def _prefill(policy: str, valid: torch.Tensor, mask: torch.Tensor | None, seed: int = 0, **params) -> tuple[
+        KVStore, torch.Tensor, torch.Tensor]:
+    b, s = valid.shape
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, heads, s, 16, generator=gen) for heads in (4, 2, 2))
+    store = KVStore(CFG, KVSettings(policy=get_policy(policy, **params)), valid, torch.float32, torch.device("cpu"))
+    with torch.inference_mode():
+        store.prefill(0, slice(None), q, k, v, mask)
+    return store, q, k
+
+
+@pytest.mark.parametrize("policy, params", [("swa", dict(budget_tokens=16, window=6)),
+                                            ("swa", dict(budget_tokens=16, window=6, per_head=True)),
+                                            ("h2o", dict(budget_tokens=16))])
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_scores_are_the_weighted_prompt_attention(policy, params, padded):
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, :9] = False
+    mask = padded_mask(valid) if padded else None
+    store, q, k = _prefill(policy, valid if padded else torch.ones_like(valid), mask, **params)
+    state = store.scores[0]
+    first, weights = state.prompt_weights(40, store.policy.score_window(40))
+    assert first == (34 if policy == "swa" else 0)
+    want = reference(q, k, first, mask, weights)  # (b, kvh, s)
+    if store.groups == 1:
+        want = want.sum(1, keepdim=True)
+    got = state.prompt if policy == "swa" else state.acc[..., :40]
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-9)
+
+
+class _Outputs(TorchDispatchMode):
+    """Every op's name, its output sizes and, for matmuls, its multiply-adds."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, int, int]] = []  # (op, largest output numel, multiply-adds)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        numel = max((o.numel() for o in outs if isinstance(o, torch.Tensor)), default=0)
+        macs = 0
+        if func.__name__.split(".")[0] in ("bmm", "baddbmm", "mm", "addmm"):
+            a, b_ = args[-2:] if func.__name__.startswith(("baddbmm", "addmm")) else args[:2]
+            macs = a.numel() * b_.shape[-1]
+        self.ops.append((func.__name__, numel, macs))
+        return out
+
+
+@pytest.mark.parametrize("score", ["window", "decay"])
+def test_swa_prefill_scores_only_the_window_rows(score):
+    # 2048 prompt tokens, window 64: every query row would be a (2048 x 2048) matrix per head,
+    # 32 times the window's rows; what is built and multiplied must stay O(window * s).
+    s, window, nh, d = 2048, 64, 4, 16
+    with _Outputs() as seen:
+        store, _, _ = _prefill("swa", torch.ones(1, s, dtype=torch.bool), None, budget_tokens=128, window=window,
+                               score=score)
+    rows = window * (4 if score == "decay" else 1)  # decay scores 4 windows (older weights < e^-4)
+    scoring = [op for op in seen.ops if "scaled_dot_product" not in op[0]]  # the dense prefill itself
+    assert max(numel for _, numel, _ in scoring) <= nh * rows * s
+    macs = sum(m for _, _, m in scoring)
+    assert nh * rows * (s - rows) * d <= macs <= nh * rows * s * (d + 1)  # QK^T of those rows, the weighted sum
+    state = store.scores[0]
+    weight = float(state.prompt_weights(s, window)[1].sum())
+    assert state.current(s, window).sum().item() == pytest.approx(nh * weight, rel=1e-4)  # each row sums to 1

@@ -103,23 +103,6 @@ def test_half_precision_runs_close_to_fp32(hf_checkpoints, dtype):
             torch.testing.assert_close(x.float(), y, rtol=0, atol=0.05 * scale)
 
 
-def test_attention_probs_matches_a_naive_causal_softmax():
-    # The prompt-scoring probabilities: queries 5..8 of a 9-token prompt, GQA 4 heads on 2 kv heads.
-    from runner.model import ops as M
-    torch.manual_seed(0)
-    q, k = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8)
-    ref = torch.softmax((q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) / 8 ** 0.5
-                        + torch.full((9, 9), float("-inf")).triu(1), dim=-1)  # (b, nh, s, s)
-    got = M.attention_probs(q[:, :, 5:], k, 5, None)  # (b, kvh, g, 4, s)
-    torch.testing.assert_close(got.reshape(2, 4, 4, 9), ref[:, :, 5:])
-    mask = torch.ones(2, 1, 4, 9, dtype=torch.bool).tril(5)
-    mask[1, 0, :, :3] = False  # row 1 left-padded by 3
-    got = M.attention_probs(q[:, :, 5:], k, 5, mask)
-    masked = torch.softmax((q[:, :, 5:] @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) / 8 ** 0.5
-                           + torch.zeros(2, 1, 4, 9).masked_fill(~mask, float("-inf")), dim=-1)
-    torch.testing.assert_close(got.reshape(2, 4, 4, 9), masked)
-
-
 @pytest.mark.parametrize("kind", ["opt_postln_proj", "llama_gqa_tied"])
 def test_packed_linears_give_the_unpacked_logits(hf_checkpoints, kind):
     # Packing (kernels.pack) changes the weights' layout, not the math: 2+ rows are bit-equal.

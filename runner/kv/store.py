@@ -29,7 +29,7 @@ from runner.kv.protocol import KVCacheBase
 from runner.kv.spec import KVMode as Mode, KVSettings, QuantAxis
 from runner.kv.scores import ScoreState
 
-# Prompt queries scored per chunk: keeps the explicit (b, nh, chunk, s) probabilities ~64 MB.
+# Prompt queries scored per chunk: keeps the explicit (b, nh, chunk, s) fp32 probabilities <= 64 MB.
 _PROBS_BYTES = 64 << 20
 
 
@@ -209,16 +209,13 @@ class KVStore:
         return out
 
     def _prompt_scores(self, layer: int, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
-        """Weighted sum of the prompt's attention rows, (rows, g, s), as the policy scores them."""
+        """Weighted sum of the prompt's attention rows, (rows, g, s), as the policy scores them:
+        only the rows of the scored queries (SWA: the last `window`) are computed, in chunks."""
         b, nh, s, _ = q.shape
         first, weights = self.scores[layer].prompt_weights(s, self.policy.score_window(s))
-        total = torch.zeros((b, k.shape[1], s), dtype=q.dtype, device=q.device)
-        chunk = max(1, _PROBS_BYTES // (b * nh * s * q.element_size()))
-        for i in range(first, s, chunk):
-            j = min(s, i + chunk)
-            probs = M.attention_probs(q[:, :, i:j], k, i, None if mask is None else mask[:, :, i:j])  # (b, kvh, g, j-i, s)
-            w = weights[i - first:j - first].view(1, 1, 1, 1, -1)
-            total += torch.matmul(w, probs).squeeze(-2).sum(2)  # weighted sum over queries and the group
+        chunk = max(1, _PROBS_BYTES // (b * nh * s * 4))  # fp32 scores
+        total = M.attention_column_sums(q[:, :, first:], k, first, None if mask is None else mask[:, :, first:],
+                                        weights, chunk)  # (b, kvh, s), fp32
         return total if self.groups > 1 else total.sum(1, keepdim=True)  # (b, g, s)
 
     def _evict_prompt(self, layer: int, rows: slice, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -93,25 +93,43 @@ def attention_decode(q: Tensor, k: Tensor | list[Tensor], v: Tensor | list[Tenso
     return out.view(b, nh, 1, d), probs.view(b, nh, -1)
 
 
-def attention_probs(q: Tensor, k: Tensor, q_start: int, mask: Tensor | None) -> Tensor:
-    """Explicit causal softmax(QK^T / sqrt(d)) for scoring a prompt's keys.
+def attention_column_sums(q: Tensor, k: Tensor, q_start: int, mask: Tensor | None, weights: Tensor,
+                          chunk: int) -> Tensor:
+    """Weighted column sums of causal softmax(QK^T / sqrt(d)): how much attention each key gets
+    from the given queries, summed over each kv head's group (the prompt scores of H2O / SWA).
 
     q: (b, nh, sq, d), the queries at positions q_start..q_start+sq; k: (b, kvh, t, d);
-    mask: bool (b, 1, sq, t), True = attend, or None for plain causal. Returns
-    (b, kvh, g, sq, t), grouped by kv head (GQA).
+    mask: bool (b, 1, sq, t), True = attend (causal too: no query attends past itself), or None
+    for plain causal; weights: (sq,) per query;
+    chunk: queries per tile, so at most (b, nh, chunk, t) fp32 scores exist at once.
+    Returns fp32 (b, kvh, t): sum over query i and group head of weights[i] * probs[head, i, :].
+    Only the given queries' rows are ever computed, and each tile only up to its last query's
+    key (later keys are in every row's future): O(sq * t) work, no (t, t) matrix.
     """
     b, nh, sq, d = q.shape
     kvh, t = k.shape[1], k.shape[2]
     g = nh // kvh
-    qg = q.reshape(b, kvh, g * sq, d)  # (b, kvh, g*sq, d): one matmul per kv head, no broadcast copies
-    scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(d)).view(b, kvh, g, sq, t)
-    if mask is not None:
-        scores.masked_fill_(~mask.unsqueeze(1), float("-inf"))
-    else:  # only keys after the first query can be in the future: mask that tail alone
-        keys = torch.arange(q_start + 1, t, device=q.device)
-        queries = torch.arange(q_start, q_start + sq, device=q.device)
-        scores[..., q_start + 1:].masked_fill_(keys > queries[:, None], float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    kf = k.to(torch.float32).reshape(b * kvh, t, d)  # (b*kvh, t, d): fp32 scores whatever the model dtype
+    w = weights.to(torch.float32)
+    total = torch.zeros((b * kvh, 1, t), dtype=torch.float32, device=q.device)  # (b*kvh, 1, t)
+    for i in range(0, sq, chunk):
+        j = min(sq, i + chunk)
+        c, last = j - i, q_start + j  # keys 0..last can be attended by this tile's queries
+        # The scale goes on the (c, d) queries, not the (c, t) scores; rows ordered (group head, query).
+        qs = q[:, :, i:j].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        qs = qs.mul_(1.0 / math.sqrt(d)).view(b * kvh, g * c, d)  # (b*kvh, g*c, d)
+        scores = torch.bmm(qs, kf[:, :last].transpose(1, 2)).view(b, kvh, g, c, last)  # fp32 logits
+        if mask is not None:  # padding breaks the causal pattern: the mask covers the whole tile
+            scores.masked_fill_(~mask[:, :, i:j, :last].unsqueeze(1), float("-inf"))
+        elif c > 1:  # only the last c - 1 keys can be in some query's future: mask that corner alone
+            future = torch.ones((c, c - 1), dtype=torch.bool, device=q.device).triu_()  # key > query
+            scores[..., last - c + 1:].masked_fill_(future, float("-inf"))
+        # Softmax in place, its 1/rowsum folded into the query weights: no second tile, no division pass.
+        scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+        scores = scores.view(b * kvh, g * c, last)  # unnormalised probabilities
+        row_w = w[i:j].repeat(g) / scores.sum(-1)  # (b*kvh, g*c)
+        total[..., :last].baddbmm_(row_w.unsqueeze(1), scores)  # sum over queries and the group: one matmul
+    return total.view(b, kvh, t)
 
 
 def swiglu_mlp(x: Tensor, gate_up_w: Tensor, down_w: Tensor) -> Tensor:
