@@ -261,7 +261,7 @@ class DiskPool(_Budgeted):
         if not page_cache and _LIBC is None:
             raise ValueError("disk: page_cache=False (evicting files from the page cache) needs Linux")
         self.page_cache = page_cache
-        os.makedirs(offload_dir, exist_ok=True)
+        os.makedirs(offload_dir, mode=0o700, exist_ok=True)  # private when created here; an existing one keeps its mode
         self.removed_stale = remove_stale_runs(offload_dir)
         self.root = tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=offload_dir)  # mode 0700
         self._held: dict[str, DiskTensor] = {}  # path -> handle, for every live file
