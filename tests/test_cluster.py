@@ -149,6 +149,7 @@ def _lock_holder(out: Path) -> int | None:
         return None
 
 
+@pytest.mark.slow
 def test_second_driver_is_refused_and_a_killed_driver_resumes(ray_cluster, reference, tmp_path):
     cmd = [sys.executable, "run.py", "jobs/smollm2-135m.yaml", *_sets(tmp_path), "--ray", ray_cluster]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

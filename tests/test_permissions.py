@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 UMASK = 0o002  # a common login default (user-private groups): files 0664, dirs 0775 unless we chose
 
