@@ -35,6 +35,7 @@ from runner.job import Device, JobSpec, OutputOrder, apply_overrides, job_from_d
 from runner.data.outputs import (COMPUTED_COLUMNS, KV_PHASE_COLUMNS, OFFLOAD_COLUMNS, TIER_PEAK_COLUMNS, append_csv_row,
                                  git_commit, throughput_row)
 from runner.data.reports import BATCH_COLUMNS, plot_report
+from runner.resume import locked
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: on workers' PYTHONPATH, so they import runner
 SHARDS = "shards"
@@ -76,7 +77,20 @@ def run_on_ray(job: JobSpec, *, sweep_point: str = "", fresh: bool = False) -> d
     to `job.throughput_csv` and returns it; a job whose shards were all complete already runs nothing and
     returns a "complete" row with no prompts, not written (as run_job does). SIGINT stops every runner
     after its batch in flight; the row then has status "interrupted" and the same command resumes."""
-    _check(job, fresh)
+    _check_job(job)
+    try:
+        job.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ClusterError(f"output.dir: cannot create {job.output_dir} ({e.strerror})") from None
+    # The driver holds the output dir's lock (the one a single-process run takes) from before Ray starts to
+    # after the merge: a second driver would otherwise queue its shards behind ours, merge into the same
+    # files, or (--fresh) delete the shard directories under our workers.
+    with locked(job.output_dir):
+        _check_dir(job, fresh)
+        return _run_locked(job, sweep_point=sweep_point, fresh=fresh)
+
+
+def _run_locked(job: JobSpec, *, sweep_point: str, fresh: bool) -> dict:
     owned = not ray.is_initialized()
     init_started = time.perf_counter()
     if owned:
@@ -96,13 +110,17 @@ def run_on_ray(job: JobSpec, *, sweep_point: str = "", fresh: bool = False) -> d
     return _merge(job, shards, wall_s=wall_s, init_s=init_s, started_at=started_at, sweep_point=sweep_point)
 
 
-def _check(job: JobSpec, fresh: bool) -> None:
-    """Refuse, before Ray starts, what cannot run."""
+def _check_job(job: JobSpec) -> None:
+    """Refuse, before the output dir is touched, a job the driver cannot run."""
     if job.eval is not None or job.sweep:
         raise ClusterError("cluster: run_on_ray takes one generation job (run.py runs each sweep point apart)")
     if job.dataset.shard_count != 1:
         raise ClusterError("dataset.shard_count: set by the Ray driver for each worker; leave it at 1 with "
                            "cluster.backend: ray")
+
+
+def _check_dir(job: JobSpec, fresh: bool) -> None:
+    """Refuse, before Ray starts, an output dir the Ray run must not write into."""
     single = job.output_dir / "state.json"
     if single.exists() and job.output.resume and not fresh:  # merging over its files would break its resume
         raise ClusterError(f"output.dir: {job.output_dir} holds a single-process run of this job ({single.name}); "

@@ -272,7 +272,9 @@ def _prepare_dir(job: JobSpec) -> os.PathLike:
         raise RunError(f"output.dir: {out_dir} is not writable")
     if job.offload is not None:  # the executor's disk tier lives there, whatever the placement
         try:
-            os.makedirs(job.hardware.offload_dir, exist_ok=True)
+            # 0700 (when created here): it holds the disk tier, weights and the prompts' KV, in run
+            # directories that are 0700 themselves (runner/memory/pools.py).
+            os.makedirs(job.hardware.offload_dir, mode=0o700, exist_ok=True)
         except OSError as e:
             raise RunError(f"hardware.offload_dir: cannot create {job.hardware.offload_dir} ({e.strerror})") from None
         if not os.access(job.hardware.offload_dir, os.W_OK):

@@ -18,6 +18,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests that run whole jobs in several processes (tens of seconds each): `-m "not slow"` leaves them out.
+    config.addinivalue_line("markers", "slow: runs real jobs in several processes (tens of seconds)")
+
+
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The evaluation data lies in ../shared beside the checkout (as on developer machines and in CI).
 SHARED_DATA = Path(os.environ.get("ALISA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -131,6 +131,7 @@ def test_killed_worker_has_its_shard_rerun_without_duplicates(ray_cluster, refer
     driver = threading.Thread(target=lambda: result.update(row=run_on_ray(job)))
     driver.start()
     _kill_when_committed(tmp_path / "shards" / "0", prompts=2)
+    assert _committed(tmp_path / "shards" / "0") < 6  # killed mid-shard: it had windows left to generate
     driver.join(timeout=240)
     assert "row" in result
     records = _records(tmp_path)
@@ -139,6 +140,45 @@ def test_killed_worker_has_its_shard_rerun_without_duplicates(ray_cluster, refer
     assert len(tries) == 1 and tries.resumed_prompts[0] >= 2  # the killed try wrote no row; the retry resumed
     row = result["row"]  # every prompt ran in this Ray run: the killed try's committed batches count
     assert (row["num_prompts"], row["resumed_prompts"], row["status"], row["workers"]) == (12, 0, "complete", 2)
+
+
+def _lock_holder(out: Path) -> int | None:
+    try:
+        return int((out / "run.lock").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.slow
+def test_second_driver_is_refused_and_a_killed_driver_resumes(ray_cluster, reference, tmp_path):
+    cmd = [sys.executable, "run.py", "jobs/smollm2-135m.yaml", *_sets(tmp_path), "--ray", ray_cluster]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while _lock_holder(tmp_path) != first.pid:  # the driver locks before Ray starts its shards
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+            time.sleep(0.01)
+        # A second driver while the first one's shards load: refused at once, one line naming the lock's dir
+        # and holder, before it reaches Ray (else its shards would queue behind ours and merge over our files).
+        second = _run(*_sets(tmp_path), "--ray", ray_cluster, "--fresh")
+        assert second.returncode == 2 and second.stderr.strip().splitlines() == [
+            f"error: output.dir: {tmp_path} is in use by another run (pid {first.pid}); wait for it to finish or "
+            "stop it, or choose another output.dir"], second.stderr[-3000:]
+        assert not (tmp_path / "throughput.csv").exists()
+        _wait_committed(tmp_path / "shards" / "0", 2)
+        first.kill()  # the driver dies mid-run; Ray ends the dead driver's tasks
+        first.communicate(timeout=60)
+    finally:
+        first.kill()
+    shard_states = [json.loads((tmp_path / "shards" / str(i) / "state.json").read_text()) for i in (0, 1)]
+    assert not all(s["complete"] for s in shard_states)  # the kill landed mid-run
+    assert not (tmp_path / "generations.jsonl").exists()  # nothing was merged
+    again = _run(*_sets(tmp_path), "--ray", ray_cluster)
+    assert again.returncode == 0, again.stderr[-3000:]
+    records = _records(tmp_path)
+    assert len({r["id"] for r in records}) == len(records) and records == reference
+    row = pd.read_csv(tmp_path / "throughput.csv").iloc[-1]  # the killed driver wrote no row
+    assert (row.status, row.resumed_prompts + row.num_prompts) == ("complete", 12) and row.resumed_prompts >= 2
 
 
 # ---------------------------------------------------------------- the cluster section

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from runner.memory import pools
 from runner.memory.tiers import BudgetError, DiskPool, DiskTensor, Memory, Pool, Tier, TierBudgets, copy
 from runner.units import GIB, format_bytes
 
@@ -401,6 +402,23 @@ def test_a_run_killed_with_sigkill_leaves_files_that_the_next_pool_removes(tmp_p
     assert oct(Path(nxt.root).stat().st_mode & 0o777) == "0o700"
     live.close()
     nxt.close()
+
+
+def test_stale_runs_of_another_host_are_left_alone(tmp_path):
+    """A pid is alive or dead on its own host only: Ray workers of two nodes sharing an offload dir must not
+    remove each other's live run directories. Named for this host (or without one: older runs), removed."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # exited: no process of this pid on this host now (barring reuse within the test)
+    other = tmp_path / f"run-other-node-7-{pid}-abc_1234"
+    mine, legacy = tmp_path / f"run-{pools._HOST}-{pid}-x1y2z3_4", tmp_path / f"run-{pid}-q9w8e7r6"
+    for d in (other, mine, legacy):
+        d.mkdir()
+        (d / "000000.bin").write_bytes(b"x")
+    assert sorted(pools.remove_stale_runs(str(tmp_path))) == sorted([str(mine), str(legacy)])
+    assert other.is_dir() and not mine.exists() and not legacy.exists()
+    pool = DiskPool(str(tmp_path))
+    assert Path(pool.root).name.startswith(f"run-{pools._HOST}-{os.getpid()}-") and other.is_dir()
+    pool.close()
 
 
 def test_a_plan_bigger_than_the_free_disk_is_refused_before_writing(tmp_path):

@@ -2,10 +2,11 @@
 in-use and peak accounting, and the disk tier's file-backed tensors.
 
 `Pool` (GPU or CPU tier) hands out tensors on a device; `DiskPool` hands out `DiskTensor` handles
-to memory-mapped files under `<offload_dir>/run-<pid>-<random>/`, removed by `close()` (also on
+to memory-mapped files under `<offload_dir>/run-<host>-<pid>-<random>/`, removed by `close()` (also on
 leaving its `with` block, normally, by an exception or by Ctrl-C's KeyboardInterrupt), when the
 pool is garbage-collected, and at interpreter exit; a run killed outright (SIGKILL, OOM) leaves its
-directory to the next pool opened on the same offload dir, which removes it (`remove_stale_runs`).
+directory to the next pool opened on the same offload dir on the same host, which removes it
+(`remove_stale_runs`).
 Whole tensors move by `preadv`/`pwritev` (`read_into`, `write`); a file is memory-mapped only for indexed
 copies (`view`), so streamed weights never count as resident memory. A `DiskPool(page_cache=False)` evicts each file
 from the OS page cache after every write and read, so reads measure the device rather than spare RAM.
@@ -22,6 +23,7 @@ import mmap
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -61,20 +63,24 @@ class DiskSpaceError(RuntimeError):
                          f"{os.path.dirname(root)} has only {format_bytes(free)} free")
 
 
-_RUN_DIR = re.compile(r"run-(\d+)-")  # DiskPool's run directories: run-<pid>-<random>
+# DiskPool's run directories: run-<host>-<pid>-<random> (run-<pid>-<random> before hosts were named). The
+# host, because a pid says whether a process lives on this machine only: Ray workers of several nodes may
+# share one offload dir (a relative offload/ on the shared checkout), and must not reap each other's.
+_RUN_DIR = re.compile(r"run-(?:(?P<host>.+)-)?(?P<pid>\d+)-[^-]+$")
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
 
 
 def remove_stale_runs(offload_dir: str) -> list[str]:
-    """Delete the run directories in `offload_dir` that this user's processes left when they were killed
-    (SIGKILL, OOM, power loss: no finalizer ran). A directory is stale when its pid is no longer alive;
-    another user's, and a live process's, are left alone. Returns the paths removed."""
+    """Delete the run directories in `offload_dir` that this user's processes on this host left when they
+    were killed (SIGKILL, OOM, power loss: no finalizer ran). A directory is stale when its pid is no longer
+    alive; another user's, another host's, and a live process's, are left alone. Returns the paths removed."""
     removed = []
     with os.scandir(offload_dir) as entries:
         for entry in entries:
             m = _RUN_DIR.match(entry.name)
             if not m or not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
                 continue
-            if not _pid_alive(int(m.group(1))):
+            if m.group("host") in (None, _HOST) and not _pid_alive(int(m.group("pid"))):
                 shutil.rmtree(entry.path, ignore_errors=True)
                 removed.append(entry.path)
     return removed
@@ -261,9 +267,9 @@ class DiskPool(_Budgeted):
         if not page_cache and _LIBC is None:
             raise ValueError("disk: page_cache=False (evicting files from the page cache) needs Linux")
         self.page_cache = page_cache
-        os.makedirs(offload_dir, exist_ok=True)
+        os.makedirs(offload_dir, mode=0o700, exist_ok=True)  # private when created here; an existing one keeps its mode
         self.removed_stale = remove_stale_runs(offload_dir)
-        self.root = tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=offload_dir)  # mode 0700
+        self.root = tempfile.mkdtemp(prefix=f"run-{_HOST}-{os.getpid()}-", dir=offload_dir)  # mode 0700
         self._held: dict[str, DiskTensor] = {}  # path -> handle, for every live file
         self._maps: dict[str, Tensor] = {}  # path -> shared memory map of the file, once `view` made one
         self._names = itertools.count()

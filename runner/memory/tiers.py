@@ -12,7 +12,7 @@ budget, and GPU <-> CPU transfers are real copies between separate buffers, so s
 and byte counts are the same as on a GPU machine; only the link speed is not (see
 `runner.memory.copy_engine.LinkEmulation`).
 
-Disk tensors (see `runner.memory.pools`) are files under `<offload_dir>/run-<pid>-<random>/`, memory-mapped (`torch.from_file`),
+Disk tensors (see `runner.memory.pools`) are files under `<offload_dir>/run-<host>-<pid>-<random>/`, memory-mapped (`torch.from_file`),
 handed out as `DiskTensor` handles rather than in-RAM tensors. The run directory is removed by
 `DiskPool.close()` (also on leaving its `with` block, normally, by an exception or by Ctrl-C's
 KeyboardInterrupt), when the pool is garbage-collected, and at interpreter exit.
