@@ -96,6 +96,25 @@ def test_near_ties_the_bf16_screen_ranks_wrongly_keep_the_fp32_winner():
     assert torch.equal(greedy_head.greedy_tokens(x, w, *_screen(w)), winners)
 
 
+def test_a_bf16_heads_own_screen_keeps_the_fp32_winner_of_its_near_ties():
+    # A bf16 model: x and w are bf16, its true logits the fp32 sums of their (exact) products. Its bf16
+    # head output rounds each logit to 8 bits, so near-ties come out tied or the wrong way round; the
+    # screen (the head itself, packed) with an fp32 recheck must keep the fp32 winner.
+    g = torch.Generator().manual_seed(4)
+    e, pairs = 64, 200
+    x = torch.randn(pairs, e, generator=g).bfloat16()
+    base = torch.randn(pairs, e, generator=g) * 0.01 + x.float() / x.float().norm(dim=-1, keepdim=True) * 0.3
+    w = torch.cat([base, base + torch.randn(pairs, e, generator=g) * 1e-3, torch.randn(500, e, generator=g) * 0.01])
+    w = w.bfloat16()
+    exact = x.double() @ w.double().t()
+    winners = exact.argmax(dim=-1)
+    plain = kernels.linear(x, w).argmax(dim=-1)  # the bf16 head alone
+    assert int((plain != winners).sum()) >= 10, "premise: bf16 logits break many near-ties wrongly"
+    screen, norms = _screen(w)
+    assert float(norms[1]) == 0.0  # w is its own bf16 rounding
+    assert torch.equal(greedy_head.greedy_tokens(x, w, screen, norms), winners)
+
+
 def test_non_finite_states_get_the_full_logits():
     g = torch.Generator().manual_seed(2)
     w, x = torch.randn(200, 32, generator=g), torch.randn(3, 32, generator=g)
@@ -143,6 +162,7 @@ def test_screen_is_chosen_only_where_bf16_dot_products_pay(monkeypatch):
     assert not kernels.bf16_screen(torch.device("cpu"), torch.float16)
     assert not kernels.bf16_screen(torch.device("cuda"), torch.float32)
     has_bf16 = bool({"avx512_bf16", "amx_bf16"} & native.cpu_flags())
-    assert kernels.bf16_screen(torch.device("cpu"), torch.float32) == (has_bf16 and kernels._ONEDNN)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert kernels.bf16_screen(torch.device("cpu"), dtype) == (has_bf16 and kernels._ONEDNN)
     monkeypatch.setenv(kernels.SCREEN_ENV, "0")
     assert not kernels.bf16_screen(torch.device("cpu"), torch.float32)

@@ -63,8 +63,11 @@ def test_plain_undoes_pack_and_pack_leaves_what_it_cannot_pack():
     w = torch.randn(64, 32)
     assert torch.equal(kernels.plain(kernels.pack(w)), w)
     assert kernels.plain(w) is w
-    for other in (w.bfloat16(), torch.randn(8)):  # not fp32, not a matrix
+    for other in (w.half(), torch.randn(8)):  # not fp32 or bf16, not a matrix
         assert kernels.pack(other) is other
+    wb = w.bfloat16()  # packed only where the CPU has native bf16 dot products
+    assert (kernels.pack(wb) is wb) != kernels.native_bf16()
+    assert torch.equal(kernels.plain(kernels.pack(wb)), wb)
     packed = kernels.pack(w)
     assert kernels.pack(packed) is packed
 
@@ -111,6 +114,23 @@ def test_native_rms_norm_rows_do_not_depend_on_the_batch_or_threads():
     assert torch.equal(kernels.rms_norm(strided, w, 1e-6), whole)
 
 
+@needs_native
+@pytest.mark.parametrize("shape", [(16, 1, 576), (2, 600, 576), (5, 17)])
+def test_native_bf16_rms_norm_is_the_fp32_norm_rounded_once(shape):
+    """A bf16 model's norm: widened, normed in fp32, rounded once (as F.rms_norm does in bf16). The
+    fp32 sum of squares may round differently from torch's, which can move a result by one bf16 ulp."""
+    x, w = (torch.randn(*shape) * 3).bfloat16(), torch.randn(shape[-1]).bfloat16()
+    out = kernels.rms_norm(x, w, 1e-5)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    ref = F.rms_norm(x.float(), (shape[-1],), w.float(), 1e-5)
+    ulp = ref.abs().clamp_min(1e-30) * 2.0 ** -7  # one bf16 ulp at most (8 significant bits)
+    assert ((out.float() - ref).abs() <= ulp).all()
+    assert (out == ref.bfloat16()).float().mean() > 0.99  # almost always the very same rounding
+    nan = x.clone()
+    nan[0, ..., 0] = float("nan")
+    assert kernels.rms_norm(nan, w, 1e-5)[0].isnan().all()  # a NaN row stays NaN, as in torch
+
+
 def test_rms_norm_falls_back_to_torch_off_fp32_cpu():
     x, w = torch.randn(4, 64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
     assert torch.equal(kernels.rms_norm(x, w, 1e-5), F.rms_norm(x, (64,), w, 1e-5))
@@ -142,10 +162,13 @@ def _reference(qg, ks, vs, probs):
     (3, 2, 12, 128, [40, 9]),  # more query heads per kv head than one values pass takes (8)
     (2, 4, 2, 256, [16, 31]),
 ])
-def test_native_decode_matches_float64(b, kvh, g, d, sizes):
-    qg = torch.randn(b, kvh, g, d)
-    ks = [_cache_views(b, kvh, t, d, seed=i) for i, t in enumerate(sizes)]
-    vs = [_cache_views(b, kvh, t, d, seed=10 + i) for i, t in enumerate(sizes)]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_matches_float64(b, kvh, g, d, sizes, dtype):
+    """A bf16 cache (and bf16 queries) is widened exactly, so the same fp32 bounds hold against the
+    float64 math on the bf16 values; scores, probabilities and outputs are fp32 either way."""
+    qg = torch.randn(b, kvh, g, d).to(dtype)
+    ks = [_cache_views(b, kvh, t, d, seed=i).to(dtype) for i, t in enumerate(sizes)]
+    vs = [_cache_views(b, kvh, t, d, seed=10 + i).to(dtype) for i, t in enumerate(sizes)]
     probs = torch.softmax(torch.randn(b, kvh, g, sum(sizes)), dim=-1)
     assert kernels._native_for(qg, ks) is not None and kernels._native_for(probs, vs) is not None
     ref_scores, ref_values = _reference(qg, ks, vs, probs)
@@ -157,11 +180,13 @@ def test_native_decode_matches_float64(b, kvh, g, d, sizes):
 
 
 @needs_native
-def test_native_decode_does_not_depend_on_how_the_cache_is_split():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_does_not_depend_on_how_the_cache_is_split(dtype):
     # A sparse selection attends over picks + the recent run; scoring and summing them natively
     # must give what the whole run gives, bit for bit, so full-budget policies equal dense.
     b, kvh, g, d, t = 4, 3, 3, 64, 70
     qg, k, v = torch.randn(b, kvh, g, d), _cache_views(b, kvh, t, d, 1), _cache_views(b, kvh, t, d, 2)
+    k, v = k.to(dtype), v.to(dtype)
     probs = torch.softmax(torch.randn(b, kvh, g, t), dim=-1)
     whole_s, whole_v = kernels.decode_scores(qg, [k], 0.125), kernels.decode_values(probs, [v])
     for cut in (1, 16, 33, 69):
@@ -181,6 +206,8 @@ def test_decode_attention_falls_back_to_matmul_where_native_does_not_apply():
     assert torch.equal(kernels.decode_values(probs, [v]), probs @ v)
     for other in (k.double(), k.transpose(-1, -2).contiguous().transpose(-1, -2), k.requires_grad_()):
         assert kernels._native_for(qg, [other]) is None  # not fp32 / rows not contiguous / autograd
+    k64 = torch.randn(2, 1, 9, 64)
+    assert kernels._native_for(qg[..., :16].repeat(1, 1, 1, 4), [k64, k64.bfloat16()]) is None  # mixed parts
 
 
 def _status_in_subprocess(tmp_path, **env) -> str:

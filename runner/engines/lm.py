@@ -31,7 +31,7 @@ class LM:
                  pack: Pack = Pack.UNSHARED, release: bool = False, screen: bool | None = None):
         """`release`: drop each weight the LM packs from `weights` once its packed copy exists, so
         packing holds one weight twice at a time, not the model (the caller's dict is consumed).
-        `screen`: give an fp32 model's head a bf16 screen for greedy decoding (`runner.model.greedy_head`;
+        `screen`: give an fp32 or bf16 model's head a bf16 screen for greedy decoding (`runner.model.greedy_head`;
         a bf16 copy of the head, 57 MB on SmolLM2): None where `kernels.bf16_screen` says it pays,
         True always (correct anywhere, slow without bf16 dot products), False never. A screened
         head's fp32 matrix stays plain (the screen indexes its rows), so an untied head's full
@@ -41,7 +41,7 @@ class LM:
         self.unit_weights = [_weights_of(u, weights) for u in self.units]
         if screen is None:
             screen = kernels.bf16_screen(device, dtype)
-        if screen and dtype == torch.float32:  # the screen's bound is for fp32 logits
+        if screen and dtype in (torch.float32, torch.bfloat16):  # the screen's bound is for fp32 logits
             head = self.unit_weights[-1]  # build_units puts the head last
             head.update(greedy_head.build_screen(head["lm_w"]))
         if pack is not Pack.NONE:
@@ -51,7 +51,7 @@ class LM:
             self.rope = M.rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, dtype, device)
 
     def _pack(self, shared: bool, release: dict[str, Tensor] | None) -> None:
-        """Hold the linear weights in oneDNN's packed layout (`kernels.pack`; CPU fp32 only). The
+        """Hold the linear weights in oneDNN's packed layout (`kernels.pack`; CPU fp32, and bf16 where native). The
         plain copies stay resident while the caller holds them (see `release`). A weight another
         unit also reads (the head tied to the embedding) stays plain unless `shared`: its packed
         copy would add its whole size (113 MB on SmolLM2) to memory."""

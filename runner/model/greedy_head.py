@@ -17,6 +17,11 @@ u = 2^-24 (fp32's unit roundoff), K the width, |.| the 2-norm:
 - recomputing z_v = x.w_v in fp32: <= (K + 1) u |x| |w_v|
 with the head's row norms replaced by their maxima over v (three numbers kept with the copy),
 and 2^-20 added for products flushed to zero.
+
+A bf16 model's head is its own screen (x' = x, w'_v = w_v: the first two terms vanish): its packed
+copy multiplies at full speed and the candidates are rechecked in fp32 (products of bf16 values,
+exact, summed in fp32), where the bf16 head alone would round every logit to 8 bits and break
+near-ties arbitrarily.
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ def build_screen(w: Tensor) -> dict[str, Tensor]:
 
 
 def greedy_tokens(x: Tensor, w: Tensor, screen: Tensor | None = None, norms: Tensor | None = None) -> Tensor:
-    """x: (b, e) fp32, w: (v, e) -> each row's argmax token of the fp32 logits x @ w.T (b,),
+    """x: (b, e) fp32 or bf16, w: (v, e) -> each row's argmax token of the fp32 logits x @ w.T (b,),
     through the screen when given (w then a plain matrix). Without one, where a bound is not
     finite (a non-finite x), or with too many candidates, the full fp32 logits decide."""
     if screen is None or norms is None:
@@ -70,13 +75,14 @@ def screened_candidates(x: Tensor, w: Tensor, screen: Tensor,
     xb = x.to(torch.bfloat16)
     a = kernels.linear(xb, screen).float()  # (b, v); fp32 here: torch's bf16 reductions are slow on CPU
     high, low = a.amax(dim=-1), a.amin(dim=-1)  # (b,) each
-    bound = screen_bound(x, xb, torch.maximum(high.abs(), low.abs()), norms)
+    x32 = x.float()  # a bf16 model's row: the bound and the recheck in fp32
+    bound = screen_bound(x32, xb, torch.maximum(high.abs(), low.abs()), norms)
     if not bool(torch.isfinite(bound).all()):
-        return None, None, kernels.linear(x, w)
+        return None, None, kernels.linear(x, w).float()
     rows, cols = (a >= (high - 2 * bound)[:, None]).nonzero(as_tuple=True)  # (n,) each
     if rows.numel() > MAX_CANDIDATES_PER_ROW * x.shape[0]:
-        return None, None, kernels.linear(x, w)  # near-flat logits: the recheck would cost more
-    return rows, cols, (x[rows] * w[cols]).sum(dim=-1)
+        return None, None, kernels.linear(x, w).float()  # near-flat logits: the recheck would cost more
+    return rows, cols, (x32[rows] * w[cols].float()).sum(dim=-1)
 
 
 def screen_bound(x: Tensor, xb: Tensor, a_max: Tensor, norms: Tensor) -> Tensor:

@@ -38,14 +38,20 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     2-core AVX2 machine favoured MKL for the narrow down projection only, by a little. Same fp32
     math, no weight copy; one kernel everywhere keeps results independent of shape choices.
     """
-    if w.is_mkldnn or (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
-                       and w.dtype == torch.float32):
+    if w.is_mkldnn or (x.device.type == "cpu" and x.dtype == w.dtype and _onednn_dtype(w.dtype)):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
     return F.linear(x, w, b)
 
 
+def _onednn_dtype(dtype: torch.dtype) -> bool:
+    """Whether oneDNN runs linears of this dtype well here: fp32, and bf16 where the CPU has native
+    bf16 dot products (oneDNN accumulates them in fp32; without them it emulates bf16, slowly)."""
+    return _ONEDNN and (dtype == torch.float32 or (dtype == torch.bfloat16 and _BF16_DOT))
+
+
 def pack(w: Tensor) -> Tensor:
-    """w (out, in) reordered once into oneDNN's blocked layout, where `linear` would use it.
+    """w (out, in) reordered once into oneDNN's blocked layout, where `linear` would use it (fp32,
+    or bf16 on a CPU with native bf16 dot products).
 
     Given a plain weight, oneDNN reorders it into that layout on every call: at decode's few rows
     the reorder re-reads and re-writes the whole weight, a second pass over memory per product.
@@ -53,7 +59,7 @@ def pack(w: Tensor) -> Tensor:
     values and the same kernel; results equal the unpacked call's bit for bit from 2 rows up,
     and within fp32 rounding (another summation order) at 1 row. Anything else is returned as is.
     """
-    return _reorder(w, torch.float32)
+    return _reorder(w, w.dtype) if _onednn_dtype(w.dtype) else w
 
 
 def pack_bf16(w: Tensor) -> Tensor:
@@ -82,11 +88,12 @@ SCREEN_ENV = "ALISA_BF16_SCREEN"  # "0" turns the greedy head's bf16 screen off
 
 def bf16_screen(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether greedy decoding should screen the vocabulary in bf16 (`runner.model.greedy_head`): an
-    fp32 model on a CPU with bf16 dot products, unless ALISA_BF16_SCREEN=0. On this project's
+    fp32 or bf16 model on a CPU with bf16 dot products, unless ALISA_BF16_SCREEN=0. On this project's
     2-core AVX512-BF16 machine an ad-hoc microbenchmark (not a committed CSV; hf-vs-alisa shows
     the end-to-end effect) ran SmolLM2's packed bf16 head in well under half the fp32 head's
-    time from 1 to 64 rows."""
-    return (device.type == "cpu" and dtype == torch.float32 and _BF16_DOT
+    time from 1 to 64 rows. A bf16 model's screen is its own head, packed (a tied head's plain
+    matrix stays the embedding's), with the candidates rechecked in fp32."""
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _BF16_DOT
             and os.environ.get(SCREEN_ENV, "1") != "0")
 
 
@@ -96,12 +103,13 @@ def plain(w: Tensor) -> Tensor:
 
 
 def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    """RMSNorm over the last dim: natively in one pass per row for fp32 CPU tensors (torch's CPU
-    rms_norm is about eight elementwise kernels, mostly dispatch at decode's few rows), else
-    F.rms_norm. Same order of operations as HF's LlamaRMSNorm; the sum of squares may round
-    differently (fp32, another summation order)."""
+    """RMSNorm over the last dim: natively in one pass per row for fp32 or bf16 CPU tensors (torch's
+    CPU rms_norm is about eight elementwise kernels, mostly dispatch at decode's few rows; in bf16 two
+    casts more), else F.rms_norm. Same order of operations as HF's LlamaRMSNorm, in fp32 (a bf16 row
+    rounded once at the end, as F.rms_norm does); the sum of squares may round differently (another
+    summation order)."""
     lib = None
-    if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
+    if (x.dtype == w.dtype and x.dtype in _NATIVE_DTYPES and x.device.type == "cpu" and w.device.type == "cpu"
             and not (x.requires_grad or w.requires_grad) and w.dim() == 1 and w.is_contiguous()):
         lib = native.status().library
     if lib is None:
@@ -109,13 +117,15 @@ def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     d = x.shape[-1]
-    lib.rms_norm(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() // d if d else 0, d, eps,
-                 torch.get_num_threads())
+    norm = lib.rms_norm if x.dtype == torch.float32 else lib.rms_norm_bf16
+    norm(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() // d if d else 0, d, eps, torch.get_num_threads())
     return out
 
 
 # ---- decode attention ---------------------------------------------------------------------------
 _NATIVE_MAX_D = 256  # runner/model/csrc/decode_attention.c: MAX_D; d must also be a multiple of 16
+# What the native kernels take: fp32, and bf16 (K/V or norm rows) widened to fp32 as they are read.
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _native_head_dim(d: int) -> bool:
@@ -124,12 +134,13 @@ def _native_head_dim(d: int) -> bool:
 
 def _native_for(x: Tensor, parts: list[Tensor]) -> ctypes.CDLL | None:
     """The native library if it takes these tensors (queries or probabilities `x`, K or V `parts`):
-    fp32 CPU, no autograd, a head dim it was built for, each part's rows of d contiguous."""
+    CPU, K/V parts all fp32 or all bf16 (x in either: it is widened first), no autograd, a head dim it
+    was built for, each part's rows of d contiguous."""
     d = parts[0].shape[-1]
-    if not _native_head_dim(d):
+    if not _native_head_dim(d) or len({t.dtype for t in parts}) > 1:
         return None
     for t in (x, *parts):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 or t.requires_grad:
+        if t.dtype not in _NATIVE_DTYPES or t.device.type != "cpu" or t.dim() != 4 or t.requires_grad:
             return None
     if any(x.stride(-1) != 1 or (x.shape[-2] > 1 and x.stride(-2) != d) for x in parts):
         return None
@@ -139,7 +150,7 @@ def _native_for(x: Tensor, parts: list[Tensor]) -> ctypes.CDLL | None:
 def decode_attention_kernel(head_dim: int, device: torch.device, dtype: torch.dtype) -> str:
     """What decode attention runs on for this model and device: "native" or "torch" (a CSV column,
     so a slow row can be told from a machine without a compiler)."""
-    usable = device.type == "cpu" and dtype == torch.float32 and _native_head_dim(head_dim)
+    usable = device.type == "cpu" and dtype in _NATIVE_DTYPES and _native_head_dim(head_dim)
     return "native" if usable and native.status().available else "torch"
 
 
@@ -149,7 +160,8 @@ def decode_scores(qg: Tensor, ks: list[Tensor], scale: float) -> Tensor:
 
     Natively, each key's score is the same tree of sums whatever part or slot holds it (so a
     sparse selection scores a token exactly as the dense cache does), written straight into one
-    buffer (no concatenation); else batched matmuls.
+    buffer (no concatenation), in fp32 (bf16 queries and keys widened, exactly); else batched
+    matmuls in the inputs' dtype.
     """
     lib = _native_for(qg, ks)
     if lib is None:
@@ -157,22 +169,24 @@ def decode_scores(qg: Tensor, ks: list[Tensor], scale: float) -> Tensor:
         return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)) * scale
     b, kvh, g, d = qg.shape
     total = sum(k.shape[2] for k in ks)
-    q = qg.contiguous()
-    scores = torch.empty((b, kvh, g, total), dtype=q.dtype)
+    q = qg.float().contiguous()
+    scores = torch.empty((b, kvh, g, total), dtype=torch.float32)
+    kernel = lib.decode_scores if ks[0].dtype == torch.float32 else lib.decode_scores_bf16
     offset = 0
     for k in ks:
         t = k.shape[2]
         if t and b:
-            lib.decode_scores(q.data_ptr(), k.data_ptr(), scores.data_ptr() + 4 * offset, b * kvh, g, d, t,
-                              k.stride(0), k.stride(1), kvh, total, scale, torch.get_num_threads())
+            kernel(q.data_ptr(), k.data_ptr(), scores.data_ptr() + 4 * offset, b * kvh, g, d, t,
+                   k.stride(0), k.stride(1), kvh, total, scale, torch.get_num_threads())
         offset += t
     return scores
 
 
 def decode_values(probs: Tensor, vs: list[Tensor]) -> Tensor:
     """probs @ V over the parts of V: probs (b, kvh, g, sum t_i), each part (b, kvh, t_i, d) ->
-    (b, kvh, g, d). Natively one running sum per output, continued across the parts in order
-    (so it equals the sum over their concatenation); else a matmul per part, added."""
+    (b, kvh, g, d). Natively one running sum per output in fp32 (bf16 values widened), continued
+    across the parts in order (so it equals the sum over their concatenation); else a matmul per
+    part, added, in the inputs' dtype."""
     lib = _native_for(probs, vs)
     sizes = [v.shape[2] for v in vs]
     if lib is None:
@@ -182,12 +196,13 @@ def decode_values(probs: Tensor, vs: list[Tensor]) -> Tensor:
         return out
     b, kvh, g, total = probs.shape
     d = vs[0].shape[-1]
-    p = probs.contiguous()
-    out = torch.empty((b, kvh, g, d), dtype=p.dtype)
+    p = probs.float().contiguous()
+    out = torch.empty((b, kvh, g, d), dtype=torch.float32)
+    kernel = lib.decode_values if vs[0].dtype == torch.float32 else lib.decode_values_bf16
     offset = 0
     for i, v in enumerate(vs):
         if b:
-            lib.decode_values(p.data_ptr() + 4 * offset, v.data_ptr(), out.data_ptr(), b * kvh, g, d, v.shape[2],
-                              v.stride(0), v.stride(1), kvh, total, int(i > 0), torch.get_num_threads())
+            kernel(p.data_ptr() + 4 * offset, v.data_ptr(), out.data_ptr(), b * kvh, g, d, v.shape[2],
+                   v.stride(0), v.stride(1), kvh, total, int(i > 0), torch.get_num_threads())
         offset += v.shape[2]
     return out

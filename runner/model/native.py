@@ -110,10 +110,12 @@ def _build(cc: list[str], out: Path) -> str | None:
 
 def _declare(lib: ctypes.CDLL) -> None:
     ptr, long_, f32, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
-    lib.decode_scores.argtypes = [ptr, ptr, ptr, *[long_] * 8, f32, int_]
-    lib.decode_values.argtypes = [ptr, ptr, ptr, *[long_] * 8, int_, int_]
-    lib.rms_norm.argtypes = [ptr, ptr, ptr, long_, long_, f32, int_]
-    lib.decode_scores.restype = lib.decode_values.restype = lib.rms_norm.restype = None
+    for suffix in ("", "_bf16"):  # fp32 K/V (and norm rows), or bf16 ones: the same arguments
+        scores, values, norm = (getattr(lib, f"{name}{suffix}") for name in ("decode_scores", "decode_values", "rms_norm"))
+        scores.argtypes = [ptr, ptr, ptr, *[long_] * 8, f32, int_]
+        values.argtypes = [ptr, ptr, ptr, *[long_] * 8, int_, int_]
+        norm.argtypes = [ptr, ptr, ptr, long_, long_, f32, int_]
+        scores.restype = values.restype = norm.restype = None
 
 
 @functools.cache

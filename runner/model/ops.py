@@ -88,9 +88,9 @@ def attention_decode(q: Tensor, k: Tensor | list[Tensor], v: Tensor | list[Tenso
     scores = kernels.decode_scores(qg, ks, 1.0 / math.sqrt(d))  # (b, kvh, g, t)
     if bias is not None:
         scores = scores + bias
-    probs = torch.softmax(scores, dim=-1)  # (b, kvh, g, t)
+    probs = torch.softmax(scores, dim=-1)  # (b, kvh, g, t); fp32 where the kernels widen a bf16 cache
     out = kernels.decode_values(probs, vs)  # (b, kvh, g, d)
-    return out.view(b, nh, 1, d), probs.view(b, nh, -1)
+    return out.view(b, nh, 1, d).to(q.dtype), probs.view(b, nh, -1)
 
 
 def attention_column_sums(q: Tensor, k: Tensor, q_start: int, mask: Tensor | None, weights: Tensor,

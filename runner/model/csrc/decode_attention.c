@@ -1,4 +1,7 @@
-/* Decode attention's two passes over the KV cache, fp32 on the CPU (loaded by runner/model/native.py).
+/* Decode attention's two passes over the KV cache on the CPU (loaded by runner/model/native.py):
+ * queries, scores, probabilities and outputs in fp32; K and V in fp32, or in bf16 (the `_bf16`
+ * entry points: a bf16 model's cache, half the bytes to read), widened to fp32 as they are loaded
+ * (exact), so a bf16 key scores as its fp32 value would.
  *
  * One query per sequence attends to t cached keys. With grouped-query attention each kv head
  * serves g query heads, so every (sequence, kv head) pair is a tiny (g x d) @ (d x t) product
@@ -26,12 +29,38 @@ typedef int vi __attribute__((vector_size(W * sizeof(int))));
 #define SHUF(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
 #endif
 
+typedef unsigned short bf16;  /* the upper half of an fp32: widening is a 16-bit shift */
+typedef unsigned short vh __attribute__((vector_size(W * sizeof(bf16))));
+
 static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 
-/* Lane-wise partial products of a . b (summed over d / W chunks). */
-static inline vf dot_lanes(const float *a, const float *b, long d) {
-  vf acc = load(a) * load(b);
-  for (long c = W; c < d; c += W) acc += load(a + c) * load(b + c);
+static inline vf load_bf16(const bf16 *p) {
+  vh h;
+  memcpy(&h, p, sizeof h);
+  vi bits = __builtin_convertvector(h, vi) << 16;
+  vf v;
+  memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+static inline float widen(bf16 h) {
+  unsigned bits = (unsigned)h << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+/* W elements of a K or V buffer from element i: fp32, or bf16 widened (`half` is a constant at
+ * every call site, so each entry point compiles to its own loop). */
+static inline __attribute__((always_inline)) vf load_kv(const void *base, long i, int half) {
+  return half ? load_bf16((const bf16 *)base + i) : load((const float *)base + i);
+}
+
+/* Lane-wise partial products of a . b[b0:] (summed over d / W chunks). */
+static inline __attribute__((always_inline)) vf dot_lanes(const float *a, const void *b, long b0, long d,
+                                                          int half) {
+  vf acc = load(a) * load_kv(b, b0, half);
+  for (long c = W; c < d; c += W) acc += load(a + c) * load_kv(b, b0 + c, half);
   return acc;
 }
 
@@ -58,45 +87,59 @@ static inline vf transpose_sum(const vf *v) {
        + SHUF(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-/* The first K or V row of pair p (a sequence's kv head). */
-static inline const float *pair_rows(const float *base, long p, long kvh, long batch_stride,
-                                     long head_stride) {
-  return base + (p / kvh) * batch_stride + (p % kvh) * head_stride;
+/* The element offset of the first K or V row of pair p (a sequence's kv head). */
+static inline long pair_rows(long p, long kvh, long batch_stride, long head_stride) {
+  return (p / kvh) * batch_stride + (p % kvh) * head_stride;
 }
 
-/* dst[j] = scale * q . k[j] for n <= W keys, through one tree: the last, partial block too, so a
- * key's score never depends on the slot it sits in. */
-static inline __attribute__((always_inline)) void score_block(const float *q, const float *k, long n,
-                                                              long d, float scale, float *dst) {
+/* dst[j] = scale * q . k[j] for n <= W keys from element k0, through one tree: the last, partial
+ * block too, so a key's score never depends on the slot it sits in. */
+static inline __attribute__((always_inline)) void score_block(const float *q, const void *k, long k0, long n,
+                                                              long d, float scale, float *dst, int half) {
   vf lanes[W];
-  for (int jj = 0; jj < W; ++jj) lanes[jj] = jj < n ? dot_lanes(q, k + jj * d, d) : (vf){0};
+  for (int jj = 0; jj < W; ++jj) lanes[jj] = jj < n ? dot_lanes(q, k, k0 + jj * d, d, half) : (vf){0};
   vf r = transpose_sum(lanes) * scale;
   memcpy(dst, &r, n * sizeof(float));
 }
 
 /* s[p, i, j] = scale * q[p, i] . K[p, j] for j < t. */
-void decode_scores(const float *q, const float *k, float *s, long pairs, long g, long d, long t,
-                   long batch_stride, long head_stride, long kvh, long row_stride, float scale,
-                   int threads) {
+static inline __attribute__((always_inline)) void scores(const float *q, const void *k, float *s, long pairs,
+                                                         long g, long d, long t, long batch_stride,
+                                                         long head_stride, long kvh, long row_stride,
+                                                         float scale, int threads, int half) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long p = 0; p < pairs; ++p) {
-    const float *kp = pair_rows(k, p, kvh, batch_stride, head_stride);
+    const long kp = pair_rows(p, kvh, batch_stride, head_stride);
     long j0 = 0;
     for (; j0 + W <= t; j0 += W)  /* W keys at a time: they stay in L1 across the g heads */
       for (long i = 0; i < g; ++i)  /* a constant n: the compiler drops the per-key test here */
-        score_block(q + (p * g + i) * d, kp + j0 * d, W, d, scale, s + (p * g + i) * row_stride + j0);
+        score_block(q + (p * g + i) * d, k, kp + j0 * d, W, d, scale, s + (p * g + i) * row_stride + j0, half);
     for (long i = 0; j0 < t && i < g; ++i)
-      score_block(q + (p * g + i) * d, kp + j0 * d, t - j0, d, scale, s + (p * g + i) * row_stride + j0);
+      score_block(q + (p * g + i) * d, k, kp + j0 * d, t - j0, d, scale, s + (p * g + i) * row_stride + j0,
+                  half);
   }
 }
 
-/* out[p, i] (+)= sum_j probs[p, i, j] * V[p, j] for j < t; accumulate adds to out. */
-void decode_values(const float *probs, const float *v, float *out, long pairs, long g, long d, long t,
-                   long batch_stride, long head_stride, long kvh, long row_stride, int accumulate,
+void decode_scores(const float *q, const float *k, float *s, long pairs, long g, long d, long t,
+                   long batch_stride, long head_stride, long kvh, long row_stride, float scale,
                    int threads) {
+  scores(q, k, s, pairs, g, d, t, batch_stride, head_stride, kvh, row_stride, scale, threads, 0);
+}
+
+void decode_scores_bf16(const float *q, const bf16 *k, float *s, long pairs, long g, long d, long t,
+                        long batch_stride, long head_stride, long kvh, long row_stride, float scale,
+                        int threads) {
+  scores(q, k, s, pairs, g, d, t, batch_stride, head_stride, kvh, row_stride, scale, threads, 1);
+}
+
+/* out[p, i] (+)= sum_j probs[p, i, j] * V[p, j] for j < t; accumulate adds to out. */
+static inline __attribute__((always_inline)) void values(const float *probs, const void *v, float *out,
+                                                         long pairs, long g, long d, long t, long batch_stride,
+                                                         long head_stride, long kvh, long row_stride,
+                                                         int accumulate, int threads, int half) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long p = 0; p < pairs; ++p) {
-    const float *vp = pair_rows(v, p, kvh, batch_stride, head_stride);
+    const long vp = pair_rows(p, kvh, batch_stride, head_stride);
     for (long i0 = 0; i0 < g; i0 += MAX_G) {  /* up to MAX_G heads share each pass over V */
       long n = g - i0 < MAX_G ? g - i0 : MAX_G;
       const float *pp = probs + (p * g + i0) * row_stride;
@@ -105,14 +148,33 @@ void decode_values(const float *probs, const float *v, float *out, long pairs, l
       for (long i = 0; i < n; ++i)
         for (long c = 0; c < d; ++c) acc[i][c] = accumulate ? op[i * d + c] : 0.f;
       for (long j = 0; j < t; ++j) {
-        const float *vj = vp + j * d;
+        const long vj = vp + j * d;
         for (long i = 0; i < n; ++i) {
           const float wgt = pp[i * row_stride + j];
+          if (half) {
+            const bf16 *row = (const bf16 *)v + vj;
 #pragma omp simd
-          for (long c = 0; c < d; ++c) acc[i][c] += wgt * vj[c];
+            for (long c = 0; c < d; ++c) acc[i][c] += wgt * widen(row[c]);
+          } else {
+            const float *row = (const float *)v + vj;
+#pragma omp simd
+            for (long c = 0; c < d; ++c) acc[i][c] += wgt * row[c];
+          }
         }
       }
       for (long i = 0; i < n; ++i) memcpy(op + i * d, acc[i], d * sizeof(float));
     }
   }
+}
+
+void decode_values(const float *probs, const float *v, float *out, long pairs, long g, long d, long t,
+                   long batch_stride, long head_stride, long kvh, long row_stride, int accumulate,
+                   int threads) {
+  values(probs, v, out, pairs, g, d, t, batch_stride, head_stride, kvh, row_stride, accumulate, threads, 0);
+}
+
+void decode_values_bf16(const float *probs, const bf16 *v, float *out, long pairs, long g, long d, long t,
+                        long batch_stride, long head_stride, long kvh, long row_stride, int accumulate,
+                        int threads) {
+  values(probs, v, out, pairs, g, d, t, batch_stride, head_stride, kvh, row_stride, accumulate, threads, 1);
 }

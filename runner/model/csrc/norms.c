@@ -1,14 +1,34 @@
-/* RMSNorm over the last dim, fp32 on the CPU (loaded by runner/model/native.py with decode_attention.c).
+/* RMSNorm over the last dim on the CPU (loaded by runner/model/native.py with decode_attention.c):
+ * fp32, or bf16 in and out (`rms_norm_bf16`, a bf16 model's) computed in fp32 and rounded once.
  *
  * torch 2.13's CPU rms_norm is a chain of elementwise kernels (square, mean, add, rsqrt, two
- * multiplies and dtype checks); at decode's few rows each is mostly dispatch, and a model runs two
- * norms per layer. One pass per row here, in HF LlamaRMSNorm's order: x * rsqrt(mean(x^2) + eps),
- * then times the weight. Rows are independent: threads split them only when there are many
- * (prefill), so a row's result never depends on the thread count.
+ * multiplies and dtype checks; for bf16 also the casts to fp32 and back); at decode's few rows each
+ * is mostly dispatch, and a model runs two norms per layer. One pass per row here, in HF
+ * LlamaRMSNorm's order: x * rsqrt(mean(x^2) + eps), then times the weight. Rows are independent:
+ * threads split them only when there are many (prefill), so a row's result never depends on the
+ * thread count.
  */
 #include <math.h>
+#include <string.h>
 
 #define PARALLEL_MIN (1L << 16) /* elements: below this, one thread beats waking the others */
+
+typedef unsigned short bf16;
+
+static inline float widen(bf16 h) {
+  unsigned bits = (unsigned)h << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+/* Round to nearest, ties to even, as torch rounds fp32 to bf16 (a NaN stays a quiet NaN). */
+static inline bf16 narrow(float f) {
+  unsigned bits;
+  memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return (bf16)((bits >> 16) | 0x40);
+  return (bf16)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
 
 void rms_norm(const float *x, const float *w, float *out, long rows, long d, float eps, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * d >= PARALLEL_MIN)
@@ -21,5 +41,19 @@ void rms_norm(const float *x, const float *w, float *out, long rows, long d, flo
     const float s = 1.f / sqrtf(ss / (float)d + eps);
 #pragma omp simd
     for (long c = 0; c < d; ++c) o[c] = xr[c] * s * w[c];
+  }
+}
+
+void rms_norm_bf16(const bf16 *x, const bf16 *w, bf16 *out, long rows, long d, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * d >= PARALLEL_MIN)
+  for (long r = 0; r < rows; ++r) {
+    const bf16 *xr = x + r * d;
+    bf16 *o = out + r * d;
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (long c = 0; c < d; ++c) ss += widen(xr[c]) * widen(xr[c]);
+    const float s = 1.f / sqrtf(ss / (float)d + eps);
+#pragma omp simd
+    for (long c = 0; c < d; ++c) o[c] = narrow(widen(xr[c]) * s * widen(w[c]));
   }
 }
