@@ -37,6 +37,8 @@ PERPLEXITY = "perplexity"  # the grid's metric a budget reads
 DENSE = "dense"
 # kv settings that do not change what a point measures, or that the budget itself picks
 _NOT_MATCHED = frozenset({"policy", "sparsity", "bits", "profile", "max_ppl_increase", "accuracy_grid"})
+# a point exactly at the budget meets it: ppl / dense - 1 carries float rounding of this order
+_AT_BUDGET = 1e-9
 # the columns that say which measurement setup a row belongs to: increases compare within one
 _SETUP = ["data", "eval_config", "dtype"]
 
@@ -115,14 +117,14 @@ def choose(kv: KVSpec, model: str, dtype: str | None) -> QualityChoice:
         raise _bad("kv.max_ppl_increase", f"{name} has no {policy} perplexity points for {model} with the job's "
                    "other kv settings: add them to the eval job's grid")
     budget = kv.max_ppl_increase
-    within = [p for p in points if p.increase <= budget]
+    within = [p for p in points if p.increase <= budget + _AT_BUDGET]
     if not within:
         best = min(points, key=lambda p: p.increase)
         raise _bad("kv.max_ppl_increase", f"no {policy} point of {name} is within +{_percent(budget)} of dense "
                    f"perplexity {dense:g} ({model}): the best, {best.describe()}; raise the budget or use another "
                    "kv.policy")
     chosen = max(within, key=lambda p: (p.sparsity, -p.bits))
-    over = [p for p in points if p.sparsity > chosen.sparsity and p.increase > budget]
+    over = [p for p in points if p.sparsity > chosen.sparsity and p not in within]
     return QualityChoice(budget=budget, grid=name, model=model, dtype=str(rows.dtype.iloc[0]),
                          tokens=str(dense_row.tokens_scored.iloc[0]), dense=dense, chosen=chosen,
                          next_over=min(over, key=lambda p: p.increase) if over else None)
