@@ -177,3 +177,13 @@ def test_a_budget_nothing_meets_fails_before_any_model_load(tmp_path, flag):
     assert out.returncode == 2
     assert out.stderr.startswith("error: kv.max_ppl_increase: no swa point") and out.stderr.count("\n") == 1
     assert "+3.02%" in out.stderr and not (tmp_path / "throughput.csv").exists()
+
+
+def test_a_run_prints_the_choice_and_its_row_records_the_kv_and_the_budget(tmp_path):
+    out = _run("jobs/smollm2-135m.yaml", *sum((["--set", s] for s in [
+        "kv.max_ppl_increase=0.1", f"output.dir={tmp_path}", "generation.max_new_tokens=4", "dataset.limit=2",
+        "batch.gpu_batch_size=2"]), []))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("kv: swa sparsity 0.8 bits 8 chosen: perplexity +7.56% <= 10% budget")
+    row = pd.read_csv(tmp_path / "throughput.csv").iloc[-1]
+    assert (row["kv_policy"], row["kv_sparsity"], row["kv_bits"], row["kv_max_ppl_increase"]) == ("swa", 0.8, 8, 0.1)
