@@ -229,6 +229,21 @@ def _row_text(r: dict) -> str:
     return f"{r['field'] or '-':<28} {r['name']}, {r['shape']}{seconds}: {r['value']:g} {r['unit']}"
 
 
+def _print_quality(job) -> int:
+    """`kv.max_ppl_increase`: print the KV its grid picks (run_job picks the same again); a budget nothing
+    meets is an error here, before any model loads. 0, or the exit code of that error."""
+    if job.kv.max_ppl_increase is None:
+        return 0
+    from runner.planner import resolve_quality  # heavy imports (torch) only when actually running
+    try:
+        _, choice = resolve_quality(job)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(choice.line(), flush=True)
+    return 0
+
+
 def _plan(job) -> int:
     """`--plan`: for the job (or each sweep point), its own plan and the searched ALISA and FlexGen plans,
     predicted side by side; printed, and one row per candidate in <output dir>/plan.csv."""
@@ -257,7 +272,10 @@ def _print_plan(job, report) -> None:
     import yaml
     from runner.planner import plan_sections
     budgets = ", ".join(f"{t.value} {format_gib(b)}" for t, b in report.budgets.items())
-    print(f"# profile {report.profile.name}; budgets {budgets}; {str(report.dtype).removeprefix('torch.')}")
+    if report.quality is not None:
+        print(f"# {report.quality.line()}")
+    print(f"# profile {report.profile.name}; budgets {budgets}; {str(report.dtype).removeprefix('torch.')}; "
+          f"kv {report.kv_label}")
     rows = [("job's own plan", report.job_plan, report.job_prediction, None)]
     rows += [(f"{name} (searched)", r.plan if r else None, r.prediction if r else None, r)
              for name, r in (("alisa", report.alisa), ("flexgen", report.flexgen))]
@@ -305,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.plan:
         return _plan(job)
+    if not job.sweep and (code := _print_quality(job)):
+        return code
     if args.ray is not None or job.cluster.on_ray:
         return _run_ray(args, job)
     if job.sweep:

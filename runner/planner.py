@@ -18,6 +18,7 @@ from runner.model.layers import num_params
 from runner.model.weights import available_memory
 from runner.plan.cost_model import Plan, Prediction, Workload, predict
 from runner.plan.hardware import HardwareProfile, PROFILE_DIR, load_profile
+from runner.plan.quality import QualityChoice, choose
 from runner.job import DatasetFormat, DType, Engine, JobSpec
 from runner.kv.spec import KVMode, QuantAxis
 from runner.memory.tiers import Tier
@@ -46,6 +47,19 @@ class PlanReport:
     dtype: torch.dtype  # the compute dtype planned (as a run on the profile's machine resolves `dtype: auto`)
     alisa: SearchResult | None
     flexgen: SearchResult | None
+    kv_label: str  # the KV planned: the job's, or what its quality budget picked
+    quality: QualityChoice | None  # what kv.max_ppl_increase picked, if the job states one
+
+
+def resolve_quality(job: JobSpec) -> tuple[JobSpec, QualityChoice | None]:
+    """`kv.max_ppl_increase`: the job with the sparsity and bits its model's accuracy grid says meet the
+    budget (runner.plan.quality), and the choice; a job without a budget unchanged. Reads one CSV, no weights:
+    a budget nothing meets fails here, before any model load."""
+    if job.kv.max_ppl_increase is None:
+        return job, None
+    dtype = None if job.model.dtype is DType.AUTO else job.model.dtype.value
+    choice = choose(job.kv, job.model.name or Path(job.model.path).stem, dtype)
+    return dataclasses.replace(job, kv=choice.kv(job.kv)), choice
 
 
 def job_profile(job: JobSpec, name: str | None = None) -> HardwareProfile:
@@ -139,7 +153,9 @@ def _alisa_ready(w: Workload) -> bool:
 
 
 def plan_job(job: JobSpec) -> PlanReport:
-    """The job's own plan predicted, and the searched ALISA and FlexGen plans, on its profile."""
+    """The job's own plan predicted, and the searched ALISA and FlexGen plans, on its profile (with the KV
+    its quality budget picks, if it states one)."""
+    job, quality = resolve_quality(job)
     if job.hardware.profile is None:
         raise PlanError("hardware.profile: required to plan (a shipped profile such as t4-16g, or a YAML path)")
     if job.engine is not Engine.ALISA:
@@ -156,7 +172,8 @@ def plan_job(job: JobSpec) -> PlanReport:
                       dtype=w.dtype,
                       alisa=search_alisa(w, profile, budgets, pick_buffer=_pinned_picks(job), **shape)
                       if _alisa_ready(w) else None,
-                      flexgen=search_flexgen(w, profile, budgets, **shape))
+                      flexgen=search_flexgen(w, profile, budgets, **shape), kv_label=job.kv.label(),
+                      quality=quality)
 
 
 def _pinned_picks(job: JobSpec) -> bool | None:
@@ -246,7 +263,8 @@ def plan_rows(report: PlanReport, job: JobSpec, sweep_point: str = "") -> list[d
     for name, plan, pred, result in (("job", report.job_plan, report.job_prediction, None),
                                      ("alisa", *_found(report.alisa)), ("flexgen", *_found(report.flexgen))):
         row = {"job": job.name, "sweep_point": sweep_point, "candidate": name, "profile": report.profile.name,
-               "model": model, "kv": job.kv.label(), "dtype": str(report.dtype).removeprefix("torch."),
+               "model": model, "kv": report.kv_label, "kv_max_ppl_increase": job.kv.max_ppl_increase,
+               "dtype": str(report.dtype).removeprefix("torch."),
                "fits": report.job_fits if name == "job" else pred is not None, "git_commit": commit}
         if plan is not None:
             row.update(gpu_batch_size=plan.gpu_batch_size, num_gpu_batches=plan.num_gpu_batches)

@@ -24,7 +24,7 @@ from runner.resume import GENERATIONS, REJECTS, RunState, locked, open_state, re
 from runner.run_loop import Loop, RunError, StopRequest, Totals
 from runner.engines.sampling import SamplingParams
 from runner.model.weights import LoadedModel, available_memory, load_model
-from runner.planner import resolve_run, run_dtype
+from runner.planner import resolve_quality, resolve_run, run_dtype
 from runner.units import format_gib, gib_to_bytes
 
 
@@ -166,6 +166,8 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh
     nothing and returns a row with status "complete" and no prompts, not written to the CSV.
     Raises Interrupted (after writing the row) when SIGINT or SIGTERM stopped it."""
     _check_engine(job)
+    budget = job.kv.max_ppl_increase
+    job, _ = resolve_quality(job)  # the KV a quality budget picks (run.py prints why), before any load
     try:  # a missing dataset fails now, not after the model loads
         check_readable(job.dataset)
     except DatasetError as e:
@@ -177,11 +179,12 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh
         torch.set_num_threads(job.hardware.num_threads)
     out_dir = _prepare_dir(job)
     with locked(out_dir):  # one run per output dir at a time: a second is refused here, before any work
-        return _run_locked(job, out_dir, device, dtype, progress=progress, sweep_point=sweep_point, fresh=fresh)
+        return _run_locked(job, out_dir, device, dtype, progress=progress, sweep_point=sweep_point, fresh=fresh,
+                           budget=budget)
 
 
 def _run_locked(job: JobSpec, out_dir: os.PathLike, device: torch.device, dtype: torch.dtype, *, progress: bool,
-                sweep_point: str, fresh: bool) -> dict:
+                sweep_point: str, fresh: bool, budget: float | None) -> dict:
     step = job.batch.gpu_batch_size * (job.batch.num_gpu_batches if job.offload is not None else 1)
     state = open_state(job, job.dataset.bucket or step, fresh=fresh)
     if state.complete:
@@ -214,7 +217,7 @@ def _run_locked(job: JobSpec, out_dir: os.PathLike, device: torch.device, dtype:
         engine.close()  # the executor's disk files go, whether the run finished or failed
     _plot(job, state)
     row = _row(job, loaded, totals, device, dtype, started, sweep_point, offload_columns,
-               status="interrupted" if loop.interrupted else "complete", resumed=resumed)
+               status="interrupted" if loop.interrupted else "complete", resumed=resumed, budget=budget)
     append_csv_row(job.throughput_csv, row)
     if loop.interrupted:
         raise Interrupted(row, stop.signum or signal.SIGINT, out_dir)
@@ -343,7 +346,7 @@ def _plot(job: JobSpec, state: RunState) -> None:
 
 
 def _row(job: JobSpec, loaded: LoadedModel, totals: Totals, device: torch.device, dtype: torch.dtype, started: str,
-         sweep_point: str, offload_columns: dict, *, status: str, resumed: int) -> dict:
+         sweep_point: str, offload_columns: dict, *, status: str, resumed: int, budget: float | None) -> dict:
     peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return throughput_row(
         prefill_latency_s=totals.prefill_s, decode_latency_s=totals.decode_s, num_prompts=totals.prompts,
@@ -359,7 +362,7 @@ def _row(job: JobSpec, loaded: LoadedModel, totals: Totals, device: torch.device
                           if job.engine is EngineKind.ALISA else ""),
         greedy_head=_greedy_head(job, device, dtype),
         kv_sparsity=job.kv.sparsity, kv_budget_tokens=job.kv.budget_tokens, kv_bits=job.kv.bits,
-        kv_peak_bytes=totals.kv_peak_bytes, **_link_columns(job), **offload_columns,
+        kv_peak_bytes=totals.kv_peak_bytes, kv_max_ppl_increase=budget, **_link_columns(job), **offload_columns,
         **{f"kv_{phase}_s": round(s, 4) for phase, s in totals.kv_phase_s.items()},
         status=status, resumed_prompts=resumed, rejected_prompts=totals.rejects, workers=1,
         **_predicted(job, loaded, totals, device, dtype))

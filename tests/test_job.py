@@ -229,7 +229,8 @@ def test_parse_override_and_set_dotted():
     set_dotted(d, "batch.gpu_batch_size", 2)
     assert d == {"batch": {"gpu_batch_size": 2}}
     with pytest.raises(JobError, match=r"^kv.polcy: unknown key \(known: policy, sparsity, budget_tokens, mode, "
-                                      r"score, window, sinks, per_head, bits, group_size, quant_axis, profile\)$"):
+                                      r"score, window, sinks, per_head, bits, group_size, quant_axis, profile, "
+                                      r"max_ppl_increase, accuracy_grid\)$"):
         set_dotted(d, "kv.polcy", "dense")
 
 

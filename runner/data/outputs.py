@@ -63,6 +63,7 @@ _BASE_COLUMNS: tuple[str, ...] = (
     "decode_attention",  # our engine's decode attention kernels: native | torch (runner.model.kernels)
     "greedy_head",  # our engine's greedy argmax: bf16-screen | full (runner.model.greedy_head); empty when sampling
     "kv_mode", "kv_sparsity", "kv_budget_tokens", "kv_bits", "kv_peak_bytes",
+    "kv_max_ppl_increase",  # the job's quality budget, when kv_sparsity and kv_bits are what it picked
     *KV_PHASE_COLUMNS,
     # the run itself: complete | interrupted; prompts finished by earlier runs of the same job (resumed),
     # dataset records rejected (rejects.jsonl) by this run; Ray workers (1 without a cluster)

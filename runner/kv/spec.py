@@ -52,8 +52,13 @@ class KVSpec(_Spec):
     group_size: int = 64
     quant_axis: QuantAxis = QuantAxis.HIDDEN
     profile: bool = False  # time decode phases into the CSV's kv_*_s columns (syncs CUDA per lap)
+    # A quality budget: the largest relative perplexity increase over the model's dense fp-KV row that
+    # the job accepts; sparsity and bits are then picked from an accuracy grid (runner.plan.quality).
+    max_ppl_increase: float | None = None
+    accuracy_grid: str | None = None  # that grid's accuracy.csv (default: the model's committed one)
 
     def _validate(self) -> None:
+        self._check_budget()
         if self.bits not in (16, 8, 4):
             raise _bad("kv.bits", f"must be 16, 8 or 4, got {self.bits}")
         if self.group_size < 2 or self.group_size % 2:
@@ -62,6 +67,26 @@ class KVSpec(_Spec):
             raise _bad("kv.quant_axis", "channel groups span tokens, so they cannot be compacted: "
                        "use quant_axis: hidden with mode: evict")
         self.make_policy()  # a bad policy name or parameter fails when the job loads
+
+    def _check_budget(self) -> None:
+        """A quality budget picks sparsity and bits itself, so a job that also states them is refused
+        rather than silently overridden (bits 16, the default, cannot be told apart from unset)."""
+        if self.max_ppl_increase is None:
+            if self.accuracy_grid is not None:
+                raise _bad("kv.accuracy_grid", "only used with kv.max_ppl_increase (the grid it picks from)")
+            return
+        if not 0 < self.max_ppl_increase <= 1:
+            raise _bad("kv.max_ppl_increase", f"must be in (0, 1] (0.03 = perplexity at most 3% above dense), "
+                       f"got {self.max_ppl_increase}")
+        for key, value, unset in (("sparsity", self.sparsity, None), ("budget_tokens", self.budget_tokens, None),
+                                  ("bits", self.bits, 16)):
+            if value != unset:
+                raise _bad(f"kv.{key}", "picked by kv.max_ppl_increase from the accuracy grid; remove one of them")
+
+    @property
+    def budget_pending(self) -> bool:
+        """A quality budget whose sparsity and bits are not picked yet (runner.planner.resolve_quality)."""
+        return self.max_ppl_increase is not None
 
     def make_policy(self):
         """The registered policy object this section describes."""
@@ -75,6 +100,9 @@ class KVSpec(_Spec):
 
     def settings(self) -> KVSettings:
         """The runtime `KVSettings` for `runner.kv.store.KVStore`."""
+        if self.budget_pending:  # a run or plan of the unresolved section would silently attend everything
+            raise _bad("kv.max_ppl_increase", "not resolved yet: runner.planner.resolve_quality picks kv.sparsity "
+                       "and kv.bits before a plan or run")
         return KVSettings(policy=self.make_policy(), mode=self.mode, bits=self.bits, group_size=self.group_size,
                           quant_axis=self.quant_axis, profile=self.profile)
 
@@ -95,4 +123,6 @@ class KVSpec(_Spec):
             parts.append("per-head")
         if self.bits != 16:
             parts.append(f"int{self.bits}")
+        if self.max_ppl_increase is not None:
+            parts.append(f"ppl<=+{self.max_ppl_increase:.1%}")
         return " ".join(parts)
