@@ -94,11 +94,9 @@ def prompt_shape(job: JobSpec, cfg: ModelConfig) -> tuple[int, int]:
     return max(len(i) for i in ids), len(ids)
 
 
-def plan_dtype(job: JobSpec, profile: HardwareProfile, cfg: ModelConfig) -> torch.dtype:
-    """The dtype a run on the profile's machine uses (`runner.job.DType.torch_dtype`, as runs resolve it):
-    whether fp32 weights fit is judged against the profile's RAM."""
-    fits = weight_bytes(cfg, torch.float32) <= profile.budget_bytes(Tier.CPU)
-    return job.model.dtype.torch_dtype(profile.accelerator, fp32_fits=fits, native_bf16=profile.native_bf16)
+def plan_dtype(job: JobSpec, profile: HardwareProfile) -> torch.dtype:
+    """The dtype a run on the profile's machine uses (`runner.job.DType.torch_dtype`, as runs resolve it)."""
+    return job.model.dtype.torch_dtype(profile.accelerator, native_bf16=profile.native_bf16)
 
 
 def weight_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -110,7 +108,7 @@ def job_workload(job: JobSpec, cfg: ModelConfig, profile: HardwareProfile,
                  shape: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> Workload:
     prompt_len, count = shape or prompt_shape(job, cfg)
     return Workload(cfg=cfg, prompt_len=prompt_len, gen_len=job.generation.max_new_tokens, num_prompts=count,
-                    dtype=dtype or plan_dtype(job, profile, cfg), kv=job.kv.settings())
+                    dtype=dtype or plan_dtype(job, profile), kv=job.kv.settings())
 
 
 def run_profile(job: JobSpec, device: torch.device, *, this_machine: bool = False) -> HardwareProfile | None:
@@ -285,20 +283,17 @@ def _found(result: SearchResult | None) -> tuple:
 
 # ---------------------------------------------------------------- what a run on this machine runs
 
-def resolve_dtype(dtype: DType, device: torch.device, fp32_bytes: int | None = None,
-                  ram_bytes: int | None = None) -> torch.dtype:
-    """The run's compute dtype (`DType.torch_dtype`). On a CPU, `auto` turns bf16 when the model's fp32
-    weights (`fp32_bytes`) exceed `ram_bytes` (default: the RAM available now) and the CPU has native bf16."""
-    fits = fp32_bytes is None or fp32_bytes <= (ram_bytes if ram_bytes is not None else available_memory(device))
-    return dtype.torch_dtype(accelerator=device.type == "cuda", fp32_fits=fits, native_bf16=kernels.native_bf16())
+def resolve_dtype(dtype: DType, device: torch.device, *, native_bf16: bool | None = None) -> torch.dtype:
+    """The run's compute dtype (`DType.torch_dtype`): `native_bf16` defaults to whether this CPU has
+    native bf16 dot products (`kernels.native_bf16`)."""
+    native = kernels.native_bf16() if native_bf16 is None else native_bf16
+    return dtype.torch_dtype(accelerator=device.type == "cuda", native_bf16=native)
 
 
 def run_dtype(job: JobSpec, device: torch.device) -> torch.dtype:
-    """`resolve_dtype` for the job's model, sized from its config (no weights read)."""
-    if job.model.dtype is not DType.AUTO or device.type == "cuda" or job.engine is not Engine.ALISA:
-        return resolve_dtype(job.model.dtype, device)
-    ram = gib_to_bytes(job.hardware.memory_gib) if job.hardware.memory_gib is not None else None
-    return resolve_dtype(job.model.dtype, device, weight_bytes(model_config(job), torch.float32), ram)
+    """`resolve_dtype` for the job's engine: the `hf` baseline's `auto` is transformers' stock CPU path,
+    fp32 (a bench that wants HF in bf16 says `dtype: bfloat16`)."""
+    return resolve_dtype(job.model.dtype, device, native_bf16=False if job.engine is Engine.HF else None)
 
 
 def resolve_run(job: JobSpec, device: torch.device, dtype: torch.dtype) -> JobSpec:

@@ -60,7 +60,7 @@ def test_quick_calibration_gives_plausible_figures(quick):
 
 
 def test_the_profile_records_whether_the_cpu_has_native_bf16(quick):
-    """`dtype: auto` plans bf16 on such a CPU when fp32 weights exceed RAM (runner.planner.plan_dtype)."""
+    """`dtype: auto` plans bf16 on such a CPU (runner.planner.plan_dtype)."""
     from runner.model import kernels
     assert quick[0].native_bf16 == kernels.native_bf16() and not quick[0].accelerator
 

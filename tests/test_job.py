@@ -364,5 +364,7 @@ def test_dtype_maps_to_torch_as_runs_and_plans_resolve_it():
     import torch
     assert DType.AUTO.torch_dtype(accelerator=True) is torch.float16
     assert DType.AUTO.torch_dtype(accelerator=False) is torch.float32
+    assert DType.AUTO.torch_dtype(accelerator=False, native_bf16=True) is torch.bfloat16  # AVX512-BF16, AMX
+    assert DType.AUTO.torch_dtype(accelerator=True, native_bf16=True) is torch.float16
     assert DType("bf16").torch_dtype(accelerator=False) is torch.bfloat16
     assert {d.torch_dtype(True) for d in DType if d is not DType.AUTO} == {torch.float32, torch.float16, torch.bfloat16}

@@ -56,6 +56,20 @@ def test_budget_covering_everything_equals_dense(lm, ids, dense, policy):
     torch.testing.assert_close(logits, dense, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("policy", ["swa", "h2o"])
+def test_a_bf16_models_scores_and_full_budget_equal_its_dense_run(smollm2_loaded, ids, policy):
+    """bf16 on the CPU: the native kernels read a bf16 cache and give fp32 probabilities, which the fp32
+    score state takes; a budget covering everything still equals the bf16 model's dense run exactly."""
+    cfg, weights, _ = smollm2_loaded
+    lm16 = LM(cfg, {k: v.bfloat16() for k, v in weights.items()}, torch.device("cpu"), torch.bfloat16)
+    dense16, _ = _run(lm16, *_two_rows(ids), KVSpec())
+    logits, batch = _run(lm16, *_two_rows(ids), KVSpec(policy=policy, budget_tokens=PROMPT + STEPS))
+    assert logits.dtype == torch.bfloat16 and batch.kv.scores[0].acc.dtype == torch.float32
+    torch.testing.assert_close(logits, dense16, rtol=0, atol=0)
+    sparse, _ = _run(lm16, *_two_rows(ids), KVSpec(policy=policy, sparsity=0.5))
+    assert torch.isfinite(sparse).all() and (sparse[1:].float() - dense16[1:].float()).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("policy", SPARSE)
 def test_sparse_policy_changes_logits(lm, ids, dense, policy):
     logits, _ = _run(lm, *_two_rows(ids), KVSpec(policy=policy, sparsity=0.5))

@@ -74,6 +74,7 @@ class ScoreState:
 
     def observe(self, positions: Tensor | None, weights: Tensor, window: int) -> None:
         """Add one decode step's attention: weights (b, g, m) at positions (b|1, g|1, m), None = 0..m."""
+        weights = weights.to(self.acc.dtype)  # a 16-bit model's probabilities (the torch decode path)
         if self.mode is ScoreMode.DECAY:
             self.acc.mul_(1.0 - 1.0 / window)
         self._add(positions, weights)

@@ -130,7 +130,9 @@ class KVStore:
         self.scores = None
         if scoring is not None:
             track = scoring.permanent and not self.evict
-            self.scores = [ScoreState(scoring, b, self.groups, max_len, dtype, device, track)
+            # fp32 whatever the model's dtype: sums of many small probabilities lose their low bits in
+            # 16 bits (and the native decode kernels give fp32 probabilities for a bf16 cache).
+            self.scores = [ScoreState(scoring, b, self.groups, max_len, torch.float32, device, track)
                            for _ in range(cfg.num_layers)]
         if self.evict:
             self.slot_pos = [torch.zeros((b, self.groups, capacity), dtype=torch.long, device=device)

@@ -112,7 +112,7 @@ def calibrate(*, device: torch.device, offload_dir: str, quick: bool = False, na
         rows += _link_rows(mem, sizes, timer) + _disk_rows(mem, sizes, timer) + _transfer_rows(mem, timer)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     rows += _compute_rows(device, dtype, sizes, timer, "gpu")
-    if device.type == "cpu" and kernels.native_bf16():  # `dtype: auto` may run bf16 here (too big for fp32)
+    if device.type == "cpu" and kernels.native_bf16():  # `dtype: auto` runs bf16 here
         rows += C.matmul(device, torch.bfloat16, sizes.matmul_n, timer, "tflops.gpu_matmul_bf16")
     if device.type == "cuda":
         rows += _compute_rows(_CPU, torch.float32, host, host_timer, "cpu")

@@ -125,10 +125,10 @@ class HardwareProfile(_Spec):
     tflops: Compute
     quant_ns: QuantCosts
     overhead_us: Overheads = dataclasses.field(default_factory=Overheads)
-    # false: the compute device is the CPU itself (no accelerator): `dtype: auto` plans fp32, as runs do there
+    # false: the compute device is the CPU itself (no accelerator): `dtype: auto` plans fp32 or bf16 there
     accelerator: bool = True
     # accelerator false: the CPU has native bf16 dot products (AVX512-BF16, AMX), so `dtype: auto` plans
-    # bf16 for a model whose fp32 weights exceed RAM, as runs on it do (runner.job.DType.torch_dtype)
+    # bf16, as runs on it do (runner.job.DType.torch_dtype)
     native_bf16: bool = False
     # Share of each tier's capacity a plan may fill (FlexGen's cost model uses 0.8): allocator slack,
     # fragmentation, the CUDA context and the OS.

@@ -43,13 +43,6 @@ static inline vf load_bf16(const bf16 *p) {
   return v;
 }
 
-static inline float widen(bf16 h) {
-  unsigned bits = (unsigned)h << 16;
-  float f;
-  memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
 /* W elements of a K or V buffer from element i: fp32, or bf16 widened (`half` is a constant at
  * every call site, so each entry point compiles to its own loop). */
 static inline __attribute__((always_inline)) vf load_kv(const void *base, long i, int half) {
@@ -110,10 +103,18 @@ static inline __attribute__((always_inline)) void scores(const float *q, const v
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long p = 0; p < pairs; ++p) {
     const long kp = pair_rows(p, kvh, batch_stride, head_stride);
+    float wide[W * MAX_D];  /* a bf16 block of W keys, widened once for all g heads */
     long j0 = 0;
-    for (; j0 + W <= t; j0 += W)  /* W keys at a time: they stay in L1 across the g heads */
+    for (; j0 + W <= t; j0 += W) {  /* W keys at a time: they stay in L1 across the g heads */
+      if (half)
+        for (long c = 0; c < W * d; c += W) {
+          vf x = load_kv(k, kp + j0 * d + c, 1);
+          memcpy(wide + c, &x, sizeof x);
+        }
       for (long i = 0; i < g; ++i)  /* a constant n: the compiler drops the per-key test here */
-        score_block(q + (p * g + i) * d, k, kp + j0 * d, W, d, scale, s + (p * g + i) * row_stride + j0, half);
+        score_block(q + (p * g + i) * d, half ? (const void *)wide : k, half ? 0 : kp + j0 * d, W, d, scale,
+                    s + (p * g + i) * row_stride + j0, 0);
+    }
     for (long i = 0; j0 < t && i < g; ++i)
       score_block(q + (p * g + i) * d, k, kp + j0 * d, t - j0, d, scale, s + (p * g + i) * row_stride + j0,
                   half);
@@ -144,22 +145,16 @@ static inline __attribute__((always_inline)) void values(const float *probs, con
       long n = g - i0 < MAX_G ? g - i0 : MAX_G;
       const float *pp = probs + (p * g + i0) * row_stride;
       float *op = out + (p * g + i0) * d;
-      float acc[MAX_G][MAX_D];
+      vf acc[MAX_G][MAX_D / W];
       for (long i = 0; i < n; ++i)
-        for (long c = 0; c < d; ++c) acc[i][c] = accumulate ? op[i * d + c] : 0.f;
+        for (long c = 0; c < d; c += W) acc[i][c / W] = accumulate ? load(op + i * d + c) : (vf){0};
       for (long j = 0; j < t; ++j) {
         const long vj = vp + j * d;
+        vf row[MAX_D / W];  /* widened once for all n heads */
+        for (long c = 0; c < d; c += W) row[c / W] = load_kv(v, vj + c, half);
         for (long i = 0; i < n; ++i) {
           const float wgt = pp[i * row_stride + j];
-          if (half) {
-            const bf16 *row = (const bf16 *)v + vj;
-#pragma omp simd
-            for (long c = 0; c < d; ++c) acc[i][c] += wgt * widen(row[c]);
-          } else {
-            const float *row = (const float *)v + vj;
-#pragma omp simd
-            for (long c = 0; c < d; ++c) acc[i][c] += wgt * row[c];
-          }
+          for (long c = 0; c < d; c += W) acc[i][c / W] += wgt * row[c / W];
         }
       }
       for (long i = 0; i < n; ++i) memcpy(op + i * d, acc[i], d * sizeof(float));
