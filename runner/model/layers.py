@@ -22,8 +22,9 @@ from runner.model.config import Mlp, ModelConfig, Norm, Positions
 
 Shapes = dict[str, tuple[int, ...]]
 
-# Weights the units read only through `kernels.linear` (and `kernels.plain`), so an all-resident
-# model may hold them packed (`kernels.pack`). The embedding's rows are indexed, never packed.
+# Weights the units read only through `kernels.linear` (and `kernels.weight_rows`), so an all-resident
+# model may hold them packed (`kernels.pack`) or int8 (`runner.model.int8`). The embedding's rows are
+# indexed, never packed.
 LINEAR_WEIGHTS = frozenset({"qkv_w", "o_w", "gate_up_w", "down_w", "fc1_w", "fc2_w", "lm_w"})
 
 
