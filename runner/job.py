@@ -92,10 +92,15 @@ class ModelSpec(_Spec):
     name: str | None = None  # preset name (e.g. smollm2-135m); checked by the model loader
     path: str = "auto"  # "auto" | "dummy" | a checkpoint directory | a .gguf file
     dtype: DType = DType.AUTO
+    # 8: the layers' linear weights held as int8 (per-output-channel, runner/model/int8.py); the embedding,
+    # norms and head stay in `dtype`. Unset: every weight in `dtype`.
+    weight_bits: int | None = None
 
     def _validate(self) -> None:
         if self.path in ("auto", "dummy") and self.name is None:
             raise _bad("model.name", f"required when model.path is {self.path!r}")
+        if self.weight_bits not in (None, 8):
+            raise _bad("model.weight_bits", f"must be 8 (int8 linear weights) or unset, got {self.weight_bits}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -188,6 +193,9 @@ class JobSpec(_Spec):
         if self.eval is not None:
             self._check_eval()
         self._check_offload()
+        if self.model.weight_bits is not None and (self.engine is not Engine.ALISA or self.offload is not None):
+            raise _bad("model.weight_bits", "int8 weights run on the alisa engine without offload (the block "
+                       "executor moves float weights)")
         if self.auto_batch and not self.auto_offload:
             raise _bad("batch", "auto: the plan search picks the batch shape with offload: auto")
         points = math.prod(len(values) for _, values in self.sweep)

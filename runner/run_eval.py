@@ -90,6 +90,13 @@ def _model_name(job: JobSpec) -> str:
     return job.model.name or Path(job.model.path).stem
 
 
+def weights_label(dtype: torch.dtype, weight_bits: int | None) -> str:
+    """The CSV's dtype column: the model dtype, with "+int8w" when the linear weights are int8
+    (model.weight_bits: 8), so rows of both sit side by side in one accuracy.csv."""
+    name = str(dtype).removeprefix("torch.")
+    return f"{name}+int8w" if weight_bits == 8 else name
+
+
 def point_key(job: JobSpec, dtype: str, point: Point) -> tuple[str, ...]:
     return (job.eval.task.value, data_label(point.data), _model_name(job), dtype, kv_config(point.kv),
             eval_config(job.eval))
@@ -146,7 +153,7 @@ def run_eval(job: JobSpec, *, progress: bool = True) -> EvalReport:
     check_data(spec)
     device = resolve_device(job.hardware.device)
     dtype = resolve_dtype(job.model.dtype, device)
-    dtype_name = str(dtype).removeprefix("torch.")
+    dtype_name = weights_label(dtype, job.model.weight_bits)
     if job.hardware.num_threads:
         torch.set_num_threads(job.hardware.num_threads)
     out_dir = job.output_dir
@@ -170,7 +177,7 @@ def run_eval(job: JobSpec, *, progress: bool = True) -> EvalReport:
 def _run_points(job: JobSpec, todo: list[Point], device: torch.device, dtype: torch.dtype, csv_path: Path,
                 progress: bool, skipped: int) -> None:
     loaded = load_model(name=job.model.name, path=job.model.path, dtype=dtype, device=device, seed=0)
-    lm = LM(loaded.config, loaded.weights, device, dtype)
+    lm = LM(loaded.config, loaded.weights, device, dtype, weight_bits=job.model.weight_bits)
     data = _Data(job.eval, loaded)
     commit = git_commit()
     bar = tqdm(total=skipped + len(todo), initial=skipped, unit="point", disable=not progress, dynamic_ncols=True)
@@ -191,7 +198,7 @@ def _common(job: JobSpec, loaded: LoadedModel, dtype: torch.dtype, point: Point,
     ppl = spec.task is EvalTask.PERPLEXITY
     return dict(
         job=job.name, task=spec.task.value, data=data_label(point.data), model=_model_name(job),
-        dtype=str(dtype).removeprefix("torch."), kv_policy=kv.policy, kv_label=kv_label(kv),
+        dtype=weights_label(dtype, job.model.weight_bits), kv_policy=kv.policy, kv_label=kv_label(kv),
         sparsity=kv.sparsity if kv.sparsity is not None else (0.0 if kv.policy == "dense" else ""),
         budget_tokens=kv.budget_tokens if kv.budget_tokens is not None else "", bits=kv.bits, mode=kv.mode.value,
         score=kv.score or "", prefill_len=spec.prefill_len if ppl else "", windows=spec.windows if ppl else "",

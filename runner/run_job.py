@@ -46,7 +46,7 @@ def _make_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype:
     if job.offload is not None:
         return _offload_engine(job, loaded, device, dtype)
     from runner.engines.alisa import AlisaEngine
-    return AlisaEngine(loaded, device, dtype, job.kv.settings())
+    return AlisaEngine(loaded, device, dtype, job.kv.settings(), weight_bits=job.model.weight_bits)
 
 
 def _offload_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> Engine:

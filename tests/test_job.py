@@ -114,6 +114,11 @@ def test_unknown_key_names_dotted_path_and_known_keys():
     ({"generation": {"stop": ["ok", ""]}}, "generation.stop[1]", "non-empty string"),
     ({"hardware": {"device": "tpu"}}, "hardware.device", "must be one of auto, cpu, cuda"),
     ({"model": {"path": "dummy"}}, "model.name", "required when model.path is 'dummy'"),
+    ({"model": {"name": "x", "weight_bits": 4}}, "model.weight_bits", "must be 8 (int8 linear weights) or unset, got 4"),
+    ({"model": {"name": "x", "weight_bits": 16}}, "model.weight_bits", "must be 8"),
+    ({"model": {"name": "x", "weight_bits": "eight"}}, "model.weight_bits", "must be an integer"),
+    ({"model": {"name": "x", "weight_bits": 8}, "engine": "hf"}, "model.weight_bits", "alisa engine without offload"),
+    ({"model": {"name": "x", "weight_bits": 8}, "offload": {}}, "model.weight_bits", "alisa engine without offload"),
     ({"dataset": {"path": "p.xlsx"}}, "dataset.format", "cannot infer"),
     ({"dataset": {"path": "p.jsonl", "template": "no placeholder"}}, "dataset.template", "at least one field"),
     ({"dataset": {"path": "a.txt", "format": "synthetic", "num_prompts": 8}}, "dataset.prompt_len", "required"),
@@ -139,6 +144,12 @@ def test_bad_values_name_the_key(sections, key, detail):
     assert str(e.value).startswith(f"{key}: ")
     assert detail in str(e.value)
     assert e.value.key == key
+
+
+def test_weight_bits_8_is_accepted_and_unset_by_default():
+    assert job_from_dict(minimal()).model.weight_bits is None
+    job = job_from_dict(minimal(model={"name": "x", "weight_bits": 8}))
+    assert job.model.weight_bits == 8 and job.to_dict()["model"]["weight_bits"] == 8
 
 
 def test_missing_required_section():

@@ -14,10 +14,10 @@ class AlisaEngine:
     name = "alisa"
 
     def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
-                 kv: KVSettings | None = None):
+                 kv: KVSettings | None = None, weight_bits: int | None = None):
         # The LM packs the linear weights (kernels.pack) and takes them out of `loaded`, so the plain
         # copies are freed as it goes.
-        self.lm = LM(loaded.config, loaded.weights, device, dtype, release=True)
+        self.lm = LM(loaded.config, loaded.weights, device, dtype, release=True, weight_bits=weight_bits)
         self.kv = kv
         self.tokenizer: TextDecoder = loaded.tokenizer
 

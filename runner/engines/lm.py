@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from runner.model import greedy_head, kernels, ops as M
+from runner.model import greedy_head, int8, kernels, ops as M
 from runner.model.config import ModelConfig, Positions
 from runner.kv.spec import KVSettings
 from runner.kv.store import KVStore
@@ -28,14 +28,16 @@ class Pack(enum.Enum):
 
 class LM:
     def __init__(self, cfg: ModelConfig, weights: dict[str, Tensor], device: torch.device, dtype: torch.dtype,
-                 pack: Pack = Pack.UNSHARED, release: bool = False, screen: bool | None = None):
+                 pack: Pack = Pack.UNSHARED, release: bool = False, screen: bool | None = None,
+                 weight_bits: int | None = None):
         """`release`: drop each weight the LM packs from `weights` once its packed copy exists, so
         packing holds one weight twice at a time, not the model (the caller's dict is consumed).
         `screen`: give an fp32 or bf16 model's head a bf16 screen for greedy decoding (`runner.model.greedy_head`;
         a bf16 copy of the head, 57 MB on SmolLM2): None where `kernels.bf16_screen` says it pays,
         True always (correct anywhere, slow without bf16 dot products), False never. A screened
         head's fp32 matrix stays plain (the screen indexes its rows), so an untied head's full
-        logits (sampling, scoring) lose packing's speed-up."""
+        logits (sampling, scoring) lose packing's speed-up.
+        `weight_bits`: 8 quantizes the layers' linear weights to int8 (`_quantize`); None keeps `dtype`."""
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.units: list[Unit] = build_units(cfg)
         self.unit_weights = [_weights_of(u, weights) for u in self.units]
@@ -44,11 +46,26 @@ class LM:
         if screen and dtype in (torch.float32, torch.bfloat16):  # the screen's bound is for fp32 logits
             head = self.unit_weights[-1]  # build_units puts the head last
             head.update(greedy_head.build_screen(head["lm_w"]))
+        if weight_bits == 8:
+            self._quantize(release=weights if release else None)
+        elif weight_bits is not None:
+            raise ValueError(f"weight_bits: 8 or None, got {weight_bits}")
         if pack is not Pack.NONE:
             self._pack(shared=pack is Pack.ALL, release=weights if release else None)
         self.rope = None
         if cfg.arch.positions is Positions.ROPE:
             self.rope = M.rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, dtype, device)
+
+    def _quantize(self, release: dict[str, Tensor] | None) -> None:
+        """Hold every unit's linear weights but the head's as int8 (`runner.model.int8`). The head stays in
+        the model dtype: its greedy screen (`runner.model.greedy_head`) bounds fp32-vs-bf16 logits, and a
+        quantized head could pick another token than fp32's. A tied head is the embedding's matrix,
+        which stays in the model dtype anyway."""
+        for unit, w in zip(self.units, self.unit_weights):
+            for key in sorted(LINEAR_WEIGHTS & w.keys() - {"lm_w"}):
+                w[key] = int8.quantize(w[key])
+                if release is not None:
+                    release.pop(f"{unit.prefix}.{key}", None)
 
     def _pack(self, shared: bool, release: dict[str, Tensor] | None) -> None:
         """Hold the linear weights in oneDNN's packed layout (`kernels.pack`; CPU fp32, and bf16 where native). The
@@ -58,11 +75,11 @@ class LM:
         uses: dict[int, int] = {}  # by storage: a tied head may be another tensor over the same memory
         for w in self.unit_weights:
             for t in w.values():
-                if not t.is_mkldnn:  # an opaque tensor (the head's packed screen) shares with nothing
+                if isinstance(t, Tensor) and not t.is_mkldnn:  # an opaque tensor (the head's packed screen) shares with nothing
                     uses[_storage(t)] = uses.get(_storage(t), 0) + 1
         for unit, w in zip(self.units, self.unit_weights):
             for key in sorted(LINEAR_WEIGHTS & w.keys()):
-                if key == "lm_w" and greedy_head.SCREEN in w:
+                if (key == "lm_w" and greedy_head.SCREEN in w) or isinstance(w[key], int8.Int8Weight):
                     continue  # the screen's candidates index the head's rows: it stays a plain matrix
                 if shared or uses[_storage(w[key])] == 1:
                     w[key] = kernels.pack(w[key])

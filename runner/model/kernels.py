@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from runner.model import native
+from runner.model.int8 import Int8Weight, dequantize
+
+
 def _has_onednn_linear() -> bool:
     try:
         return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -28,8 +31,8 @@ _ONEDNN = _has_onednn_linear()
 PACK_ROWS = 32
 
 
-def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """F.linear, through oneDNN on CPU fp32 (w plain or from `pack`).
+def linear(x: Tensor, w: Tensor | Int8Weight, b: Tensor | None = None) -> Tensor:
+    """F.linear, through oneDNN on CPU fp32 (w plain or from `pack`); an int8 weight through `linear_int8`.
 
     MKL's sgemm (F.linear's CPU path) handles the skinny (few-row) products of decode poorly.
     On this project's current 2-core AVX-512 machine, an ad-hoc microbenchmark (not a committed
@@ -38,9 +41,51 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     2-core AVX2 machine favoured MKL for the narrow down projection only, by a little. Same fp32
     math, no weight copy; one kernel everywhere keeps results independent of shape choices.
     """
+    if isinstance(w, Int8Weight):
+        return linear_int8(x, w, b)
     if w.is_mkldnn or (x.device.type == "cpu" and x.dtype == w.dtype and _onednn_dtype(w.dtype)):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
     return F.linear(x, w, b)
+
+
+# Rows up to which `linear_int8` runs torch's weight-only int8 kernel; above, it dequantizes the weight.
+# Ad-hoc microbenchmark, 1 thread (the 2 cores were shared; rough): SmolLM2's gate_up (3072x576) took
+# 89 us at 1 row (packed bf16 167, packed fp32 302), 338 at 8 (bf16 167), 2.7 ms at 64 (dequantize to
+# bf16 + oneDNN 4.1, noisy) and 21.6 ms at 512 (dequantize + bf16 2.8): its cost grows with the rows
+# (no blocking over them) while dequantizing once is amortized by many rows.
+INT8_KERNEL_MAX_ROWS = 64
+_INT8_K_MULTIPLE = 16  # torch 2.13's kernel reads the input dim in blocks: other sizes crashed or were wrong
+
+
+def linear_int8(x: Tensor, w: Int8Weight, b: Tensor | None = None) -> Tensor:
+    """x (..., in) @ dequantize(w).T (+ b), in x's dtype (fp32 or bf16; others dequantize to x's dtype).
+
+    On the CPU, at decode's few rows: torch's weight-only int8 kernel (`_weight_int8pack_mm`, gpt-fast's),
+    which reads the int8 weight once, a quarter of fp32's bytes. It runs only in bf16 (with fp32 x it
+    was 5-10x slower): x is rounded to bf16 and so is each output, one rounding each (relative 2^-9),
+    smaller than the weight's quantization error (`runner.model.int8`). With more rows, the weight is
+    dequantized to bf16 (exact where the scale is: q * scale needs at most 15 bits; else one rounding)
+    for oneDNN's native bf16 product where the CPU has one, else to x's dtype for F.linear.
+    """
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    kernel_ok = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                 and w.q.shape[1] % _INT8_K_MULTIPLE == 0)
+    if kernel_ok and 0 < rows <= INT8_KERNEL_MAX_ROWS:
+        x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
+        out = torch.ops.aten._weight_int8pack_mm(x2, w.q, w.scale).reshape(*x.shape[:-1], -1).to(x.dtype)
+    elif kernel_ok and _BF16_DOT:
+        wd = dequantize(w, torch.bfloat16)
+        out = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16).contiguous(), wd, None, "none", [], "").to(x.dtype)
+    else:
+        out = F.linear(x, dequantize(w, x.dtype))
+    return out if b is None else out + b
+
+
+def weight_rows(w: Tensor | Int8Weight, rows: slice) -> Tensor | Int8Weight:
+    """Output rows `rows` of a linear weight, packed (copied out), plain or int8 (q and scale sliced)."""
+    if isinstance(w, Int8Weight):
+        return Int8Weight(w.q[rows], w.scale[rows])
+    return plain(w)[rows]
 
 
 def _onednn_dtype(dtype: torch.dtype) -> bool:

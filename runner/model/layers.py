@@ -22,8 +22,9 @@ from runner.model.config import Mlp, ModelConfig, Norm, Positions
 
 Shapes = dict[str, tuple[int, ...]]
 
-# Weights the units read only through `kernels.linear` (and `kernels.plain`), so an all-resident
-# model may hold them packed (`kernels.pack`). The embedding's rows are indexed, never packed.
+# Weights the units read only through `kernels.linear` (and `kernels.weight_rows`), so an all-resident
+# model may hold them packed (`kernels.pack`) or int8 (`runner.model.int8`). The embedding's rows are
+# indexed, never packed.
 LINEAR_WEIGHTS = frozenset({"qkv_w", "o_w", "gate_up_w", "down_w", "fc1_w", "fc2_w", "lm_w"})
 
 
@@ -134,7 +135,7 @@ class Attention(Unit):
         c = self.cfg
         x = norm(c, w, h) if c.arch.norm_before else h
         bias = w.get("qkv_b")
-        kv_w = kernels.plain(w["qkv_w"])[c.hidden_size:]  # recompute only: a packed weight is copied out
+        kv_w = kernels.weight_rows(w["qkv_w"], slice(c.hidden_size, None))  # recompute only: a packed weight is copied out
         kv = kernels.linear(x, kv_w, None if bias is None else bias[c.hidden_size:])
         k, v = kv.view(-1, 2, c.num_kv_heads, c.head_dim).unbind(1)  # (r, kvh, d) each
         if rope is not None:

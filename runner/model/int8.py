@@ -1,0 +1,41 @@
+"""Weight-only int8 linears (`model.weight_bits: 8`): symmetric per-output-channel quantization.
+
+A weight row w (in,) is held as q = round(w / s) in [-127, 127] with one scale s per row, stored in
+bf16 (the dtype torch's CPU int8 kernel takes, so the kernel and `dequantize` use the same value):
+s = bf16(max|w| / 127), within 2^-9 of the exact ratio, so max|w| / s <= 127.25 and every element
+rounds into range: |w - q*s| <= s/2. The product with activations is `kernels.linear_int8`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+QMAX = 127  # symmetric: -128 is never produced
+
+
+class Int8Weight(NamedTuple):
+    """A linear weight (out, in) as int8 `q` (out, in) times a bf16 `scale` (out,) per output row."""
+    q: Tensor
+    scale: Tensor
+
+
+def quantize(w: Tensor) -> Int8Weight:
+    """Symmetric per-output-channel int8 of a float matrix (out, in), computed in fp32. An all-zero
+    row gets scale 1 (its q is zero either way), so the division never makes NaNs."""
+    w32 = w.float()
+    amax = w32.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax)).to(torch.bfloat16)
+    q = torch.round(w32 / scale.float()[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return Int8Weight(q.contiguous(), scale.contiguous())
+
+
+def dequantize(w: Int8Weight, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The float matrix (out, in) the weight stands for: q * scale, exact in fp32, then cast to `dtype`."""
+    return (w.q.float() * w.scale.float()[:, None]).to(dtype)
+
+
+def weight_bytes(w: Int8Weight) -> int:
+    """Bytes the weight holds: its int8 matrix and its scales."""
+    return w.q.numel() * w.q.element_size() + w.scale.numel() * w.scale.element_size()
