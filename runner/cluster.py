@@ -6,11 +6,10 @@ w % N == i, runner/run_loop.py) written to `<output.dir>/shards/<i>/`, run by `r
 `cluster.threads_per_worker` CPUs (and one GPU when the cluster has GPUs). Batches are formed inside
 windows, so a shard's batches are exactly the single-process run's and greedy outputs are the same.
 
-A worker process that dies is Ray's business: the task is retried (`max_retries`), and since run_job
-resumes from the shard's own directory (state.json), the retry continues after the last committed batch,
-without duplicates. The shard directories must therefore be on a filesystem every worker sees (on a
-local Ray instance: this machine's). When every shard is done the driver merges them (streaming, one
-window in memory at a time) into `<output.dir>`: generations.jsonl and rejects.jsonl in dataset order,
+A dead worker's task is retried by Ray (`max_retries`); run_job resumes from the shard's own directory
+(state.json), after the last committed batch, without duplicates, so shard directories must be on a
+filesystem every worker sees. When every shard is done the driver merges them (streaming, one window in
+memory at a time) into `<output.dir>`: generations.jsonl and rejects.jsonl in dataset order,
 batches.csv with a `shard` column, report.png, job.yaml, and one throughput.csv row for the whole run.
 """
 from __future__ import annotations

@@ -28,8 +28,10 @@ def _job(tmp_path: Path, engine: str) -> list[str]:
 
 
 def test_main_job_both_engines_same_greedy_outputs(tmp_path, smollm2_gguf_path):
+    # fp32 on both sides: `dtype: auto` is bf16 for our engine on a CPU with native bf16, whose greedy
+    # tokens part from fp32's at near-ties (results/eval/smollm2-dtype-generations/compare.csv).
     for engine in ("alisa", "hf"):
-        proc = _run(*_job(tmp_path, engine))
+        proc = _run(*_job(tmp_path, engine), "--set", "model.dtype=float32")
         assert proc.returncode == 0, proc.stderr[-2000:]
     rows = pd.read_csv(tmp_path / "throughput.csv")
     assert list(rows.columns) == list(THROUGHPUT_COLUMNS)
@@ -131,7 +133,8 @@ def test_impossible_memory_budget_is_refused_up_front_and_evict_fits(tmp_path):
 
 
 def test_kv_policy_row_records_settings_and_phase_times(tmp_path):
-    proc = _run(*_job(tmp_path, "alisa"), "--set", "kv={policy: swa, sparsity: 0.5, bits: 8, profile: true}")
+    proc = _run(*_job(tmp_path, "alisa"), "--set", "kv={policy: swa, sparsity: 0.5, bits: 8, profile: true}",
+                "--set", "model.dtype=float32")
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = pd.read_csv(tmp_path / "throughput.csv").iloc[0]
     assert (row.kv_policy, row.kv_sparsity, row.kv_bits, row.kv_mode) == ("swa", 0.5, 8, "retain")

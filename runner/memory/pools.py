@@ -6,7 +6,7 @@ to memory-mapped files under `<offload_dir>/run-<host>-<pid>-<random>/`, removed
 leaving its `with` block, normally, by an exception or by Ctrl-C's KeyboardInterrupt), when the
 pool is garbage-collected, and at interpreter exit; a run killed outright (SIGKILL, OOM) leaves its
 directory to the next pool opened on the same offload dir on the same host, which removes it
-(`remove_stale_runs`).
+(`runner.memory.stale.remove_stale_runs`).
 Whole tensors move by `preadv`/`pwritev` (`read_into`, `write`); a file is memory-mapped only for indexed
 copies (`view`), so streamed weights never count as resident memory. A `DiskPool(page_cache=False)` evicts each file
 from the OS page cache after every write and read, so reads measure the device rather than spare RAM.
@@ -21,9 +21,7 @@ import itertools
 import math
 import mmap
 import os
-import re
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -33,6 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from runner.memory.stale import remove_stale_runs, run_dir_prefix
 from runner.units import format_bytes, gib_to_bytes
 
 _MADV_DONTNEED = 4  # <sys/mman.h> on Linux
@@ -61,39 +60,6 @@ class DiskSpaceError(RuntimeError):
     def __init__(self, root: str, label: str, nbytes: int, free: int):
         super().__init__(f"{label} needs {format_bytes(nbytes)} on disk but the filesystem of "
                          f"{os.path.dirname(root)} has only {format_bytes(free)} free")
-
-
-# DiskPool's run directories: run-<host>-<pid>-<random> (run-<pid>-<random> before hosts were named). The
-# host, because a pid says whether a process lives on this machine only: Ray workers of several nodes may
-# share one offload dir (a relative offload/ on the shared checkout), and must not reap each other's.
-_RUN_DIR = re.compile(r"run-(?:(?P<host>.+)-)?(?P<pid>\d+)-[^-]+$")
-_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
-
-
-def remove_stale_runs(offload_dir: str) -> list[str]:
-    """Delete the run directories in `offload_dir` that this user's processes on this host left when they
-    were killed (SIGKILL, OOM, power loss: no finalizer ran). A directory is stale when its pid is no longer
-    alive; another user's, another host's, and a live process's, are left alone. Returns the paths removed."""
-    removed = []
-    with os.scandir(offload_dir) as entries:
-        for entry in entries:
-            m = _RUN_DIR.match(entry.name)
-            if not m or not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
-                continue
-            if m.group("host") in (None, _HOST) and not _pid_alive(int(m.group("pid"))):
-                shutil.rmtree(entry.path, ignore_errors=True)
-                removed.append(entry.path)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # PermissionError: alive, another user's
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _check_budget(name: str, value: int | None) -> None:
@@ -269,7 +235,7 @@ class DiskPool(_Budgeted):
         self.page_cache = page_cache
         os.makedirs(offload_dir, mode=0o700, exist_ok=True)  # private when created here; an existing one keeps its mode
         self.removed_stale = remove_stale_runs(offload_dir)
-        self.root = tempfile.mkdtemp(prefix=f"run-{_HOST}-{os.getpid()}-", dir=offload_dir)  # mode 0700
+        self.root = tempfile.mkdtemp(prefix=f"{run_dir_prefix()}-", dir=offload_dir)  # mode 0700
         self._held: dict[str, DiskTensor] = {}  # path -> handle, for every live file
         self._maps: dict[str, Tensor] = {}  # path -> shared memory map of the file, once `view` made one
         self._names = itertools.count()
