@@ -26,7 +26,7 @@ from runner.eval.spec import EvalSpec, EvalTask, Metric
 from runner.job import JobSpec
 from runner.kv.spec import KVSpec
 from runner.engines.lm import LM
-from runner.data.outputs import git_commit
+from runner.data.outputs import git_commit, weights_label
 from runner.planner import resolve_dtype
 from runner.run_job import RunError, resolve_device
 from runner.model.weights import LoadedModel, load_model
@@ -88,13 +88,6 @@ def grid_points(spec: EvalSpec) -> list[Point]:
 
 def _model_name(job: JobSpec) -> str:
     return job.model.name or Path(job.model.path).stem
-
-
-def weights_label(dtype: torch.dtype, weight_bits: int | None) -> str:
-    """The CSV's dtype column: the model dtype, with "+int8w" when the linear weights are int8
-    (model.weight_bits: 8), so rows of both sit side by side in one accuracy.csv."""
-    name = str(dtype).removeprefix("torch.")
-    return f"{name}+int8w" if weight_bits == 8 else name
 
 
 def point_key(job: JobSpec, dtype: str, point: Point) -> tuple[str, ...]:

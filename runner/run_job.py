@@ -18,7 +18,7 @@ from runner.data.dataset import DatasetError, Prompt, check_readable, count_reco
 from runner.engines.base import Engine
 from runner.job import Device, Engine as EngineKind, JobSpec, OutputOrder
 from runner.kv.store import kv_bytes
-from runner.data.outputs import append_csv_row, git_commit, peak_rss_bytes, throughput_row
+from runner.data.outputs import append_csv_row, git_commit, peak_rss_bytes, throughput_row, weights_label
 from runner.data.reports import plot_report
 from runner.resume import GENERATIONS, REJECTS, RunState, locked, open_state, reorder_windows, write_atomic
 from runner.run_loop import Loop, RunError, StopRequest, Totals
@@ -351,7 +351,7 @@ def _row(job: JobSpec, loaded: LoadedModel, totals: Totals, device: torch.device
     return throughput_row(
         prefill_latency_s=totals.prefill_s, decode_latency_s=totals.decode_s, num_prompts=totals.prompts,
         prompt_tokens=totals.prompt_tokens, generated_tokens=totals.generated_tokens,
-        job=job.name, engine=job.engine.value, model=loaded.config.name, dtype=str(dtype).removeprefix("torch."),
+        job=job.name, engine=job.engine.value, model=loaded.config.name, dtype=weights_label(dtype, job.model.weight_bits),
         device=device.type, kv_policy=job.kv.policy, gpu_batch_size=job.batch.gpu_batch_size,
         num_gpu_batches=job.batch.num_gpu_batches, peak_gpu_bytes=peak_gpu, peak_cpu_bytes=peak_rss_bytes(),
         started_at=started, git_commit=git_commit(),

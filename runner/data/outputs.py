@@ -15,7 +15,10 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the dtype label takes a torch dtype; this layer never needs torch at run time
+    import torch
 
 
 class FinishReason(str, enum.Enum):
@@ -107,6 +110,13 @@ RETIRED_COLUMNS: frozenset[str] = frozenset({"compute_s"})
 COMPUTED_COLUMNS = frozenset({"num_prompts", "prompt_len", "gen_len", "prefill_latency_s", "prefill_throughput",
                        "decode_latency_s", "decode_throughput", "total_latency_s", "total_throughput"})
 
+
+
+def weights_label(dtype: torch.dtype, weight_bits: int | None) -> str:
+    """The CSV's dtype column: the model dtype, with "+int8w" when the linear weights are int8
+    (model.weight_bits: 8), so rows of both sit side by side in one accuracy.csv."""
+    name = str(dtype).removeprefix("torch.")
+    return f"{name}+int8w" if weight_bits == 8 else name
 
 def _rate(tokens: float, seconds: float) -> float:
     return round(tokens / seconds, 2) if seconds > 0 else 0.0
