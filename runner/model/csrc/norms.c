@@ -30,30 +30,35 @@ static inline bf16 narrow(float f) {
   return (bf16)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
-void rms_norm(const float *x, const float *w, float *out, long rows, long d, float eps, int threads) {
+/* Element i of a row: fp32, or bf16 widened (`half` is a constant at each call site). */
+static inline __attribute__((always_inline)) float at(const void *p, long i, int half) {
+  return half ? widen(((const bf16 *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline __attribute__((always_inline)) void norm(const void *x, const void *w, void *out, long rows, long d,
+                                                       float eps, int threads, int half) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * d >= PARALLEL_MIN)
   for (long r = 0; r < rows; ++r) {
-    const float *xr = x + r * d;
-    float *o = out + r * d;
+    const long row = r * d;
     float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
-    for (long c = 0; c < d; ++c) ss += xr[c] * xr[c];
+    for (long c = 0; c < d; ++c) ss += at(x, row + c, half) * at(x, row + c, half);
     const float s = 1.f / sqrtf(ss / (float)d + eps);
 #pragma omp simd
-    for (long c = 0; c < d; ++c) o[c] = xr[c] * s * w[c];
+    for (long c = 0; c < d; ++c) {
+      const float y = at(x, row + c, half) * s * at(w, c, half);
+      if (half)
+        ((bf16 *)out)[row + c] = narrow(y);
+      else
+        ((float *)out)[row + c] = y;
+    }
   }
 }
 
+void rms_norm(const float *x, const float *w, float *out, long rows, long d, float eps, int threads) {
+  norm(x, w, out, rows, d, eps, threads, 0);
+}
+
 void rms_norm_bf16(const bf16 *x, const bf16 *w, bf16 *out, long rows, long d, float eps, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * d >= PARALLEL_MIN)
-  for (long r = 0; r < rows; ++r) {
-    const bf16 *xr = x + r * d;
-    bf16 *o = out + r * d;
-    float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-    for (long c = 0; c < d; ++c) ss += widen(xr[c]) * widen(xr[c]);
-    const float s = 1.f / sqrtf(ss / (float)d + eps);
-#pragma omp simd
-    for (long c = 0; c < d; ++c) o[c] = narrow(widen(xr[c]) * s * widen(w[c]));
-  }
+  norm(x, w, out, rows, d, eps, threads, 1);
 }
