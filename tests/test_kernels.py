@@ -197,6 +197,17 @@ def test_native_decode_does_not_depend_on_how_the_cache_is_split(dtype):
     assert torch.equal(kernels.decode_scores(qg, [k[:, :, shuffled]], 0.125), whole_s[..., shuffled])
 
 
+def test_the_csv_names_the_decode_attention_kernel_that_runs():
+    # The throughput CSV's decode_attention column: native for fp32 and bf16 caches on a CPU with the
+    # library, torch for fp16, other head dims and GPUs (and everywhere without a compiler).
+    cpu, native_on = torch.device("cpu"), native.status().available
+    for dtype in (torch.float32, torch.bfloat16):
+        assert kernels.decode_attention_kernel(64, cpu, dtype) == ("native" if native_on else "torch")
+    assert kernels.decode_attention_kernel(64, cpu, torch.float16) == "torch"
+    assert kernels.decode_attention_kernel(40, cpu, torch.float32) == "torch"
+    assert kernels.decode_attention_kernel(64, torch.device("cuda"), torch.float32) == "torch"
+
+
 def test_decode_attention_falls_back_to_matmul_where_native_does_not_apply():
     qg = torch.randn(2, 1, 4, 40)  # head dim 40: not a multiple of 16
     k, v = torch.randn(2, 1, 9, 40), torch.randn(2, 1, 9, 40)
