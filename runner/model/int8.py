@@ -35,7 +35,3 @@ def dequantize(w: Int8Weight, dtype: torch.dtype = torch.float32) -> Tensor:
     """The float matrix (out, in) the weight stands for: q * scale, exact in fp32, then cast to `dtype`."""
     return (w.q.float() * w.scale.float()[:, None]).to(dtype)
 
-
-def weight_bytes(w: Int8Weight) -> int:
-    """Bytes the weight holds: its int8 matrix and its scales."""
-    return w.q.numel() * w.q.element_size() + w.scale.numel() * w.scale.element_size()

@@ -110,8 +110,9 @@ def _build(cc: list[str], out: Path) -> str | None:
 
 def _declare(lib: ctypes.CDLL) -> None:
     ptr, long_, f32, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
-    for suffix in ("", "_bf16"):  # fp32 K/V (and norm rows), or bf16 ones: the same arguments
-        scores, values, norm = (getattr(lib, f"{name}{suffix}") for name in ("decode_scores", "decode_values", "rms_norm"))
+    # fp32 K/V (and norm rows), or bf16 ones: the same arguments
+    for scores, values, norm in ((lib.decode_scores, lib.decode_values, lib.rms_norm),
+                                 (lib.decode_scores_bf16, lib.decode_values_bf16, lib.rms_norm_bf16)):
         scores.argtypes = [ptr, ptr, ptr, *[long_] * 8, f32, int_]
         values.argtypes = [ptr, ptr, ptr, *[long_] * 8, int_, int_]
         norm.argtypes = [ptr, ptr, ptr, long_, long_, f32, int_]
