@@ -1,5 +1,5 @@
 """ALISA's three KV phases as pure functions of the sequence length (ISCA'24 §V-A): which positions
-live on the gpu, which are recomputed, and the window and activation sizes that follows; shared by the
+live on the gpu, which are recomputed, and the window, cpu home and activation sizes that follow; shared by the
 token-tiered cache (runner/offload/token_kv.py), its memory plan and the cost model."""
 from __future__ import annotations
 
@@ -62,6 +62,13 @@ class TokenPhases:
         """Gpu window slots: the most tokens on gpu at once at lengths min_len..max_len (min_len: the
         prompt, written first), plus a chunk of slack for sliding."""
         return min(max_len, max(n - self.gpu_from(n) for n in range(min_len, max_len + 1)) + self.chunk)
+
+    @functools.lru_cache(maxsize=1 << 14)
+    def cpu_span(self, max_len: int, min_len: int = 1) -> int:
+        """Cpu home slots: the most positions cpu-resident at once (offloaded and not yet deleted by
+        phase III, `recompute_below(n)..gpu_from(n)`) at lengths min_len..max_len. Both ends only grow
+        with n, so a ring of this many slots (position p in slot p % span) holds every live one."""
+        return max((self.gpu_from(n) - self.recompute_below(n) for n in range(min_len, max_len + 1)), default=0)
 
     @functools.lru_cache(maxsize=1 << 14)
     def recompute_span(self, max_len: int) -> int:

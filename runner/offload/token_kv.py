@@ -16,10 +16,16 @@ which `runner.kv.picks.PickBuffer` asks for only when they are new to its packed
 the selected cpu rows in one batched index copy through the copy engine, so the link (or its
 emulation) carries exactly the selected bytes. Tokens move gpu -> cpu in chunks of `chunk`.
 
-Not modelled: the cpu home is allocated for every position although phase III never uses its
-oldest rows again (deleting saves transfers here, not host memory); the paper keeps activations in
-GPU memory (§VI-A), and so does this cache, which on a GQA model like SmolLM2 (hidden 576 vs
-K+V 384 per token and layer) costs more gpu bytes than the KV it replaces.
+Phase III frees host memory: the cpu home is a ring of `TokenPhases.cpu_span` slots per sequence and
+head (position p in slot p % span), the most tokens ever cpu-resident at once, so the rows of
+positions phase III has deleted (below `recompute_below(n)`) are written over by the next tokens to
+leave the gpu window, and no row is reserved for the recent tokens that never left it. The ring is
+sized once, up front, at its peak (what the memory plan checks before anything is allocated) rather
+than grown and shrunk: the peak is what a budget must admit.
+
+Not modelled: the paper keeps activations in GPU memory (§VI-A), and so does this cache, which on a
+GQA model like SmolLM2 (hidden 576 vs K+V 384 per token and layer) costs more gpu bytes than the KV it
+replaces.
 """
 from __future__ import annotations
 
@@ -40,22 +46,23 @@ from runner.model.attention_kv import Projector
 from runner.offload.phases import TokenPhases
 
 
-def home_parts(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, bits: int,
+def home_parts(cfg: ModelConfig, batch: int, slots: int, dtype: torch.dtype, bits: int,
                group_size: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """(shape, dtype) of the tensors one layer's K (or V) cpu home is stored as: (b, kvh, n, d) values,
-    or their `kv.bits` codes with group scales and minimums along the head dim."""
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)  # (b, kvh, n, d)
+    """(shape, dtype) of the tensors one layer's K (or V) cpu home of `slots` ring slots is stored as:
+    (b, kvh, slots, d) values, or their `kv.bits` codes with group scales and minimums along the head dim."""
+    shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)  # (b, kvh, slots, d)
     return QuantLayout(bits=bits, group_size=group_size, dim=3).parts(shape, dtype)
 
 
 def tiered_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, phases: TokenPhases,
                  bits: int, group_size: int, min_len: int = 1) -> tuple[int, int]:
     """(gpu bytes, cpu bytes) a TokenTieredKV allocates, for the up-front budget check: the gpu
-    window, the kept activations and their positions; the cpu homes."""
+    window, the kept activations and their positions; the cpu homes (rings of `phases.cpu_span` slots)."""
     win = phases.window(max_len, min_len)
     act = phases.recompute_span(max_len)
     per_layer_gpu = 2 * batch * cfg.num_kv_heads * win * cfg.head_dim + batch * act * cfg.hidden_size
-    home = sum(math.prod(s) * dt.itemsize for s, dt in home_parts(cfg, batch, max_len, dtype, bits, group_size))
+    slots = phases.cpu_span(max_len, min_len)
+    home = sum(math.prod(s) * dt.itemsize for s, dt in home_parts(cfg, batch, slots, dtype, bits, group_size))
     return cfg.num_layers * per_layer_gpu * dtype.itemsize + batch * act * 8, cfg.num_layers * 2 * home
 
 
@@ -76,6 +83,7 @@ class TokenTieredKV(KVCacheBase):
         kvh, d, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
         self.win = phases.window(max_len, min_len)
         self.act_len = phases.recompute_span(max_len)
+        self.span = phases.cpu_span(max_len, min_len)  # cpu home ring slots
         gpu, cpu = memory.gpu, memory.cpu
         self.wk = [gpu.alloc((batch, kvh, self.win, d), dtype, f"kv window k{j}") for j in range(L)]
         self.wv = [gpu.alloc((batch, kvh, self.win, d), dtype, f"kv window v{j}") for j in range(L)]
@@ -95,7 +103,7 @@ class TokenTieredKV(KVCacheBase):
 
     # ---- storage -----------------------------------------------------------------------------
     def _home_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
-        return home_parts(self.cfg, self.b, self.max_len, self.dtype, self.bits, self.group_size)
+        return home_parts(self.cfg, self.b, self.span, self.dtype, self.bits, self.group_size)
 
     def _alloc_home(self, pool, label: str) -> list[Tensor]:
         return [pool.alloc(shape, dt, f"{label}.{i}") for i, (shape, dt) in enumerate(self._home_shapes())]
@@ -147,7 +155,7 @@ class TokenTieredKV(KVCacheBase):
         if start == 0:
             self._write_prompt(layer, k, v)
             return
-        self._migrate(layer, self.phases.gpu_from(end))
+        self._migrate(layer, self.phases.gpu_from(end), self.phases.recompute_below(end))
         if end - self.base[layer] > self.win:
             self._slide(layer)
         a, z = start - self.base[layer], end - self.base[layer]
@@ -165,23 +173,36 @@ class TokenTieredKV(KVCacheBase):
         self.base[layer] = self.lo[layer] = lo
         self.rec[layer] = rec
 
-    def _migrate(self, layer: int, lo: int) -> None:
-        """Move positions lo_old..lo from the gpu window to the cpu home."""
+    def _migrate(self, layer: int, lo: int, rec: int) -> None:
+        """Move positions lo_old..lo from the gpu window to the cpu home, but for those below rec, which
+        phase III deletes at the length that moves them (they never reach the ring, which has no room
+        for them: `TokenPhases.cpu_span` counts rec..lo only)."""
         old = self.lo[layer]
         if lo <= old:
             return
-        a, z = old - self.base[layer], lo - self.base[layer]
-        self._to_home(layer, self.wk[layer][:, :, a:z], self.wv[layer][:, :, a:z], old)
+        first = max(old, rec)
+        if first < lo:
+            a, z = first - self.base[layer], lo - self.base[layer]
+            # The ring slots about to be written may be the target of an earlier move still in flight (the
+            # copy threads need not run in order): long done by now, a chunk of tokens later.
+            self._settle(layer)
+            self._to_home(layer, self.wk[layer][:, :, a:z], self.wv[layer][:, :, a:z], first)
         self.lo[layer] = lo
 
     def _to_home(self, layer: int, k: Tensor, v: Tensor, pos: int) -> None:
-        """Copy (quantizing first, on the gpu side) K/V of positions pos.. to the cpu home."""
-        dst = (slice(None), slice(None), slice(pos, pos + k.shape[2]))
+        """Copy (quantizing first, on the gpu side) K/V (b, kvh, s, d) of positions pos.. to their
+        ring slots in the cpu home: one run, or two where it wraps (s never exceeds the ring)."""
+        s, a = k.shape[2], pos % self.span
+        pieces = [(0, a, min(s, self.span - a))]  # (first source column, first slot, columns)
+        if pieces[0][2] < s:
+            pieces.append((pieces[0][2], 0, s - pieces[0][2]))
         for x, home in ((k, self.hk[layer]), (v, self.hv[layer])):
             parts = [x] if self.bits == 16 else _parts(quantize(x, self.bits, self.group_size, dim=3))
             for src, h in zip(parts, home):
-                handle = self.engine.submit(h, dst, src, None)
-                self.pending[layer].append(handle)
+                for at, slot, m in pieces:
+                    dst = (slice(None), slice(None), slice(slot, slot + m))
+                    handle = self.engine.submit(h, dst, src[:, :, at:at + m], None)
+                    self.pending[layer].append(handle)
                 self.traffic.down_bytes += src.numel() * src.element_size()
 
     def _slide(self, layer: int) -> None:
@@ -305,7 +326,10 @@ class TokenTieredKV(KVCacheBase):
                 h.wait()  # the engine may still be writing into the buffers
 
     def _fetch(self, layer: int, rows: Tensor) -> list[tuple[list[Tensor], list[Handle]]]:
-        """Start copying home rows (one batched index copy per stored tensor) up to the gpu."""
+        """Start copying the home rows of flat rows `rows` (into (b * kvh * max_len, d), as `take_rows`
+        takes them; cpu-resident ones only) up to the gpu: one batched index copy per stored tensor."""
+        # Flat row of position p of sequence-head h -> its ring row, h * span + p % span.
+        rows = rows // self.max_len * self.span + rows % self.max_len % self.span
         out = []
         for home in (self.hk[layer], self.hv[layer]):
             dsts, handles = [], []

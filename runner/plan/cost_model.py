@@ -218,13 +218,14 @@ def _token_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPolic
     tok = 2 * c.kv_dim * _kv_elem_bytes(kv, sh.e)
     lo = ph.gpu_from_each(lengths)
     before = ph.gpu_from_each(lengths - 1) if decode else np.zeros_like(lo)
-    leaving = sh.k * sh.b * np.maximum(lo - before, 0)  # tokens leaving the gpu window, quantized first
+    rec = ph.recompute_below_each(lengths)
+    # Tokens leaving the gpu window for cpu, quantized first; those phase III deletes as they leave are dropped.
+    leaving = sh.k * sh.b * np.maximum(lo - np.maximum(before, rec), 0)
     streams["cpu<-gpu"] += leaving * tok / (bw.cpu_from_gpu * 1e9)
     if kv.bits != 16:
         streams["compute"] += kv_store_s(hw, kv.bits, leaving * 2 * c.kv_dim, read_back=False)
     if not decode:
         return
-    rec = ph.recompute_below_each(lengths)
     att, recent, other = _attended(kv, lengths)
     if kv.policy.scoring is not None:  # picks new to the buffer (all of them without one), over the older tokens
         span = np.maximum(lengths - recent, 1)
