@@ -83,6 +83,11 @@ def test_sharded_run_on_ray_equals_one_process(ray_cluster, reference, tmp_path)
     again = _run(*_sets(tmp_path), "--ray", ray_cluster)
     assert again.returncode == 0 and "already complete (12 prompts" in again.stdout, again.stderr[-3000:]
     assert len(pd.read_csv(tmp_path / "throughput.csv")) == 1 and _records(tmp_path) == reference
+    # The same job in one process: refused in one line naming the Ray run (the state lies in the shards).
+    local = _run(*_sets(tmp_path))
+    assert local.returncode == 2 and local.stderr.strip().splitlines() == [
+        f"error: output.dir: {tmp_path} holds the outputs of a Ray run (merged from shards/); run it again with "
+        "--ray to resume it, or with --fresh to start over in one process"], local.stderr[-3000:]
 
 
 def _committed(shard_dir: Path) -> int:
