@@ -159,6 +159,7 @@ def test_killed_worker_has_its_shard_rerun_without_duplicates(ray_cluster, refer
     assert (row["num_prompts"], row["resumed_prompts"], row["status"], row["workers"]) == (12, 0, "complete", 2)
 
 
+@pytest.mark.slow  # ~26 s alone, more on a shared machine: two drivers in turn
 def test_worker_killed_past_max_retries_fails_in_one_line_and_the_same_command_resumes(ray_cluster, reference_dir,
                                                                                      tmp_path):
     cmd = [sys.executable, "run.py", "jobs/smollm2-135m.yaml", *_sets(tmp_path), "--ray", ray_cluster]
