@@ -34,10 +34,9 @@ from runner.job import Device, JobSpec, OutputOrder, apply_overrides, job_from_d
 from runner.data.outputs import (COMPUTED_COLUMNS, KV_PHASE_COLUMNS, OFFLOAD_COLUMNS, TIER_PEAK_COLUMNS, append_csv_row,
                                  git_commit, throughput_row)
 from runner.data.reports import BATCH_COLUMNS, plot_report
-from runner.resume import locked
+from runner.resume import SHARDS, locked
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: on workers' PYTHONPATH, so they import runner
-SHARDS = "shards"
 MERGED = ("generations.jsonl", "rejects.jsonl", "batches.csv", "report.png")
 
 

@@ -28,6 +28,7 @@ from runner.job import JobSpec
 
 STATE_FILE = "state.json"
 LOCK_FILE = "run.lock"  # flock'd by the run writing the directory; holds its pid
+SHARDS = "shards"  # a Ray run's shard dirs, beside the outputs merged from them (runner/cluster.py)
 GENERATIONS, REJECTS, BATCHES = "generations.jsonl", "rejects.jsonl", "batches.csv"
 APPENDED = (GENERATIONS, REJECTS, BATCHES)  # the files whose committed length the state records
 _VERSION = 1
@@ -176,6 +177,9 @@ def open_state(job: JobSpec, window: int, *, fresh: bool = False) -> RunState:
         if state.complete and state.limit != ds.limit:
             state.complete = False  # a larger (or no) limit: the dataset has more to run
         return state
+    elif _size(out_dir / GENERATIONS) > 0 and (out_dir / SHARDS).is_dir():  # the state lies in each shard's dir
+        raise ResumeError(f"output.dir: {out_dir} holds the outputs of a Ray run (merged from {SHARDS}/); run it "
+                          "again with --ray to resume it, or with --fresh to start over in one process")
     elif _size(out_dir / GENERATIONS) > 0:
         raise ResumeError(f"output.dir: {out_dir} holds a {GENERATIONS} but no {STATE_FILE} (written with "
                           "output.resume: false or by an older version), so what it finished is unknown; "

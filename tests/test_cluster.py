@@ -46,14 +46,23 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, smollm2_gguf_path) -> list[dict]:
+def reference_dir(tmp_path_factory, smollm2_gguf_path) -> Path:
     """The single-process run, one torch thread (as each Ray worker)."""
     out = tmp_path_factory.mktemp("reference")
     proc = _run(*_sets(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    records = _records(out)
-    assert [r["index"] for r in records] == list(range(12))
-    return records
+    assert [r["index"] for r in _records(out)] == list(range(12))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir) -> list[dict]:
+    return _records(reference_dir)
+
+
+def _same_bytes(out: Path, reference_dir: Path) -> bool:
+    """generations.jsonl byte for byte as the uninterrupted single-process run's."""
+    return (out / "generations.jsonl").read_bytes() == (reference_dir / "generations.jsonl").read_bytes()
 
 
 def test_sharded_run_on_ray_equals_one_process(ray_cluster, reference, tmp_path):
@@ -74,6 +83,11 @@ def test_sharded_run_on_ray_equals_one_process(ray_cluster, reference, tmp_path)
     again = _run(*_sets(tmp_path), "--ray", ray_cluster)
     assert again.returncode == 0 and "already complete (12 prompts" in again.stdout, again.stderr[-3000:]
     assert len(pd.read_csv(tmp_path / "throughput.csv")) == 1 and _records(tmp_path) == reference
+    # The same job in one process: refused in one line naming the Ray run (the state lies in the shards).
+    local = _run(*_sets(tmp_path))
+    assert local.returncode == 2 and local.stderr.strip().splitlines() == [
+        f"error: output.dir: {tmp_path} holds the outputs of a Ray run (merged from shards/); run it again with "
+        "--ray to resume it, or with --fresh to start over in one process"], local.stderr[-3000:]
 
 
 def _committed(shard_dir: Path) -> int:
@@ -125,21 +139,48 @@ def _kill_when_committed(shard_dir: Path, prompts: int, timeout: float = 120) ->
     raise AssertionError("no Ray worker runs shard 0")
 
 
-def test_killed_worker_has_its_shard_rerun_without_duplicates(ray_cluster, reference, tmp_path):
+def test_killed_worker_has_its_shard_rerun_without_duplicates(ray_cluster, reference_dir, tmp_path):
     job = load_job(ROOT / "jobs/smollm2-135m.yaml", [*SETS, f"output.dir={tmp_path}", "cluster=ray"])
     result: dict = {}
     driver = threading.Thread(target=lambda: result.update(row=run_on_ray(job)))
     driver.start()
-    _kill_when_committed(tmp_path / "shards" / "0", prompts=2)
-    assert _committed(tmp_path / "shards" / "0") < 6  # killed mid-shard: it had windows left to generate
+    shard0 = tmp_path / "shards" / "0"
+    first = _kill_when_committed(shard0, prompts=2)
+    # Ray's retry resumes the shard; kill that retry too, mid-shard, once it has committed a window more.
+    second = _kill_when_committed(shard0, prompts=4)
+    assert first != second and _committed(shard0) < 6  # killed mid-shard: it had a window left to generate
     driver.join(timeout=240)
     assert "row" in result
     records = _records(tmp_path)
-    assert len({r["id"] for r in records}) == len(records) and records == reference
-    tries = pd.read_csv(tmp_path / "shards" / "0" / "throughput.csv")
-    assert len(tries) == 1 and tries.resumed_prompts[0] >= 2  # the killed try wrote no row; the retry resumed
-    row = result["row"]  # every prompt ran in this Ray run: the killed try's committed batches count
+    assert len({r["id"] for r in records}) == len(records) == 12 and _same_bytes(tmp_path, reference_dir)
+    tries = pd.read_csv(shard0 / "throughput.csv")
+    assert len(tries) == 1 and tries.resumed_prompts[0] >= 4  # the killed tries wrote no row; the last resumed
+    row = result["row"]  # every prompt ran in this Ray run: the killed tries' committed batches count
     assert (row["num_prompts"], row["resumed_prompts"], row["status"], row["workers"]) == (12, 0, "complete", 2)
+
+
+@pytest.mark.slow  # ~26 s alone, more on a shared machine: two drivers in turn
+def test_worker_killed_past_max_retries_fails_in_one_line_and_the_same_command_resumes(ray_cluster, reference_dir,
+                                                                                     tmp_path):
+    cmd = [sys.executable, "run.py", "jobs/smollm2-135m.yaml", *_sets(tmp_path), "--ray", ray_cluster]
+    driver = subprocess.Popen([*cmd, "--set", "cluster.max_retries=0"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        _kill_when_committed(tmp_path / "shards" / "0", prompts=2)
+        out, err = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    # No retry left: the run fails, shard 1 is cancelled (its worker force-killed), nothing is merged.
+    lines = err.strip().splitlines()
+    assert driver.returncode == 2 and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith(f"error: shard 0 ({tmp_path / 'shards' / '0'}): ") and \
+        lines[0].endswith("what it finished is kept there: the same command resumes"), lines
+    assert not (tmp_path / "generations.jsonl").exists() and not (tmp_path / "throughput.csv").exists()
+    again = _run(*_sets(tmp_path), "--ray", ray_cluster)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _same_bytes(tmp_path, reference_dir)
+    row = pd.read_csv(tmp_path / "throughput.csv").iloc[0]
+    assert (row.status, row.resumed_prompts + row.num_prompts) == ("complete", 12) and row.resumed_prompts >= 2
 
 
 def _lock_holder(out: Path) -> int | None:
@@ -149,15 +190,19 @@ def _lock_holder(out: Path) -> int | None:
         return None
 
 
+def _wait_locked_by(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while _lock_holder(out) != proc.pid:  # the driver locks before Ray starts its shards
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
-def test_second_driver_is_refused_and_a_killed_driver_resumes(ray_cluster, reference, tmp_path):
+def test_second_driver_is_refused_and_a_killed_driver_resumes(ray_cluster, reference_dir, tmp_path):
     cmd = [sys.executable, "run.py", "jobs/smollm2-135m.yaml", *_sets(tmp_path), "--ray", ray_cluster]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while _lock_holder(tmp_path) != first.pid:  # the driver locks before Ray starts its shards
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
-            time.sleep(0.01)
+        _wait_locked_by(tmp_path, first)
         # A second driver while the first one's shards load: refused at once, one line naming the lock's dir
         # and holder, before it reaches Ray (else its shards would queue behind ours and merge over our files).
         second = _run(*_sets(tmp_path), "--ray", ray_cluster, "--fresh")
@@ -176,9 +221,36 @@ def test_second_driver_is_refused_and_a_killed_driver_resumes(ray_cluster, refer
     again = _run(*_sets(tmp_path), "--ray", ray_cluster)
     assert again.returncode == 0, again.stderr[-3000:]
     records = _records(tmp_path)
-    assert len({r["id"] for r in records}) == len(records) and records == reference
+    assert len({r["id"] for r in records}) == len(records) == 12 and _same_bytes(tmp_path, reference_dir)
     row = pd.read_csv(tmp_path / "throughput.csv").iloc[-1]  # the killed driver wrote no row
     assert (row.status, row.resumed_prompts + row.num_prompts) == ("complete", 12) and row.resumed_prompts >= 2
+
+
+@pytest.mark.slow
+def test_second_driver_is_refused_and_the_first_completes_unharmed(ray_cluster, reference_dir, tmp_path):
+    cmd = [sys.executable, "run.py", "jobs/smollm2-135m.yaml", *_sets(tmp_path)]
+    first = subprocess.Popen([*cmd, "--ray", ray_cluster], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        _wait_locked_by(tmp_path, first)
+        # Another Ray driver (its --fresh would delete the shards under our workers) and a single-process run
+        # (it would write into the dir we merge into), both at once: refused by the lock in one line each.
+        others = [subprocess.Popen([*cmd, *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                  for extra in (("--ray", ray_cluster, "--fresh"), ())]
+        refusal = [f"error: output.dir: {tmp_path} is in use by another run (pid {first.pid}); wait for it to "
+                   "finish or stop it, or choose another output.dir"]
+        for other in others:
+            _, err = other.communicate(timeout=120)
+            assert (other.returncode, err.strip().splitlines()) == (2, refusal), err[-3000:]
+        assert first.poll() is None  # the refusals came while the first driver ran
+        _, err = first.communicate(timeout=240)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-3000:]
+    assert _same_bytes(tmp_path, reference_dir)
+    rows = pd.read_csv(tmp_path / "throughput.csv")  # the first driver's row only, for every prompt
+    assert (len(rows), rows.num_prompts[0], rows.resumed_prompts[0], rows.status[0]) == (1, 12, 0, "complete")
+    assert all(json.loads((tmp_path / "shards" / str(i) / "state.json").read_text())["complete"] for i in (0, 1))
 
 
 # ---------------------------------------------------------------- the cluster section
