@@ -9,6 +9,11 @@ mixed device). Before a layer's decode attention, `prefetch` copies that layer's
 (layer, GPU batch) while the current one computes. After the attention, `flush` writes the new
 token back to the offloaded rows' homes. FlexGen copies the gpu-home rows into the working buffer
 too, so attention reads one dense tensor; so does this cache (a copy within the gpu tier).
+
+With `kv.mode: evict` the cache has budget + 1 slots per sequence (the store's capacity), `prefetch`
+loads the slots kept so far, and `compact` frees the unselected ones on every tier: the working slot
+and each home are gathered within their own tier (the new token is written home first), so evicting
+moves no kept token over the link; the step then has nothing left to `flush`.
 """
 from __future__ import annotations
 
