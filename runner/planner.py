@@ -232,8 +232,8 @@ def _fix_hint(job: JobSpec, w: Workload) -> str:
 
 
 def _sequence_ready(w: Workload) -> bool:
-    """FlexGen's split stores retained KV in the compute dtype."""
-    return w.kv.mode is KVMode.RETAIN and w.kv.bits == 16
+    """FlexGen's split stores KV in the compute dtype (retained, or evict's kept slots)."""
+    return w.kv.bits == 16
 
 
 def predicted_columns(job: JobSpec, cfg: ModelConfig, shape: tuple[int, int], device: torch.device,

@@ -14,7 +14,7 @@ from runner.model.config import OPT_ARCH, ModelConfig, get_preset
 from runner.plan.cost_model import PICK_CHURN, Plan, Workload, peak_bytes, predict
 from runner.offload.executor import Executor
 from runner.plan.hardware import Bandwidth, Compute, HardwareProfile, QuantCosts, TierMemory
-from runner.kv.spec import KVSettings
+from runner.kv.spec import KVMode, KVSettings
 from runner.offload.phases import TokenPhases
 from runner.model.layers import weight_shapes
 from runner.memory.tiers import Tier, TierBudgets
@@ -189,6 +189,21 @@ def test_sampled_decode_estimate_is_close_to_every_step():
     quick = predict(w, Plan(gpu_batch_size=16, offload=policy), hw, samples=16)
     assert quick.decode_s == pytest.approx(exact.decode_s, rel=0.03)
     assert 0 < PICK_CHURN < 1
+
+
+def test_evict_under_the_split_loads_and_writes_only_the_kept_slots():
+    """kv.mode: evict under FlexGen's split: a decode step loads the at most budget + 1 kept slots of each
+    cpu row instead of every position, and the prefill writes home only the prompt's budget; streams are
+    summed (no overlap) and nothing else depends on the mode, so the times fall by exactly those bytes."""
+    hw, h2o = _profile(), get_policy("h2o", sparsity=0.5)
+    plan = Plan(gpu_batch_size=2, offload=OffloadPolicy(cache_gpu_percent=0, cache_cpu_percent=100, overlap=False))
+    p = {mode: predict(_workload(prompt_len=40, gen_len=12, kv=KVSettings(policy=h2o, mode=mode)), plan, hw)
+         for mode in KVMode}
+    tok = 2 * 2 * 64 * E  # two rows' K and V of one token (kv_dim 64)
+    unloaded = sum(n - min(n, h2o.budget(n) + 1) for n in range(41, 52))  # decode steps reach 41..51
+    assert unloaded > 0 and h2o.budget(40) == 20
+    assert p[KVMode.RETAIN].decode_s - p[KVMode.EVICT].decode_s == pytest.approx(unloaded * tok / 1e9, rel=1e-9)
+    assert p[KVMode.RETAIN].prefill_s - p[KVMode.EVICT].prefill_s == pytest.approx(20 * tok / 1e9, rel=1e-9)
 
 
 @pytest.mark.parametrize("policy", [

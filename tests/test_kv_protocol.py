@@ -66,7 +66,7 @@ def test_each_cache_implements_the_base(cls):
 CLAIMS = {
     KVCache: ({"groupable"}, {"compact", "select_rows"}),
     QuantizedKVCache: ({"groupable"}, {"compact", "select_rows"}),
-    SequenceSplitKV: (set(), {"prefetch", "flush", "attend", "free"}),
+    SequenceSplitKV: (set(), {"compact", "prefetch", "flush", "attend", "free"}),
     TokenTieredKV: ({"wants_inputs", "fetches_ahead"}, {"observe_inputs", "fetch_ahead", "drop_ahead", "free"}),
 }
 

@@ -90,3 +90,12 @@ def test_the_flexgen_plan_compresses_whatever_the_jobs_kv(bits):
     report = plan_job(point)
     assert report.flexgen is not None
     assert report.flexgen.plan.offload.compress_cache
+
+
+def test_offload_auto_plans_an_evict_job_with_flexgens_split():
+    """Token placement cannot compact slots, so `offload: auto` on a kv.mode: evict job searches FlexGen's
+    per-sequence split, sized and priced at the kept budget + 1 slots (before, no plan was searched at all)."""
+    job = load_job(ROOT / "jobs/opt30b.yaml", ["offload=auto", "kv={policy: h2o, sparsity: 0.8, mode: evict}"])
+    resolved = resolve_auto(job)
+    assert resolved.offload.kv_placement.value == "sequence" and resolved.kv.mode.value == "evict"
+    assert (resolved.batch.gpu_batch_size, resolved.batch.num_gpu_batches) == (48, 3)  # the job's batch is kept

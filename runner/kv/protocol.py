@@ -82,7 +82,8 @@ class KVCacheBase(ABC):
 
     # -- storage modes only some caches support (the job checks refuse the others) ----------
     def compact(self, layer: int, index: Tensor) -> None:
-        """Keep only the selected slots (kv.mode: evict): afterwards slots 0..m-1 hold them."""
+        """Keep only the selected slots (kv.mode: evict): afterwards slots 0..m-1 hold them, on every
+        tier a tiered cache keeps them in."""
         raise NotImplementedError(f"{type(self).__name__} cannot compact slots (kv.mode: evict)")
 
     def select_rows(self, index: Tensor) -> KVCacheBase:
@@ -109,7 +110,8 @@ class KVCacheBase(ABC):
         """Release what `fetch_ahead` fetched for `layer` (the step's reads are done)."""
 
     def flush(self, layer: int, start: int, end: int) -> None:
-        """Write positions start..end of `layer` back to their homes after its attention."""
+        """Write slots start..end of `layer` back to their homes after its attention: the step's new token
+        (its position; in evict mode its slot, or none once `compact` has moved the slots on every tier)."""
 
     def free(self) -> None:
         """Return every allocation to its pool; a cache of plain tensors holds none."""

@@ -138,6 +138,7 @@ class KVStore:
             self.slot_pos = [torch.zeros((b, self.groups, capacity), dtype=torch.long, device=device)
                              for _ in range(cfg.num_layers)]
             self.n_slots = [0] * cfg.num_layers
+        self.unflushed: dict[int, tuple[int, int]] = {}  # per layer: slots written but not flushed (evict)
         self.picks = _pick_buffers(cfg, kv, scoring is not None)
         self.ahead: dict[int, tuple[int, Tensor | None, Selection | None]] = {}  # per layer: (n, scores, sel)
         # With everything on one device the layer's PickBuffer holds the whole selection, recent
@@ -176,7 +177,7 @@ class KVStore:
             out.slot_pos = [p[index] for p in self.slot_pos]
             out.n_slots = list(self.n_slots)
         out.picks = _pick_buffers(self.cfg, self.kv, self.scores is not None)  # refilled on the next step
-        out.ahead = {}
+        out.ahead, out.unflushed = {}, {}
         return out
 
     def prefetch(self, layer: int) -> None:
@@ -185,7 +186,8 @@ class KVStore:
         a token-tiered cache fetches the cpu-resident tokens the step will read (the recent run's
         oldest, if the gpu window is shorter, and without pick buffers every pick), selected now (the
         layer's scores are final since its last step) and kept for the step itself."""
-        self.cache.prefetch(layer, self.length)  # a cache that loads the layer whole starts here
+        # A cache that loads the layer whole starts here: its slots so far (evict mode's are compacted).
+        self.cache.prefetch(layer, self.n_slots[layer] if self.evict else self.length)
         n = self.length + 1
         if not self.cache.fetches_ahead or self.evict or \
                 self.ahead.get(layer, (0,))[0] == n:  # already under way (the executor asks once per unit)
@@ -198,6 +200,13 @@ class KVStore:
         buffered = self.picks is not None
         self.cache.fetch_ahead(layer, n, 0 if sel is None else n - sel.recent,
                                None if sel is None or buffered else sel.picks)
+
+    def flush(self, layer: int) -> None:
+        """Write this decode step's new KV of `layer` back to a tiered cache's homes (the executor's
+        store_cache): the new token's slot, or none after evict mode compacted the slots (the cache's
+        `compact` moved them on every tier itself)."""
+        start, end = self.unflushed.pop(layer, (self.length, self.length + 1))
+        self.cache.flush(layer, start, end)
 
     # ---- prefill -------------------------------------------------------------------------
     def prefill(self, layer: int, rows: slice, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -322,6 +331,7 @@ class KVStore:
             self.cache.compact(layer, index)
             n = index.shape[-1]
             pos[..., :n] = _take(pos[..., :slot + 1], index)
+        self.unflushed[layer] = (n, n) if sel is not None else (slot, slot + 1)
         self.n_slots[layer] = n
         keys, values = self.cache.read(layer, n)
         bias = self.bias.expand(-1, self.groups, -1).gather(-1, pos[..., :n]) if self.padded else None

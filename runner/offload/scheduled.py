@@ -180,7 +180,7 @@ class ScheduledLayer:
         """Write the new token's KV of one GPU batch back to its home (no-op unless the cache offloads)."""
         store = self._store(state)
         if store is not None:
-            store.cache.flush(self.unit.layer, state.start, state.start + 1)
+            store.flush(self.unit.layer)
 
     def _store(self, state: ForwardState | None) -> KVStore | None:
         if state is None or not isinstance(self.unit, Attention):

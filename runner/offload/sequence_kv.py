@@ -9,6 +9,11 @@ mixed device). Before a layer's decode attention, `prefetch` copies that layer's
 (layer, GPU batch) while the current one computes. After the attention, `flush` writes the new
 token back to the offloaded rows' homes. FlexGen copies the gpu-home rows into the working buffer
 too, so attention reads one dense tensor; so does this cache (a copy within the gpu tier).
+
+With `kv.mode: evict` the cache has budget + 1 slots per sequence (the store's capacity), `prefetch`
+loads the slots kept so far, and `compact` frees the unselected ones on every tier: the working slot
+and each home are gathered within their own tier (the new token is written home first), so evicting
+moves no kept token over the link; the step then has nothing left to `flush`.
 """
 from __future__ import annotations
 
@@ -109,7 +114,7 @@ class SequenceSplitKV(KVCacheBase):
             self.homes.append(layer)
         self.loaded: dict[int, tuple[int, list[Handle]]] = {}  # layer -> (slot, copies in flight)
         self.staged: dict[int, list] = {}  # layer -> compressed parts on the gpu to dequantize into the slot
-        self.new: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # layer -> the new token's stored K, V
+        self.new: dict[int, tuple[int, tuple[list[Tensor], list[Tensor]]]] = {}  # layer -> new token's (slot, K, V)
         self.writing: dict[int, list[Handle]] = {}  # layer -> writes to its homes still in flight
         self.scratch = Scratch()
         self.traffic = KVTraffic()  # link bytes of the cpu and disk rows (gpu rows cross no link)
@@ -223,23 +228,54 @@ class SequenceSplitKV(KVCacheBase):
         # Compressed: attention sees the new token as it will be read back, as the plain quantized cache does.
         wk[:, :, start:end] = k if self.group is None else self._decode(stored[0])
         wv[:, :, start:end] = v if self.group is None else self._decode(stored[1])
-        self.new[layer] = stored
+        self.new[layer] = start, stored
 
     def flush(self, layer: int, start: int, end: int) -> None:
-        """Write positions start..end of the layer's working slot back to the homes, release it."""
+        """Write slots start..end of the layer (the new token's, as `write` stored it) back to the homes,
+        release the working slot. After an evict step's `compact` the homes hold it already (start == end)."""
         slot, _ = self.loaded.pop(layer)
         self.slots.held[slot] = False
+        pending = self.new.pop(layer, None)
+        if start == end:
+            return
+        if pending is None or pending[0] != start:
+            raise RuntimeError(f"KV flush of slots {start}..{end}: not the slots the step wrote (schedule bug)")
+        self.writing.setdefault(layer, []).extend(self._write_home(layer, pending[1], start, end))
+
+    def _write_home(self, layer: int, stored: tuple[list[Tensor], list[Tensor]], start: int,
+                    end: int) -> list[Handle]:
+        """Start writing the stored K, V of slots start..end to every home not written at `write`."""
         pos = (slice(None), slice(None), slice(start, end))
-        stored = self.new.pop(layer)
+        handles = []
         for (rows, tier), homes in zip(self.parts, self.homes[layer]):
             if self._computed_home(tier):
                 continue  # written at `write`
             for home, parts in zip(homes, stored):
                 for h, x in zip(home, parts):
                     # x is the new token's own tensor (not the slot), so the slot is free once released.
-                    self.writing.setdefault(layer, []).append(self.engine.submit(h, pos, x, (rows,)))
+                    handles.append(self.engine.submit(h, pos, x, (rows,)))
                 if tier is not Tier.GPU:
                     self.traffic.down_bytes += self._bytes(rows, end - start)
+        return handles
+
+    def compact(self, layer: int, index: Tensor) -> None:
+        """Keep only the selected slots (kv.mode: evict) on every tier: the working slot (what attention
+        reads) in place, and each home by a gather within its own tier, so kept tokens never cross the link
+        again. The step's new token goes home first (the gather reads it there), so `flush` has nothing
+        left to write. index (m,) or (b, g, m) over slots 0..n, the new token's slot being n - 1."""
+        slot, stored = self.new.pop(layer)
+        wk, wv = self._view(layer, slot + 1)
+        for h in self._write_home(layer, stored, slot, slot + 1):
+            h.wait()  # copies are unordered: the gather below must read the new token
+        for h in self.writing.pop(layer, ()):
+            h.wait()
+        kept = (slice(None), slice(None), slice(0, index.shape[-1]))
+        handles = self.writing.setdefault(layer, [])  # the next prefetch of the layer waits for them
+        for (rows, _), homes in zip(self.parts, self.homes[layer]):
+            src = _home_index(index, rows, self.cfg.num_kv_heads)
+            handles += [self.engine.submit(h, kept, h, src) for home in homes for h in home]
+        for work in (wk, wv):  # (b, kvh, cap, d)
+            work[:, :, :index.shape[-1]] = take_slots(work, index)
 
     def read(self, layer: int, end: int, start: int = 0) -> tuple[Tensor, Tensor]:
         wk, wv = self._view(layer, end)
@@ -290,6 +326,17 @@ class SequenceSplitKV(KVCacheBase):
                     if pool.owns(h):
                         pool.free(h)
         self.homes = []
+
+
+def _home_index(index: Tensor, rows: slice, kv_heads: int) -> tuple:
+    """A slot selection (m,) or (b, g, m) (see `flat_rows`) as an index that picks (r, kvh, m, w) out of
+    the home (r, kvh, cap, w) of batch rows `rows`."""
+    if index.dim() == 1:
+        return slice(None), slice(None), index
+    part = index[rows]  # (r, g, m), g = 1 or kvh
+    r, m = part.shape[0], part.shape[-1]
+    return (torch.arange(r, device=part.device)[:, None, None],
+            torch.arange(kv_heads, device=part.device)[None, :, None], part.expand(r, kv_heads, m))
 
 
 def _stored(head_dim: int, dtype: torch.dtype, group: int | None) -> list[tuple[int, torch.dtype]]:

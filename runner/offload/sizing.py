@@ -17,7 +17,7 @@ from runner.model.config import ModelConfig, Positions
 from runner.kv.picks import layers_bytes
 from runner.kv.quant import flexgen_cache_layout
 from runner.kv.spec import KVMode, KVSettings, QuantAxis
-from runner.kv.store import kv_bytes
+from runner.kv.store import kv_bytes, kv_capacity
 from runner.model.layers import build_units
 from runner.memory.tiers import Tier
 from runner.offload.phases import TokenPhases
@@ -108,8 +108,12 @@ class KVSizing:
                              "uncompressed KV; use kv.policy: dense and compress_cache: false")
         if not self.offloaded:
             return
-        if self.kv.mode is KVMode.EVICT:
-            raise ValueError("kv.mode: evict frees KV for good; offloading it is not supported, use retain")
+        if self.kv.mode is KVMode.EVICT and self.phases:
+            raise ValueError("kv.mode: evict compacts slots, which token placement (offload.kv_placement: token) "
+                             "cannot do: its tiers hold tokens by position; use kv_placement: sequence or mode: retain")
+        if self.kv.mode is KVMode.EVICT and self.policy.cpu_cache_compute:
+            raise ValueError("offload.cpu_cache_compute: attention by tier runs over positions, not evict's "
+                             "compacted slots; use kv.mode: retain")
         if self.split and self.kv.bits != 16:
             raise ValueError("kv.bits: FlexGen's per-sequence split stores the compute dtype, or 4 bits with "
                              "offload.compress_cache; use kv_placement: token for INT8 KV on cpu")
@@ -150,14 +154,14 @@ class KVSizing:
         elif self.split:
             split = split_rows(b, self.policy.cache_gpu_percent, self.policy.cache_cpu_percent)
             out = [(tier, f"KV of GPU batch {{k}} ({tier.value} rows)", nbytes)
-                   for tier, nbytes in split_bytes(c, split, n, self.dtype, self.compress).items()]
+                   for tier, nbytes in split_bytes(c, split, kv_capacity(kv, n), self.dtype, self.compress).items()]
         else:
             return [(Tier.GPU, "KV cache of GPU batch {k}", kv_bytes(c, kv, b, n, self.dtype))]
         return out + [(Tier.GPU, "SWA picks of GPU batch {k}", self._picks_bytes(b, n))]
 
     def _picks_bytes(self, b: int, n: int) -> int:
         scoring = self.kv.policy.scoring
-        if scoring is None:
+        if scoring is None or self.kv.mode is KVMode.EVICT:  # evict attends over its compacted slots
             return 0
         m = self.kv.policy.split(n)[1]
         # Without buffers: a layer's gather while it attends, and the next one's, fetched ahead (fetch_ahead).
@@ -165,8 +169,10 @@ class KVSizing:
         return layers_bytes(self.cfg, scoring.per_head, b, m, layers, self.dtype)
 
     def slot_shape(self, shapes: list[tuple[int, int]]) -> tuple[int, int, int, int]:
-        """(b, kvh, n, d) of the split cache's working slots: the largest GPU batch at its longest."""
-        return (max(b for b, _ in shapes), self.cfg.num_kv_heads, max(n for _, n in shapes), self.cfg.head_dim)
+        """(b, kvh, n, d) of the split cache's working slots: the largest GPU batch at its most slots (all
+        positions, or evict mode's budget + 1)."""
+        n = max(kv_capacity(self.kv, n) for _, n in shapes)
+        return (max(b for b, _ in shapes), self.cfg.num_kv_heads, n, self.cfg.head_dim)
 
 
 class KVPlanner(Protocol):

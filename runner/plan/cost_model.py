@@ -26,7 +26,7 @@ from runner.model.config import ModelConfig
 from runner.plan.hardware import HardwareProfile
 from runner.plan.quant_cost import kv_load_s, kv_store_s, weight_dequantize_s
 from runner.kv.quant import FLEXGEN_BITS, QuantLayout, flexgen_cache_layout
-from runner.kv.spec import KVSettings
+from runner.kv.spec import KVMode, KVSettings
 from runner.kv.store import kv_bytes
 from runner.offload.phases import TokenPhases
 from runner.offload.sequence_kv import split_rows
@@ -187,6 +187,9 @@ def _sequence_kv(hw: HardwareProfile, w: Workload, sh: _Shape, policy: OffloadPo
     if policy.cache_gpu_percent >= 100 and not policy.compress_cache:
         return
     g, cpu, disk = split_rows(sh.b, policy.cache_gpu_percent, policy.cache_cpu_percent)
+    if w.kv.mode is KVMode.EVICT:  # only the kept slots are stored, loaded and (the prompt's) written home
+        lengths = np.minimum(lengths, [w.kv.policy.budget(int(n)) + 1 for n in lengths])
+        new = w.kv.policy.budget(new) if new > 1 else new
     tok = 2 * c.kv_dim * (flexgen_cache_layout(c.head_dim).element_bytes(sh.e) if policy.compress_cache else sh.e)
     loaded = disk + (0 if policy.cpu_cache_compute else cpu)
     k = sh.k

@@ -347,7 +347,7 @@ def search_flexgen(w: Workload, hw: HardwareProfile, budgets: dict[Tier, float],
                    num_gpu_batches: int | None = None, keep_kv: bool = False) -> SearchResult | None:
     """The fastest FlexGen plan (per-sequence KV split) for `w` over FlexGen's whole policy space,
     compress_weight and compress_cache included: with FlexGen's dense 16-bit attention, or with `keep_kv`
-    the workload's own KV policy (16-bit, retained; a compressed cache is then refused by the executor's
+    the workload's own KV policy (16-bit, retained or evicted; a compressed cache is then refused by the executor's
     sizing, so those plans never fit)."""
     t0, ev = time.perf_counter(), _Eval(w if keep_kv else dataclasses.replace(w, kv=KVSettings()), hw, budgets)
     return _result(ev, _search(ev, _flexgen_place, _flexgen_climb, gpu_batch_size, num_gpu_batches), t0)
