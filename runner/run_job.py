@@ -46,7 +46,8 @@ def _make_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype:
     if job.offload is not None:
         return _offload_engine(job, loaded, device, dtype)
     from runner.engines.alisa import AlisaEngine
-    return AlisaEngine(loaded, device, dtype, job.kv.settings(), weight_bits=job.model.weight_bits)
+    return AlisaEngine(loaded, device, dtype, job.kv.settings(), weight_bits=job.model.weight_bits,
+                       decode_rows=job.batch.gpu_batch_size)
 
 
 def _offload_engine(job: JobSpec, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> Engine:

@@ -243,3 +243,37 @@ def test_native_kernels_build_wherever_there_is_a_compiler(tmp_path):
     # A fresh cache: this builds from source, as a user's first run does.
     assert _status_in_subprocess(tmp_path).startswith("True built by")
     assert len(list(tmp_path.glob("kernels-*.so"))) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_matches_rotate_half_in_float64(dtype):
+    from runner.model import ops
+    b, nh, kvh, s, d = 2, 9, 3, 5, 64
+    cos_t, sin_t = ops.rope_tables(d, 64, 10000.0, dtype)
+    pos = torch.tensor([[3, 4, 5, 6, 7], [0, 1, 2, 40, 41]])
+    cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)  # (b, 1, s, d)
+    qkv = torch.randn(b, s, (nh + 2 * kvh) * d).to(dtype)
+    x = ops.split_heads(qkv[..., :(nh + kvh) * d], nh + kvh)  # a strided view, as Attention.forward makes
+    out = ops.apply_rope(x, cos, sin)
+    x64, c64, s64 = x.double(), cos.double(), sin.double()
+    half = torch.cat([-x64[..., d // 2:], x64[..., :d // 2]], dim=-1)  # HF's rotate_half
+    plain_sin = s64 * torch.cat([-torch.ones(d // 2), torch.ones(d // 2)]).double()  # the table's first half is negated
+    ref = x64 * c64 + half * plain_sin
+    tol = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-6  # one bf16 rounding (of |ref| <= 2 |x|)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert bool(((out.double() - ref).abs() <= tol * (x64.abs().amax() + 1)).all())
+    torch.testing.assert_close(out, torch.addcmul(x * cos, x.roll(d // 2, dims=-1), sin),
+                               **({} if dtype == torch.float32 else {"rtol": 2 ** -7, "atol": 2 ** -7}))
+
+
+def test_rope_of_a_row_does_not_depend_on_its_batch():
+    from runner.model import ops
+    cos_t, sin_t = ops.rope_tables(64, 256, 10000.0, torch.float32)
+    qkv = torch.randn(3, 1, 15 * 64, generator=torch.Generator().manual_seed(1))
+    pos = torch.tensor([[100], [70], [3]])
+    cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)
+    together = ops.apply_rope(ops.split_heads(qkv[..., :12 * 64], 12), cos, sin)
+    for r in range(3):  # each row alone, and in another slot of the batch: bit for bit the same
+        rows = [r, r]
+        alone = ops.apply_rope(ops.split_heads(qkv[rows][..., :12 * 64], 12), cos[rows], sin[rows])
+        assert torch.equal(alone[0], together[r]) and torch.equal(alone[1], together[r])

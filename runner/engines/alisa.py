@@ -5,7 +5,8 @@ import torch
 
 from runner.kv.spec import KVSettings
 from runner.engines.base import BatchOutput, TextDecoder, generate_batch
-from runner.engines.lm import LM
+from runner.engines.lm import LM, Pack
+from runner.model import kernels
 from runner.engines.sampling import SamplingParams
 from runner.model.weights import LoadedModel
 
@@ -14,10 +15,13 @@ class AlisaEngine:
     name = "alisa"
 
     def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
-                 kv: KVSettings | None = None, weight_bits: int | None = None):
+                 kv: KVSettings | None = None, weight_bits: int | None = None, decode_rows: int = 1):
+        """`decode_rows`: the rows of a decode step (the batch size), which decide whether the linear
+        weights are packed for oneDNN or kept plain for the native few-row kernel (`kernels.plain_pays`)."""
         # The LM packs the linear weights (kernels.pack) and takes them out of `loaded`, so the plain
         # copies are freed as it goes.
-        self.lm = LM(loaded.config, loaded.weights, device, dtype, release=True, weight_bits=weight_bits)
+        pack = Pack.NONE if device.type == "cpu" and kernels.plain_pays(dtype, decode_rows) else Pack.UNSHARED
+        self.lm = LM(loaded.config, loaded.weights, device, dtype, pack=pack, release=True, weight_bits=weight_bits)
         self.kv = kv
         self.tokenizer: TextDecoder = loaded.tokenizer
 

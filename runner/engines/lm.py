@@ -45,7 +45,7 @@ class LM:
             screen = kernels.bf16_screen(device, dtype)
         if screen and dtype in (torch.float32, torch.bfloat16):  # the screen's bound is for fp32 logits
             head = self.unit_weights[-1]  # build_units puts the head last
-            head.update(greedy_head.build_screen(head["lm_w"]))
+            head.update(greedy_head.build_screen(head["lm_w"], pack=pack is not Pack.NONE))
         if weight_bits == 8:
             self._quantize(release=weights if release else None)
         elif weight_bits is not None:

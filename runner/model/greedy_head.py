@@ -40,16 +40,16 @@ _U32 = 2.0 ** -24
 _CHUNK_ROWS = 4096  # head rows per step when building the screen: keeps the fp32 temporaries small
 
 
-def build_screen(w: Tensor) -> dict[str, Tensor]:
-    """The screen of head weight w (v, e): its bf16 copy (`kernels.pack_bf16`)
-    and the three row-norm maxima the bound needs."""
+def build_screen(w: Tensor, pack: bool = True) -> dict[str, Tensor]:
+    """The screen of head weight w (v, e): its bf16 copy (packed by `kernels.pack_bf16` unless not
+    `pack`: a bf16 head is then its own screen, no copy) and the three row-norm maxima the bound needs."""
     wb = w.to(torch.bfloat16)
     norms = torch.zeros(3, dtype=torch.float32, device=w.device)
     for r in range(0, w.shape[0], _CHUNK_ROWS):
         rows, rows_b = w[r:r + _CHUNK_ROWS].float(), wb[r:r + _CHUNK_ROWS].float()
         chunk = torch.stack([rows.norm(dim=-1).max(), (rows - rows_b).norm(dim=-1).max(), rows_b.norm(dim=-1).max()])
         norms = torch.maximum(norms, chunk)
-    return {SCREEN: kernels.pack_bf16(wb), NORMS: norms}
+    return {SCREEN: kernels.pack_bf16(wb) if pack else wb, NORMS: norms}
 
 
 def greedy_tokens(x: Tensor, w: Tensor, screen: Tensor | None = None, norms: Tensor | None = None) -> Tensor:

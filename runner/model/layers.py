@@ -124,8 +124,7 @@ class Attention(Unit):
             out = state.kv.prefill(self.layer, state.rows, q, k, v, state.prefill_mask)
         else:
             out = state.kv.decode(self.layer, q, k, v)
-        out = kernels.linear(M.merge_heads(out), w["o_w"], w.get("o_b"))
-        h = h + out
+        h = kernels.linear(M.merge_heads(out), w["o_w"], w.get("o_b"), residual=h)  # h + o(out)
         return h if pre_ln else norm(c, w, h)
 
     def project_kv(self, w: dict[str, Tensor], rope: tuple[Tensor, Tensor] | None, h: Tensor,
@@ -158,13 +157,14 @@ class MLP(Unit):
     def forward(self, w: dict[str, Tensor], h: Tensor, state: ForwardState) -> Tensor:
         c = self.cfg
         if c.arch.norm_before:
-            return h + self._mlp(w, norm(c, w, h))
-        return norm(c, w, h + self._mlp(w, h))
+            return self._mlp(w, norm(c, w, h), h)
+        return norm(c, w, self._mlp(w, h, h))
 
-    def _mlp(self, w: dict[str, Tensor], x: Tensor) -> Tensor:
+    def _mlp(self, w: dict[str, Tensor], x: Tensor, residual: Tensor) -> Tensor:
+        """residual + the MLP of x: (b, s, h)."""
         if self.cfg.arch.mlp is Mlp.SWIGLU:
-            return M.swiglu_mlp(x, w["gate_up_w"], w["down_w"])  # (b, s, h)
-        return M.relu_mlp(x, w["fc1_w"], w["fc1_b"], w["fc2_w"], w["fc2_b"])  # (b, s, h)
+            return M.swiglu_mlp(x, w["gate_up_w"], w["down_w"], residual)  # (b, s, h)
+        return M.relu_mlp(x, w["fc1_w"], w["fc1_b"], w["fc2_w"], w["fc2_b"], residual)  # (b, s, h)
 
 
 class Head(Unit):

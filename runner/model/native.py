@@ -23,7 +23,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SOURCES = tuple(sorted((Path(__file__).with_name("csrc")).glob("*.c")))
@@ -33,11 +33,15 @@ _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
 _BUILD_TIMEOUT_S = 120
 
 
+RowsKey = tuple[str, str, str]  # (weight dtype, activation dtype, epilogue), e.g. ("int8", "bf16", "glu")
+
+
 @dataclass(frozen=True, kw_only=True)
 class NativeStatus:
     """Whether the native kernels are in use, and if not, why (one line)."""
     library: ctypes.CDLL | None
     reason: str
+    rows: dict[RowsKey, ctypes._CFuncPtr] = field(default_factory=dict)  # `rows_entries` of the library
 
     @property
     def available(self) -> bool:
@@ -117,6 +121,30 @@ def _declare(lib: ctypes.CDLL) -> None:
         values.argtypes = [ptr, ptr, ptr, *[long_] * 8, int_, int_]
         norm.argtypes = [ptr, ptr, ptr, long_, long_, f32, int_]
         scores.restype = values.restype = norm.restype = None
+    for fn in (lib.decode_attend, lib.decode_attend_bf16):  # q, k, v, scores, out, 9 sizes and strides, scale
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, *[long_] * 9, f32, int_]
+        fn.restype = None
+    lib.decode_softmax.argtypes = [ptr, long_, long_, int_]
+    lib.decode_softmax.restype = None
+    for fn in (lib.rope, lib.rope_bf16):  # x, cos, sin, out, b, h, s, d, x's strides (b, h, s), threads
+        fn.argtypes = [ptr, ptr, ptr, ptr, *[long_] * 7, int_]
+        fn.restype = None
+    # linear_rows.c: x, weight, scale (int8) or null, out, residual (ADD) or null, rows, n, k, threads
+    for fn in rows_entries(lib).values():
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, long_, long_, long_, int_]
+        fn.restype = None
+
+
+def rows_entries(lib: ctypes.CDLL) -> dict[RowsKey, ctypes._CFuncPtr]:
+    """linear_rows.c's entry points by (weight dtype "bf16"/"int8", activation dtype "bf16"/"fp32",
+    epilogue "plain"/"add"/"glu")."""
+    return {("bf16", "bf16", "plain"): lib.linear_rows_bf16, ("bf16", "bf16", "add"): lib.linear_rows_bf16_add,
+            ("bf16", "bf16", "glu"): lib.linear_rows_bf16_glu,
+            ("int8", "fp32", "plain"): lib.linear_rows_int8, ("int8", "fp32", "add"): lib.linear_rows_int8_add,
+            ("int8", "fp32", "glu"): lib.linear_rows_int8_glu,
+            ("int8", "bf16", "plain"): lib.linear_rows_int8_bf16,
+            ("int8", "bf16", "add"): lib.linear_rows_int8_bf16_add,
+            ("int8", "bf16", "glu"): lib.linear_rows_int8_bf16_glu}
 
 
 @functools.cache
@@ -159,7 +187,7 @@ def _load(cc: list[str], path: Path) -> NativeStatus:
         _declare(lib)
     except (OSError, AttributeError) as e:
         return NativeStatus(library=None, reason=f"cannot load {path}: {e}")
-    return NativeStatus(library=lib, reason=f"built by {cc[0]} in {path.parent}{rebuilt}")
+    return NativeStatus(library=lib, reason=f"built by {cc[0]} in {path.parent}{rebuilt}", rows=rows_entries(lib))
 
 
 def _record(library: Path) -> Path:

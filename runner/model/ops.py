@@ -41,8 +41,10 @@ def rope_tables(head_dim: int, max_len: int, theta: float, dtype: torch.dtype,
 
 def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     """x: (b, heads, s, d); cos/signed_sin: (b, 1, s, d) gathered at each token's position
-    (from `rope_tables`). x * cos + rotate_half(x) * sin in three ops."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+    (from `rope_tables`). x * cos + rotate_half(x) * sin: natively in one pass where the kernel takes
+    the tensors, else in three ops."""
+    out = kernels.rope(x, cos, signed_sin)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin) if out is None else out
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -79,16 +81,21 @@ def attention_decode(q: Tensor, k: Tensor | list[Tensor], v: Tensor | list[Tenso
     sparse selection as gathered picks + the recent run read in place: no concatenation);
     bias: additive, broadcastable to (b, kvh, 1, t), or None.
     Returns (out (b, nh, 1, d), probs (b, nh, t)). The probabilities are what the
-    sparse-KV policies score tokens by, so they are computed explicitly, not fused.
+    sparse-KV policies score tokens by, so they are computed explicitly (one unbiased part runs in one
+    native call, `kernels.decode_attend`, with the same results as the three steps).
     """
     ks, vs = (k, v) if isinstance(k, list) else ([k], [v])
     b, nh, _, d = q.shape
     kvh = ks[0].shape[1]
     qg = q.view(b, kvh, nh // kvh, d)  # (b, kvh, g, d): GQA without copying K/V
+    fused = kernels.decode_attend(qg, ks[0], vs[0], 1.0 / math.sqrt(d)) if bias is None and len(ks) == 1 else None
+    if fused is not None:
+        out, probs = fused  # (b, kvh, g, d), (b, kvh, g, t)
+        return out.view(b, nh, 1, d).to(q.dtype), probs.view(b, nh, -1)
     scores = kernels.decode_scores(qg, ks, 1.0 / math.sqrt(d))  # (b, kvh, g, t)
     if bias is not None:
         scores = scores + bias
-    probs = torch.softmax(scores, dim=-1)  # (b, kvh, g, t); fp32 where the kernels widen a bf16 cache
+    probs = kernels.decode_softmax(scores)  # (b, kvh, g, t); fp32 where the kernels widen a bf16 cache
     out = kernels.decode_values(probs, vs)  # (b, kvh, g, d)
     return out.view(b, nh, 1, d).to(q.dtype), probs.view(b, nh, -1)
 
@@ -132,13 +139,15 @@ def attention_column_sums(q: Tensor, k: Tensor, q_start: int, mask: Tensor | Non
     return total.view(b, kvh, t)
 
 
-def swiglu_mlp(x: Tensor, gate_up_w: Tensor, down_w: Tensor) -> Tensor:
-    gate, up = kernels.linear(x, gate_up_w).chunk(2, dim=-1)  # (b, s, f) each
-    return kernels.linear(F.silu(gate).mul_(up), down_w)  # in place: one (b, s, f) temporary fewer
+def swiglu_mlp(x: Tensor, gate_up_w: Tensor, down_w: Tensor, residual: Tensor | None = None) -> Tensor:
+    """down(silu(gate(x)) * up(x)) (+ residual (b, s, h)): x (b, s, h) -> (b, s, h)."""
+    return kernels.linear(kernels.swiglu(x, gate_up_w), down_w, residual=residual)  # (b, s, f) in between
 
 
-def relu_mlp(x: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor) -> Tensor:
-    return kernels.linear(kernels.linear(x, fc1_w, fc1_b).relu_(), fc2_w, fc2_b)
+def relu_mlp(x: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor,
+             residual: Tensor | None = None) -> Tensor:
+    """fc2(relu(fc1(x))) (+ residual): x (b, s, h) -> (b, s, h)."""
+    return kernels.linear(kernels.linear(x, fc1_w, fc1_b).relu_(), fc2_w, fc2_b, residual=residual)
 
 
 def lm_head(x: Tensor, w: Tensor) -> Tensor:
