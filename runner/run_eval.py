@@ -169,7 +169,8 @@ def run_eval(job: JobSpec, *, progress: bool = True) -> EvalReport:
 
 def _run_points(job: JobSpec, todo: list[Point], device: torch.device, dtype: torch.dtype, csv_path: Path,
                 progress: bool, skipped: int) -> None:
-    loaded = load_model(name=job.model.name, path=job.model.path, dtype=dtype, device=device, seed=0)
+    loaded = load_model(name=job.model.name, path=job.model.path, dtype=dtype, device=device, seed=0,
+                        weight_bits=job.model.weight_bits)
     lm = LM(loaded.config, loaded.weights, device, dtype, weight_bits=job.model.weight_bits)
     data = _Data(job.eval, loaded)
     commit = git_commit()

@@ -230,7 +230,7 @@ def _load(job: JobSpec, device: torch.device, dtype: torch.dtype) -> LoadedModel
     # The block executor places weights tensor by tensor into their tiers: never the whole model in RAM.
     loaded = load_model(name=job.model.name, path=job.model.path, dtype=dtype, device=device,
                         seed=job.generation.seed, with_weights=job.engine is EngineKind.ALISA,
-                        lazy=job.offload is not None)
+                        lazy=job.offload is not None, weight_bits=job.model.weight_bits)
     context, new = loaded.config.max_seq_len, job.generation.max_new_tokens
     if new >= context:  # every prompt would be rejected, one by one, after reading the whole dataset
         raise RunError(f"generation.max_new_tokens: {new} new tokens leave no room for a prompt in "

@@ -91,3 +91,54 @@ def test_smollm2_int8_logits_are_close_to_fp32(smollm2_loaded, smollm2_lm, one_t
 
 def _relative_rms(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+
+
+def test_q8_0_layer_linears_load_as_stored(tiny_llama_ggufs):
+    """model.weight_bits: 8 reads a GGUF's Q8_0 layer linears as their int8 values and block scales: no
+    float round trip, and exactly what the file dequantizes to."""
+    from runner.model.gguf import read_gguf_lazy
+    path = tiny_llama_ggufs["gqa_tied_q8"]
+    _, floats, _ = read_gguf_lazy(path, torch.float32)
+    _, stored, _ = read_gguf_lazy(path, torch.float32, int8_linears=True)
+    for name in stored:
+        w = stored[name]
+        if name.startswith("layers.") and name.endswith(("qkv_w", "o_w", "gate_up_w", "down_w")):
+            assert isinstance(w, Int8Weight) and w.scale.shape == (w.q.shape[0], w.q.shape[1] // int8.GROUP)
+            assert torch.equal(int8.dequantize(w), floats[name])  # q/k rows un-permuted with their scales
+        else:
+            assert not isinstance(w, Int8Weight) and torch.equal(w, floats[name])  # norms, embedding, head
+
+
+def test_q8_0_lm_equals_the_dequantized_fp32_lm(tiny_llama_ggufs, one_torch_thread):
+    """The same weights, as int8 with block scales or dequantized to fp32: the products are exact either
+    way (8-bit values times fp16-sized scales), so only the summation order may differ."""
+    from runner.model.weights import load_model
+    path = str(tiny_llama_ggufs["gqa_tied_q8"])
+    q8 = load_model(name=None, path=path, dtype=torch.float32, weight_bits=8)
+    f32 = load_model(name=None, path=path, dtype=torch.float32)
+    lm8 = LM(q8.config, dict(q8.weights), torch.device("cpu"), torch.float32, weight_bits=8)
+    lm32 = LM(f32.config, dict(f32.weights), torch.device("cpu"), torch.float32)
+    assert lm8.unit_weights[1]["qkv_w"].scale.dim() == 2  # as stored, not re-quantized per row
+    prompts = [list(range(10, 30)), list(range(40, 52))]
+    out = []
+    for lm in (lm8, lm32):
+        batch = Batch(lm, prompts, 2)
+        first = batch.prefill()  # 40 rows and 2: the native group-wise kernel where it is built
+        out.append((first, batch.decode(first.argmax(-1))))
+    for got, ref in zip(*out):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_group_wise_int8_product_is_exact_products_summed_in_fp32(xdtype):
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=g)
+    scale = torch.rand(40, 96 // int8.GROUP, generator=g).half().float()  # fp16 scales, as Q8_0 stores
+    w = Int8Weight(q, scale)
+    x = torch.randn(3, 96, generator=g).to(xdtype)
+    ref = x.double() @ int8.dequantize(w).double().T
+    mag = x.abs().double() @ int8.dequantize(w).abs().double().T
+    rounding = 2.0 ** -8 * ref.abs() * (1 + 2.0 ** -7) if xdtype == torch.bfloat16 else 0
+    out = kernels.linear(x, w)
+    assert bool(((out.double() - ref).abs() <= rounding + 98 * 2.0 ** -24 * mag).all())
+    torch.testing.assert_close(kernels.linear(x, w, residual=out), 2 * out, rtol=2 ** -7, atol=1e-5)

@@ -73,13 +73,14 @@ def main() -> None:
     parser.add_argument("build", type=Path, help="llama.cpp build directory (with bin/llama-batched-bench)")
     parser.add_argument("--out", type=Path, default=ROOT / "results/bench/cpu-dtype/llama-cpp.csv")
     parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes, comma-separated")
     args = parser.parse_args()
     work = args.build / "models"
     work.mkdir(exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     rows = []
-    for batch in BATCHES:  # batch outermost, as the runner's sweep: slow drift hits every format alike
+    for batch in map(int, args.batches.split(",")):  # batch outermost, as the runner's sweep: drift hits every format alike
         for fmt in args.formats.split(","):
             figures, peak = _bench(args.build, _model(args.build, fmt, work), batch)
             rows.append({"engine": "llama.cpp", "format": fmt, "gpu_batch_size": batch, "prompt_len": PROMPT,

@@ -63,7 +63,8 @@ class LM:
         which stays in the model dtype anyway."""
         for unit, w in zip(self.units, self.unit_weights):
             for key in sorted(LINEAR_WEIGHTS & w.keys() - {"lm_w"}):
-                w[key] = int8.quantize(w[key])
+                if not isinstance(w[key], int8.Int8Weight):  # a GGUF's Q8_0 comes as stored
+                    w[key] = int8.quantize(w[key])
                 if release is not None:
                     release.pop(f"{unit.prefix}.{key}", None)
 

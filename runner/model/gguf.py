@@ -21,7 +21,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from runner.model.config import LLAMA_ARCH, ModelConfig
-from runner.model.layers import weight_shapes
+from runner.model.int8 import Int8Weight
+from runner.model.layers import LINEAR_WEIGHTS, weight_shapes
 from runner.model.lazy import LazyWeights
 from runner.model.tokenizer import Tokenizer
 
@@ -61,9 +62,11 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
 
 
 def read_gguf_lazy(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                   with_weights: bool = True) -> tuple[ModelConfig, LazyWeights, Tokenizer]:
+                   with_weights: bool = True, int8_linears: bool = False) -> tuple[ModelConfig, LazyWeights, Tokenizer]:
     """`read_gguf` with weights dequantized one fused tensor per lookup, from the file's memory map
-    (which lives as long as the returned weights do)."""
+    (which lives as long as the returned weights do). With `int8_linears` (`model.weight_bits: 8`), a
+    layer linear stored as Q8_0 is read as it is stored, an `Int8Weight` with a scale per block of 32
+    (no float round trip), not dequantized."""
     path = Path(path)
     with path.open("rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the map outlives the file object
@@ -75,7 +78,7 @@ def read_gguf_lazy(path: str | Path, dtype: torch.dtype = torch.float32, device:
                          f"but the vocabulary lists {cfg.vocab_size}")
     if not with_weights:
         return cfg, LazyWeights({}, {}, dtype=dtype, device=device), tokenizer
-    return cfg, _canonical_weights(buf, gguf, cfg, dtype, device), tokenizer
+    return cfg, _canonical_weights(buf, gguf, cfg, dtype, device, int8_linears), tokenizer
 
 
 def parse_gguf(buf: mmap.mmap | bytes, path: Path) -> GGUFFile:
@@ -242,7 +245,7 @@ def _canonical_name(gguf_name: str, path: Path) -> tuple[str, int]:
 
 
 def _canonical_weights(buf: mmap.mmap, gguf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
-                       device: torch.device | str) -> LazyWeights:
+                       device: torch.device | str, int8_linears: bool = False) -> LazyWeights:
     """The file's tensors under canonical names, fused parts in order, shapes checked before any is read.
     A lookup dequantizes one fused weight: only its parts are ever held twice."""
     groups: dict[str, dict[int, TensorInfo]] = {}
@@ -254,7 +257,10 @@ def _canonical_weights(buf: mmap.mmap, gguf: GGUFFile, cfg: ModelConfig, dtype: 
         if sorted(infos) != list(range(len(infos))):
             raise ValueError(f"{gguf.path}: {name} is missing some of its fused parts (have parts {sorted(infos)})")
         ordered = [infos[i] for i in range(len(infos))]
-        parts[name] = [functools.partial(_read_part, buf, info, cfg, dtype, gguf.path) for info in ordered]
+        read = _read_part
+        if int8_linears and _int8_linear(name) and all(i.qtype is GGMLQuantizationType.Q8_0 for i in ordered):
+            read = _read_q8_0
+        parts[name] = [functools.partial(read, buf, info, cfg, dtype, gguf.path) for info in ordered]
         shapes[name] = (sum(i.shape[0] for i in ordered), *ordered[0].shape[1:])
     aliases = {}
     if cfg.tie_embeddings and "embed.tok_w" in shapes and "head.lm_w" not in shapes:
@@ -270,6 +276,29 @@ def _read_part(buf: mmap.mmap, info: TensorInfo, cfg: ModelConfig, dtype: torch.
     if info.name.endswith(("attn_q.weight", "attn_k.weight")):
         w = _unpermute_rope(w, cfg.num_heads if "attn_q" in info.name else cfg.num_kv_heads)
     return torch.from_numpy(w).to(dtype)
+
+
+def _int8_linear(name: str) -> bool:
+    """Whether canonical weight `name` is one of the layer linears `model.weight_bits: 8` holds in int8
+    (all but the head: `runner.engines.lm.LM._quantize`)."""
+    return name.startswith("layers.") and name.rsplit(".", 1)[1] in LINEAR_WEIGHTS
+
+
+def _read_q8_0(buf: mmap.mmap, info: TensorInfo, cfg: ModelConfig, dtype: torch.dtype, path: Path) -> Int8Weight:
+    """A Q8_0 matrix as stored: blocks of an fp16 scale and 32 int8 values along each row, read into int8
+    values (rows, cols) and fp32 scales (rows, cols / 32), widened exactly; `dtype` is not used."""
+    rows, cols = info.shape
+    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
+    if cols % block:
+        raise ValueError(f"{path}: tensor {info.name} row length {cols} is not a multiple of the Q8_0 block {block}")
+    raw = np.frombuffer(buf, dtype=np.uint8, count=rows * cols // block * block_bytes,
+                        offset=info.offset).reshape(rows, cols // block, block_bytes)
+    scale = np.ascontiguousarray(raw[..., :2]).view(np.float16).astype(np.float32).reshape(rows, cols // block)
+    q = np.ascontiguousarray(raw[..., 2:]).view(np.int8).reshape(rows, cols)
+    if info.name.endswith(("attn_q.weight", "attn_k.weight")):  # the rows' permutation, scales alike
+        heads = cfg.num_heads if "attn_q" in info.name else cfg.num_kv_heads
+        q, scale = (np.ascontiguousarray(_unpermute_rope(a, heads)) for a in (q, scale))
+    return Int8Weight(torch.from_numpy(q), torch.from_numpy(scale))
 
 
 def check_shapes(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, source: str) -> None:

@@ -16,9 +16,14 @@ QMAX = 127  # symmetric: -128 is never produced
 
 
 class Int8Weight(NamedTuple):
-    """A linear weight (out, in) as int8 `q` (out, in) times a bf16 `scale` (out,) per output row."""
+    """A linear weight (out, in) as int8 `q` (out, in) times a bf16 `scale` (out,) per output row, or
+    times an fp32 `scale` (out, in / GROUP) per GROUP weights of a row (GGUF Q8_0 read as stored:
+    `runner.model.gguf`; an fp16 scale widened exactly)."""
     q: Tensor
     scale: Tensor
+
+
+GROUP = 32  # weights per scale of a group-wise Int8Weight (Q8_0's block)
 
 
 def quantize(w: Tensor) -> Int8Weight:
@@ -33,5 +38,13 @@ def quantize(w: Tensor) -> Int8Weight:
 
 def dequantize(w: Int8Weight, dtype: torch.dtype = torch.float32) -> Tensor:
     """The float matrix (out, in) the weight stands for: q * scale, exact in fp32, then cast to `dtype`."""
+    if w.scale.dim() == 2:  # group-wise: (out, in / GROUP)
+        out, cols = w.q.shape
+        return (w.q.float().view(out, -1, GROUP) * w.scale.float()[..., None]).view(out, cols).to(dtype)
     return (w.q.float() * w.scale.float()[:, None]).to(dtype)
+
+
+def cat(parts: list[Int8Weight]) -> Int8Weight:
+    """Parts stacked along the output rows (a fused qkv or gate_up), all of one kind of scale."""
+    return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
 

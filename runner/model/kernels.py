@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from runner.model import native
-from runner.model.int8 import Int8Weight, dequantize
+from runner.model.int8 import GROUP, Int8Weight, dequantize
 
 
 def _has_onednn_linear() -> bool:
@@ -88,10 +88,11 @@ def _rows(x: Tensor, w: Tensor | Int8Weight, epilogue: str, residual: Tensor | N
     """x (..., k) @ w.T with `epilogue` ("plain", "add" residual, "glu") through linear_rows.c, or None
     where it does not take them: CPU tensors without autograd, k a multiple of 16, a plain bf16 weight
     with bf16 x up to NATIVE_ROWS_MAX rows, or an int8 one with fp32 or bf16 x up to INT8_KERNEL_MAX_ROWS.
-    int8: products of x as given and the int8 values (exact in fp32), summed in fp32, times the scale.
+    int8: products of x as given and the int8 values (exact in fp32), summed in fp32, times the row's
+    scale; group-wise (Q8_0) int8: each value times its group's scale (exact) before the product.
     Runs once per linear of every decode step: the cheap tests come first (a few microseconds in all)."""
     if type(w) is Int8Weight:
-        q, scale, max_rows, weight = w.q, w.scale, INT8_KERNEL_MAX_ROWS, "int8"
+        q, scale, max_rows, weight = w.q, w.scale, INT8_KERNEL_MAX_ROWS, "int8" if w.scale.dim() == 1 else "q8"
     elif w.dtype is torch.bfloat16 and x.dtype is torch.bfloat16 and not w.is_mkldnn:
         q, scale, max_rows, weight = w, None, NATIVE_ROWS_MAX, "bf16"
     else:
@@ -101,10 +102,13 @@ def _rows(x: Tensor, w: Tensor | Int8Weight, epilogue: str, residual: Tensor | N
     if (not 0 < rows <= max_rows or k % _K_MULTIPLE or q.dim() != 2 or q.shape[1] != k or not (x.is_cpu and q.is_cpu)
             or x.requires_grad or q.requires_grad or not q.is_contiguous()):
         return None
+    n = q.shape[0]
+    if scale is not None and (scale.shape != ((n,) if weight == "int8" else (n, k // GROUP))
+                              or scale.dtype is not (torch.bfloat16 if weight == "int8" else torch.float32)):
+        return None  # what linear_rows.c reads (a group-wise scale also needs k to be a multiple of GROUP)
     fn = native.status().rows.get((weight, _ROW_DTYPES.get(x.dtype), epilogue))
     if fn is None:
         return None
-    n = q.shape[0]
     out = x.new_empty((*x.shape[:-1], n // 2 if epilogue == "glu" else n))
     if residual is not None:
         if residual.shape != out.shape or residual.dtype is not x.dtype or not residual.is_cpu:
@@ -129,7 +133,7 @@ def _linear_int8(x: Tensor, w: Int8Weight, b: Tensor | None = None) -> Tensor:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     kernel_ok = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
                  and w.q.shape[1] % _K_MULTIPLE == 0)
-    if kernel_ok and 0 < rows <= INT8_KERNEL_MAX_ROWS:
+    if kernel_ok and 0 < rows <= INT8_KERNEL_MAX_ROWS and w.scale.dim() == 1:  # torch's kernel: a scale per row
         x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
         out = torch.ops.aten._weight_int8pack_mm(x2, w.q, w.scale).reshape(*x.shape[:-1], -1).to(x.dtype)
     elif kernel_ok and _BF16_DOT:

@@ -26,7 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-Part = Callable[[], Tensor]  # reads one stored tensor (any dtype) into memory
+from runner.model import int8
+from runner.model.int8 import Int8Weight
+
+Part = Callable[[], "Tensor | Int8Weight"]  # reads one stored tensor (any dtype, or int8 as stored) into memory
 Shape = tuple[int, ...]
 
 
@@ -46,7 +49,11 @@ class LazyWeights(Mapping[str, Tensor]):
     def __getitem__(self, name: str) -> Tensor:
         if name not in self._shapes:
             raise KeyError(name)
-        pieces = [p().to(self.dtype) for p in self._parts[self._aliases.get(name, name)]]
+        pieces = [p() for p in self._parts[self._aliases.get(name, name)]]
+        if isinstance(pieces[0], Int8Weight):  # int8 as stored (GGUF Q8_0 with model.weight_bits: 8)
+            w = int8.cat(pieces)
+            return Int8Weight(w.q.to(self.device), w.scale.to(self.device))
+        pieces = [p.to(self.dtype) for p in pieces]
         t = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         return t.to(self.device)
 

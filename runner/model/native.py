@@ -136,15 +136,19 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def rows_entries(lib: ctypes.CDLL) -> dict[RowsKey, ctypes._CFuncPtr]:
-    """linear_rows.c's entry points by (weight dtype "bf16"/"int8", activation dtype "bf16"/"fp32",
-    epilogue "plain"/"add"/"glu")."""
+    """linear_rows.c's entry points by (weight "bf16", "int8" (a scale per row) or "q8" (a scale per 32
+    weights, GGUF Q8_0's), activation dtype "bf16"/"fp32", epilogue "plain"/"add"/"glu")."""
     return {("bf16", "bf16", "plain"): lib.linear_rows_bf16, ("bf16", "bf16", "add"): lib.linear_rows_bf16_add,
             ("bf16", "bf16", "glu"): lib.linear_rows_bf16_glu,
             ("int8", "fp32", "plain"): lib.linear_rows_int8, ("int8", "fp32", "add"): lib.linear_rows_int8_add,
             ("int8", "fp32", "glu"): lib.linear_rows_int8_glu,
             ("int8", "bf16", "plain"): lib.linear_rows_int8_bf16,
             ("int8", "bf16", "add"): lib.linear_rows_int8_bf16_add,
-            ("int8", "bf16", "glu"): lib.linear_rows_int8_bf16_glu}
+            ("int8", "bf16", "glu"): lib.linear_rows_int8_bf16_glu,
+            ("q8", "fp32", "plain"): lib.linear_rows_q8, ("q8", "fp32", "add"): lib.linear_rows_q8_add,
+            ("q8", "fp32", "glu"): lib.linear_rows_q8_glu,
+            ("q8", "bf16", "plain"): lib.linear_rows_q8_bf16, ("q8", "bf16", "add"): lib.linear_rows_q8_bf16_add,
+            ("q8", "bf16", "glu"): lib.linear_rows_q8_bf16_glu}
 
 
 @functools.cache

@@ -52,16 +52,18 @@ class LoadedModel:
 
 
 def load_model(*, name: str | None, path: str, dtype: torch.dtype, device: torch.device | str = "cpu",
-               seed: int = 0, with_weights: bool = True, lazy: bool = False) -> LoadedModel:
+               seed: int = 0, with_weights: bool = True, lazy: bool = False,
+               weight_bits: int | None = None) -> LoadedModel:
     """Load `name` (a preset, or just a display name for checkpoints) from `path`:
     "auto", "dummy", a Hugging Face checkpoint directory or a .gguf file. With
     `with_weights=False` only config and tokenizer are read (the `hf` engine loads its own). With
     `lazy`, weights stay in their source and are read one tensor per lookup (`LazyWeights`): the block
-    executor places them tier by tier without ever holding the whole model."""
+    executor places them tier by tier without ever holding the whole model. `weight_bits: 8` reads a GGUF's
+    Q8_0 layer linears as stored (`runner.model.gguf.read_gguf_lazy`); other sources are quantized by the LM."""
     device = torch.device(device)
     if path == "auto":
         return load_model(name=name, path=str(_auto_gguf_path(name)), dtype=dtype, device=device, seed=seed,
-                          with_weights=with_weights, lazy=lazy)
+                          with_weights=with_weights, lazy=lazy, weight_bits=weight_bits)
     if path == "dummy":
         if name is None:
             raise ModelSourceError("model.path: dummy weights need model.name to be a preset")
@@ -75,7 +77,7 @@ def load_model(*, name: str | None, path: str, dtype: torch.dtype, device: torch
         cfg, weights, tokenizer = _read_hf_dir(p, dtype, device, with_weights)
         source = f"hf:{p}"
     elif p.suffix.lower() == ".gguf":
-        cfg, weights, tokenizer = read_gguf_lazy(p, dtype, device, with_weights)
+        cfg, weights, tokenizer = read_gguf_lazy(p, dtype, device, with_weights, int8_linears=weight_bits == 8)
         source = f"gguf:{p}"
     else:
         raise ModelSourceError(f"model.path: {path} is neither a checkpoint directory nor a .gguf file")
