@@ -24,6 +24,7 @@ from runner.resume import GENERATIONS, REJECTS, RunState, locked, open_state, re
 from runner.run_loop import Loop, RunError, StopRequest, Totals
 from runner.engines.sampling import SamplingParams
 from runner.model.weights import LoadedModel, available_memory, load_model
+from runner.model.int8 import Int8Weight
 from runner.planner import resolve_quality, resolve_run, run_dtype
 from runner.units import format_gib, gib_to_bytes
 
@@ -119,7 +120,8 @@ def memory_check(job: JobSpec, loaded: LoadedModel, dtype: torch.dtype,
     """A check run before each batch: refuse one whose KV cache cannot fit (an impossible memory budget)."""
     if job.engine is not EngineKind.ALISA or job.offload is not None:
         return lambda ids: None  # the executor checks its own tier budgets
-    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in loaded.weights.values()}.values())
+    held = {id(t): t for t in loaded.weights.values()}.values()  # a tied head counted once
+    weights = sum(t.nbytes() if isinstance(t, Int8Weight) else t.numel() * t.element_size() for t in held)
     if _greedy_head(job, device, dtype) == "bf16-screen":
         weights += loaded.config.vocab_size * loaded.config.embed_dim * 2  # the head's bf16 copy
     if job.hardware.memory_gib is not None:

@@ -101,3 +101,15 @@ def test_a_huge_prompt_is_refused_by_its_bytes_before_tokenizing():
     with pytest.raises(RunError, match="prompt tokens"):
         tokenize(at_bound)
     assert tokenize(Prompt(id="ok", text="Say hi.", line=1, index=0))
+
+
+def test_a_q8_0_gguf_with_weight_bits_8_runs_from_its_stored_int8(tmp_path, tiny_llama_ggufs):
+    """run.py end to end on a GGUF whose layer linears are Q8_0, read as stored (`model.weight_bits: 8`): the
+    run's up-front memory check and the row's dtype label take int8 weights as they come."""
+    gguf = tiny_llama_ggufs["gqa_tied_q8"]
+    proc = _run(*_small(tmp_path / "out", "--set", f"model.path={gguf}", "--set", "model.weight_bits=8",
+                        "--set", "model.dtype=float32"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len((tmp_path / "out" / "generations.jsonl").read_text().splitlines()) == 2
+    row = (tmp_path / "out" / "throughput.csv").read_text().splitlines()
+    assert "float32+int8w" in row[-1]

@@ -22,6 +22,10 @@ class Int8Weight(NamedTuple):
     q: Tensor
     scale: Tensor
 
+    def nbytes(self) -> int:
+        """Bytes held: the int8 values and the scales."""
+        return self.q.numel() + self.scale.numel() * self.scale.element_size()
+
 
 GROUP = 32  # weights per scale of a group-wise Int8Weight (Q8_0's block)
 
