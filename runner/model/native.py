@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SOURCES = tuple(sorted((Path(__file__).with_name("csrc")).glob("*.c")))
+HEADERS = tuple(sorted((Path(__file__).with_name("csrc")).glob("*.h")))  # in the cache key, not compiled alone
 DISABLE_ENV = "ALISA_NATIVE"  # "0" turns the native kernels off
 CACHE_ENV = "ALISA_NATIVE_CACHE"  # where built libraries go (default ~/.cache/alisa-runner/native)
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
@@ -163,7 +164,7 @@ def status() -> NativeStatus:
         version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
         return NativeStatus(library=None, reason=f"{cc[0]} --version failed: {e}")
-    sources = [f"{p.name}\0{p.read_text()}" for p in SOURCES]
+    sources = [f"{p.name}\0{p.read_text()}" for p in SOURCES + HEADERS]
     key = hashlib.sha256("\0".join([*sources, version, " ".join(cc + _FLAGS), _cpu_signature()])
                          .encode()).hexdigest()[:16]
     return _load(cc, _cache_dir() / f"kernels-{key}.so")

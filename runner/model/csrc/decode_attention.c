@@ -16,41 +16,10 @@
  * rows start at (p / kvh) * batch_stride + (p % kvh) * head_stride; score and probability row
  * (p, i) starts at (p * g + i) * row_stride. d is a multiple of 16 and at most MAX_D.
  */
-#include <string.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "common.h"
 
-#define W 16
 #define MAX_G 8
 #define MAX_D 256
-
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-typedef int vi __attribute__((vector_size(W * sizeof(int))));
-
-#if defined(__clang__)
-#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define SHUF(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
-#endif
-
-typedef unsigned short bf16;  /* the upper half of an fp32: widening is a 16-bit shift */
-typedef unsigned short vh __attribute__((vector_size(W * sizeof(bf16))));
-
-static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-
-static inline vf load_bf16(const bf16 *p) {
-#ifdef __AVX512F__  /* GCC 12 scalarizes the generic widening below: 16 inserts a vector */
-  return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16);
-#else
-  vh h;
-  memcpy(&h, p, sizeof h);
-  vi bits = __builtin_convertvector(h, vi) << 16;
-  vf v;
-  memcpy(&v, &bits, sizeof v);
-  return v;
-#endif
-}
 
 /* W elements of a K or V buffer from element i: fp32, or bf16 widened (`half` is a constant at
  * every call site, so each entry point compiles to its own loop). */
@@ -64,29 +33,6 @@ static inline __attribute__((always_inline)) vf dot_lanes(const float *a, const 
   vf acc = load(a) * load_kv(b, b0, half);
   for (long c = W; c < d; c += W) acc += load(a + c) * load_kv(b, b0 + c, half);
   return acc;
-}
-
-/* r[j] = sum of the lanes of v[j] for W vectors: a tree of shuffles (each level halves the
- * lanes per vector and doubles the vectors per register), not W separate horizontal sums. */
-static inline vf transpose_sum(const vf *v) {
-  vf t[8], u[4], w[2];
-  for (int i = 0; i < 8; ++i) {
-    vf a = v[2 * i], b = v[2 * i + 1];
-    t[i] = SHUF(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
-         + SHUF(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  }
-  for (int i = 0; i < 4; ++i) {
-    vf a = t[2 * i], b = t[2 * i + 1];
-    u[i] = SHUF(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
-         + SHUF(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  }
-  for (int i = 0; i < 2; ++i) {
-    vf a = u[2 * i], b = u[2 * i + 1];
-    w[i] = SHUF(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
-         + SHUF(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  }
-  return SHUF(w[0], w[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-       + SHUF(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 /* The element offset of the first K or V row of pair p (a sequence's kv head). */

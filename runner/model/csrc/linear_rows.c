@@ -15,25 +15,7 @@
  * Layouts: x (rows, k) and out (rows, n) contiguous; w (n, k) contiguous; scale: bf16 (n,) for per-row int8,
  * fp32 (n, k / 32) for group-wise int8 (`_q8` entry points, GGUF Q8_0's blocks), else null; k a multiple of W.
  */
-#include <math.h>
-#include <string.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
-#define W 16
-
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-typedef int vi __attribute__((vector_size(W * sizeof(int))));
-typedef unsigned short bf16;
-typedef unsigned short vh __attribute__((vector_size(W * sizeof(bf16))));
-typedef signed char vb __attribute__((vector_size(W)));
-
-#if defined(__clang__)
-#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define SHUF(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
-#endif
+#include "common.h"
 
 enum { F32 = 0, BF16 = 1, INT8 = 2, INT8G = 3 };
 #define GROUP 32 /* INT8G: one fp32 scale per 32 weights of a row (GGUF Q8_0's block) */
@@ -42,61 +24,18 @@ static inline __attribute__((always_inline)) vf load_as(const void *p, long i, i
   vf v;
   if (kind == F32) {
     memcpy(&v, (const float *)p + i, sizeof v);
-#ifdef __AVX512F__  /* GCC 12 scalarizes the generic widening below: 16 inserts a vector */
   } else if (kind == BF16) {
-    v = (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)((const bf16 *)p + i))), 16);
+    v = load_bf16((const bf16 *)p + i);
   } else {
+#ifdef __AVX512F__  /* GCC 12 scalarizes the generic widening below: 16 inserts a vector */
     v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)((const signed char *)p + i))));
 #else
-  } else if (kind == BF16) {  /* the upper half of an fp32: widening is a 16-bit shift */
-    vh h;
-    memcpy(&h, (const bf16 *)p + i, sizeof h);
-    vi bits = __builtin_convertvector(h, vi) << 16;
-    memcpy(&v, &bits, sizeof v);
-  } else {
     vb b;
     memcpy(&b, (const signed char *)p + i, sizeof b);
     v = __builtin_convertvector(__builtin_convertvector(b, vi), vf);
 #endif
   }
   return v;
-}
-
-static inline float widen(bf16 h) {
-  unsigned bits = (unsigned)h << 16;
-  float f;
-  memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-/* Round to nearest, ties to even, as torch rounds fp32 to bf16 (a NaN stays a quiet NaN). */
-static inline bf16 narrow(float f) {
-  unsigned bits;
-  memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return (bf16)((bits >> 16) | 0x40);
-  return (bf16)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
-/* r[j] = sum of the lanes of v[j] for W vectors: a tree of shuffles (as in decode_attention.c). */
-static inline vf transpose_sum(const vf *v) {
-  vf t[8], u[4], w[2];
-  for (int i = 0; i < 8; ++i) {
-    vf a = v[2 * i], b = v[2 * i + 1];
-    t[i] = SHUF(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
-         + SHUF(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  }
-  for (int i = 0; i < 4; ++i) {
-    vf a = t[2 * i], b = t[2 * i + 1];
-    u[i] = SHUF(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
-         + SHUF(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  }
-  for (int i = 0; i < 2; ++i) {
-    vf a = u[2 * i], b = u[2 * i + 1];
-    w[i] = SHUF(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
-         + SHUF(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  }
-  return SHUF(w[0], w[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-       + SHUF(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 /* Lane r * J + j of the result: x[r0 + r] . w[n0 + j], for R rows and J = W / R weight rows, of which
@@ -129,11 +68,6 @@ static inline __attribute__((always_inline)) vf dots(const void *x, long r0, con
   return transpose_sum(acc);
 }
 
-/* Element i of an fp32 or bf16 buffer, as fp32. */
-static inline __attribute__((always_inline)) float at(const void *p, long i, int kind) {
-  return kind == BF16 ? widen(((const bf16 *)p)[i]) : ((const float *)p)[i];
-}
-
 /* What a linear writes: its product (PLAIN); plus a residual of out's shape (ADD: a layer's
  * `h + linear(x)` in one rounding); or SwiGLU's silu(gate) * up, where the weight's first n/2 rows
  * are the gate's and the rest the up projection's (GLU: out has n/2 columns). */
@@ -156,7 +90,7 @@ static inline __attribute__((always_inline)) void store(vf s, vf u, void *out, c
         const float g = y, x = up_scale ? up[r * J + j] * widen(up_scale[n0 + j]) : up[r * J + j];
         y = g / (1.f + expf(-g)) * x;
       } else if (epi == ADD) {
-        y += at(res, o, okind);
+        y += at(res, o, okind == BF16);
       }
       if (okind == BF16)
         ((bf16 *)out)[o] = narrow(y);

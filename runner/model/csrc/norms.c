@@ -8,32 +8,9 @@
  * threads split them only when there are many (prefill), so a row's result never depends on the
  * thread count.
  */
-#include <math.h>
-#include <string.h>
+#include "common.h"
 
 #define PARALLEL_MIN (1L << 16) /* elements: below this, one thread beats waking the others */
-
-typedef unsigned short bf16;
-
-static inline float widen(bf16 h) {
-  unsigned bits = (unsigned)h << 16;
-  float f;
-  memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-/* Round to nearest, ties to even, as torch rounds fp32 to bf16 (a NaN stays a quiet NaN). */
-static inline bf16 narrow(float f) {
-  unsigned bits;
-  memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return (bf16)((bits >> 16) | 0x40);
-  return (bf16)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
-/* Element i of a row: fp32, or bf16 widened (`half` is a constant at each call site). */
-static inline __attribute__((always_inline)) float at(const void *p, long i, int half) {
-  return half ? widen(((const bf16 *)p)[i]) : ((const float *)p)[i];
-}
 
 static inline __attribute__((always_inline)) void norm(const void *x, const void *w, void *out, long rows, long d,
                                                        float eps, int threads, int half) {

@@ -7,31 +7,9 @@
  * head, token) row reads x through its strides (a view of the fused qkv projection) and writes a
  * contiguous output. Rows are independent: threads split them only when there are many (prefill).
  */
-#include <math.h>
-#include <string.h>
+#include "common.h"
 
 #define PARALLEL_MIN (1L << 16) /* elements: below this, one thread beats waking the others */
-
-typedef unsigned short bf16;
-
-static inline float widen(bf16 h) {
-  unsigned bits = (unsigned)h << 16;
-  float f;
-  memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-/* Round to nearest, ties to even, as torch rounds fp32 to bf16 (a NaN stays a quiet NaN). */
-static inline bf16 narrow(float f) {
-  unsigned bits;
-  memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return (bf16)((bits >> 16) | 0x40);
-  return (bf16)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
-static inline __attribute__((always_inline)) float at(const void *p, long i, int half) {
-  return half ? widen(((const bf16 *)p)[i]) : ((const float *)p)[i];
-}
 
 /* x (b, h, s, d) at element strides (sb, sh, ss, 1); cos and sin (b, 1, s, d) contiguous; out (b, h, s, d)
  * contiguous. */
