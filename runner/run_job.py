@@ -27,6 +27,7 @@ from runner.model.weights import LoadedModel, available_memory, load_model
 from runner.model.int8 import Int8Weight
 from runner.planner import resolve_quality, resolve_run, run_dtype
 from runner.units import format_gib, gib_to_bytes
+from runner.memory.pools import return_freed_memory
 
 
 
@@ -345,6 +346,7 @@ def _progress_total(job: JobSpec) -> int | None:
 
 
 def _plot(job: JobSpec, state: RunState) -> None:
+    return_freed_memory()  # the last batch's KV cache: drawing should not add to the run's peak RSS
     if state.batches:  # this run's and earlier ones'
         plot_report(state.out_dir / "batches.csv", state.out_dir / "report.png", f"{job.name}: {job.model.name or job.model.path}, "
                     f"{job.kv.label()}, batch {job.batch.gpu_batch_size} x {job.batch.num_gpu_batches}")
