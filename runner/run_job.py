@@ -27,6 +27,7 @@ from runner.model.weights import LoadedModel, available_memory, load_model
 from runner.model.int8 import Int8Weight
 from runner.planner import resolve_quality, resolve_run, run_dtype
 from runner.units import format_gib, gib_to_bytes
+from runner.memory.pools import return_freed_memory
 
 
 
@@ -123,7 +124,9 @@ def memory_check(job: JobSpec, loaded: LoadedModel, dtype: torch.dtype,
     held = {id(t): t for t in loaded.weights.values()}.values()  # a tied head counted once
     weights = sum(t.nbytes() if isinstance(t, Int8Weight) else t.numel() * t.element_size() for t in held)
     if _greedy_head(job, device, dtype) == "bf16-screen":
-        weights += loaded.config.vocab_size * loaded.config.embed_dim * 2  # the head's bf16 copy
+        from runner.engines.alisa import weight_pack
+        from runner.engines.lm import screen_copy_bytes
+        weights += screen_copy_bytes(loaded.config, dtype, weight_pack(device, dtype, job.batch.gpu_batch_size))
     if job.hardware.memory_gib is not None:
         budget = gib_to_bytes(job.hardware.memory_gib) - weights
         what = f"hardware.memory_gib ({job.hardware.memory_gib:g} GiB minus {format_gib(weights)} of weights)"
@@ -343,6 +346,7 @@ def _progress_total(job: JobSpec) -> int | None:
 
 
 def _plot(job: JobSpec, state: RunState) -> None:
+    return_freed_memory()  # the last batch's KV cache: drawing should not add to the run's peak RSS
     if state.batches:  # this run's and earlier ones'
         plot_report(state.out_dir / "batches.csv", state.out_dir / "report.png", f"{job.name}: {job.model.name or job.model.path}, "
                     f"{job.kv.label()}, batch {job.batch.gpu_batch_size} x {job.batch.num_gpu_batches}")
@@ -375,7 +379,8 @@ def _greedy_head(job: JobSpec, device: torch.device, dtype: torch.dtype) -> str:
     """The CSV's greedy_head: how our engine chose greedy tokens (`runner.model.greedy_head`)."""
     if job.engine is not EngineKind.ALISA or job.generation.do_sample:
         return ""
-    screened = job.offload is None and kernels.bf16_screen(device, dtype)  # the executor's head has no screen
+    # The executor screens a bf16 head only (its own screen): an fp32 one's logits are fp32 already.
+    screened = kernels.bf16_screen(device, dtype) and (job.offload is None or dtype == torch.bfloat16)
     return "bf16-screen" if screened else "full"
 
 

@@ -272,9 +272,7 @@ def test_run_job_with_offload_section_matches_the_plain_job(tmp_path, monkeypatc
     from runner.job import load_job
     from runner.run_job import run_job
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # job paths are relative to the repo root
-    # The executor's head has no greedy screen: it takes the argmax of the model dtype's logits. The plain
-    # engine does the same with its screen off; with it, a near-tie among bf16 logits may go the other way.
-    monkeypatch.setenv(kernels.SCREEN_ENV, "0")
+    # Both heads screen in bf16 (dtype auto is bf16 here): both take the argmax of the fp32 logits.
     common = ["dataset.limit=3", "generation.max_new_tokens=5", f"output.csv={tmp_path / 'rows.csv'}"]
     offload = load_job("jobs/offload-smollm2.yaml", [*common, f"output.dir={tmp_path / 'offload'}",
                                                       f"hardware.offload_dir={tmp_path / 'disk'}"])
@@ -284,6 +282,8 @@ def test_run_job_with_offload_section_matches_the_plain_job(tmp_path, monkeypatc
     gens = [[json.loads(line)["completion_token_ids"] for line in (tmp_path / d / "generations.jsonl").open()]
             for d in ("offload", "plain")]
     assert gens[0] == gens[1] and len(gens[0]) == 3
+    assert [r["greedy_head"] for r in rows] == (["bf16-screen"] * 2 if kernels.bf16_screen(
+        torch.device("cpu"), torch.bfloat16) else ["full"] * 2)
     assert os.listdir(tmp_path / "disk") == []
     written = list(csv.DictReader((tmp_path / "rows.csv").open()))
     budget = offload.hardware.gpu_gib * 2 ** 30

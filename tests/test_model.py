@@ -152,3 +152,20 @@ def test_release_takes_exactly_the_packed_weights_out_of_the_callers_dict(hf_che
     assert set(weights) == set(loaded.weights) - packed
     if kernels._ONEDNN:
         assert "layers.0.attn.qkv_w" in packed and "head.lm_w" in weights  # the tied head stays plain
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_screen_copy_bytes_is_what_the_screen_adds(hf_checkpoints, dtype):
+    # run_job's memory check counts the screen with screen_copy_bytes: it must be the bytes the LM holds
+    # beyond its head, for a plain and a packed LM (a plain bf16 head is its own screen: no copy).
+    from runner.engines.lm import Pack, screen_copy_bytes
+    from runner.model import greedy_head
+    loaded = load_model(name=None, path=str(hf_checkpoints["llama_gqa_tied"]), dtype=dtype, device="cpu")
+    for pack in (Pack.NONE, Pack.UNSHARED):
+        lm = LM(loaded.config, dict(loaded.weights), torch.device("cpu"), dtype, pack=pack, screen=True)
+        head = lm.unit_weights[-1]
+        screen, w = head[greedy_head.SCREEN], head["lm_w"]
+        shared = not screen.is_mkldnn and screen.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+        copy = 0 if shared else screen.numel() * 2  # bf16
+        assert screen_copy_bytes(loaded.config, dtype, pack) == copy
+    assert (dtype == torch.bfloat16) == (screen_copy_bytes(loaded.config, dtype, Pack.NONE) == 0)

@@ -157,3 +157,29 @@ def test_a_plan_bigger_than_the_free_disk_is_refused_before_writing(tmp_path):
         pool.check_space(free + (1 << 40), "plan (disk weights)")
     assert not any(Path(pool.root).iterdir())
     pool.close()
+
+
+_HEAP_CHILD = """
+import torch
+from runner.memory.pools import return_freed_memory
+
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) * 1024
+
+torch.empty(16 << 20, dtype=torch.uint8).fill_(1)  # freed: glibc's mmap threshold rises past 4 MiB
+chunks = [torch.empty(4 << 20, dtype=torch.uint8).fill_(1) for _ in range(50)]  # 200 MiB in the heap
+pin = torch.empty(1 << 20, dtype=torch.uint8).fill_(1)  # above them: free() cannot trim the heap's top
+del chunks
+before = rss()
+return_freed_memory()
+print(before, rss())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's heap")
+def test_return_freed_memory_gives_the_heap_back():
+    # Why run_job calls it before drawing report.png: freed KV pages stay resident in the heap until trimmed.
+    out = subprocess.run([sys.executable, "-c", _HEAP_CHILD], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120, check=True).stdout
+    before, after = map(int, out.split())
+    assert before - after > 150 << 20, (before, after)

@@ -11,9 +11,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure  # the object API: no pyplot state
 
 from runner.data.outputs import TIER_PEAK_COLUMNS, named_errors
 from runner.units import bytes_to_gib
@@ -38,8 +35,7 @@ class BatchLog:
             self.path.write_text(",".join(BATCH_COLUMNS) + "\n")
         self.count = self.start
         # A resumed run's batches go on the same time axis, after the ones already logged.
-        rows = pd.read_csv(self.path, usecols=["elapsed_s"]) if self.start else None
-        self.elapsed_before = float(rows["elapsed_s"].iloc[-1]) if rows is not None and len(rows) else 0.0
+        self.elapsed_before = _last_elapsed(self.path) if self.start else 0.0
 
     def append(self, row: dict, *, durable: bool = True) -> None:
         unknown = set(row) - set(BATCH_COLUMNS)
@@ -53,8 +49,23 @@ class BatchLog:
         self.count += 1
 
 
+def _last_elapsed(path: Path) -> float:
+    """The elapsed_s of the last row logged (0 for a log with none)."""
+    with named_errors(path), path.open(newline="", encoding="utf-8") as f:
+        last = None
+        for last in csv.DictReader(f):
+            pass
+    return float(last["elapsed_s"]) if last else 0.0
+
+
 def plot_report(batches_csv: Path, png: Path, title: str) -> Path:
     """report.png: tokens/s of each batch against the run's elapsed time, and the peak bytes of each tier."""
+    # Imported here, at the end of a run: pandas and matplotlib cost ~100 MB of RSS and 3 s of start-up,
+    # which a run would otherwise carry through its whole generation.
+    import pandas as pd
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # the object API: no pyplot state
+
     rows = pd.read_csv(batches_csv)
     fig = Figure(figsize=(9, 6.5))
     FigureCanvasAgg(fig)

@@ -11,6 +11,12 @@ from runner.engines.sampling import SamplingParams
 from runner.model.weights import LoadedModel
 
 
+def weight_pack(device: torch.device, dtype: torch.dtype, decode_rows: int) -> Pack:
+    """How the engine holds its linear weights: plain where the native few-row kernel reads them faster
+    than oneDNN reads packed ones (`kernels.plain_pays`), else packed."""
+    return Pack.NONE if device.type == "cpu" and kernels.plain_pays(dtype, decode_rows) else Pack.UNSHARED
+
+
 class AlisaEngine:
     name = "alisa"
 
@@ -20,7 +26,7 @@ class AlisaEngine:
         weights are packed for oneDNN or kept plain for the native few-row kernel (`kernels.plain_pays`)."""
         # The LM packs the linear weights (kernels.pack) and takes them out of `loaded`, so the plain
         # copies are freed as it goes.
-        pack = Pack.NONE if device.type == "cpu" and kernels.plain_pays(dtype, decode_rows) else Pack.UNSHARED
+        pack = weight_pack(device, dtype, decode_rows)
         self.lm = LM(loaded.config, loaded.weights, device, dtype, pack=pack, release=True, weight_bits=weight_bits)
         self.kv = kv
         self.tokenizer: TextDecoder = loaded.tokenizer

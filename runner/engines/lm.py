@@ -26,6 +26,12 @@ class Pack(enum.Enum):
     ALL = "all"  # the tied head too, as a second copy
 
 
+def screen_copy_bytes(cfg: ModelConfig, dtype: torch.dtype, pack: Pack) -> int:
+    """Bytes the greedy head's bf16 screen adds (`greedy_head.build_screen`): none where the head is
+    already a plain bf16 matrix (it is its own screen), else a bf16 copy of it."""
+    return 0 if dtype == torch.bfloat16 and pack is Pack.NONE else cfg.vocab_size * cfg.embed_dim * 2
+
+
 class LM:
     def __init__(self, cfg: ModelConfig, weights: dict[str, Tensor], device: torch.device, dtype: torch.dtype,
                  pack: Pack = Pack.UNSHARED, release: bool = False, screen: bool | None = None,

@@ -38,6 +38,18 @@ _MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # for madvise on torch's map
 
 
+def return_freed_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere). A batch's
+    KV cache, freed when the batch ends, otherwise stays resident in the heap, and whatever the process
+    allocates next from elsewhere (Python's own arenas: drawing report.png) adds to its peak RSS."""
+    try:
+        trim = _LIBC.malloc_trim if _LIBC is not None else None
+    except AttributeError:  # a libc without it (musl)
+        return
+    if trim is not None:
+        trim(0)
+
+
 class Tier(str, enum.Enum):
     GPU = "gpu"
     CPU = "cpu"

@@ -2,8 +2,9 @@
 
 A weight row w (in,) is held as q = round(w / s) in [-127, 127] with one scale s per row, stored in
 bf16 (the dtype torch's CPU int8 kernel takes, so the kernel and `dequantize` use the same value):
-s = bf16(max|w| / 127), within 2^-9 of the exact ratio, so max|w| / s <= 127.25 and every element
-rounds into range: |w - q*s| <= s/2. The product with activations is `kernels.linear`.
+s = bf16(max|w| / 127), within a relative 2^-8 (bf16's unit roundoff) of the exact ratio, so
+max|w| / s <= 127.5 and every element rounds into range with |w - q*s| <= s/2 (the clamp takes the one
+tie, 127.5, that round-half-even would send to 128). The product with activations is `kernels.linear`.
 """
 from __future__ import annotations
 

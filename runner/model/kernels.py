@@ -125,7 +125,7 @@ def _linear_int8(x: Tensor, w: Int8Weight, b: Tensor | None = None) -> Tensor:
 
     At decode's few rows, torch's weight-only kernel (`_weight_int8pack_mm`, gpt-fast's), which reads
     the int8 weight once (a quarter of fp32's bytes). It runs only in bf16 (with fp32 x it was 5-10x
-    slower): x is rounded to bf16 and so is each output, one rounding each (relative 2^-9), smaller
+    slower): x is rounded to bf16 and so is each output, one rounding each (relative 2^-8, bf16's unit roundoff), smaller
     than the weight's quantization error (`runner.model.int8`). With more rows, the weight is
     dequantized to bf16 (exact where the scale is: q * scale needs at most 15 bits; else one rounding)
     for oneDNN's native bf16 product where the CPU has one, else to x's dtype for F.linear.

@@ -30,6 +30,7 @@ from runner.engines.base import BatchOutput, StopTracker, TextDecoder
 from runner.offload.placement import KVPlacer
 from runner.kv.protocol import KVCacheBase
 from runner.kv.spec import KVSettings
+from runner.model import kernels
 from runner.model.layers import Attention, ForwardState, build_units
 from runner.engines.lm import PREFILL_GROUP_TOKENS, Batch, set_rope
 from runner.memory.tiers import BudgetError, Memory, Reservation, Tier, TierBudgets
@@ -56,8 +57,8 @@ class _GpuBatch:
     """One GPU batch of a block: its `Batch` (ids, positions, KV store) and where it is in the step."""
 
     def __init__(self, frame: _Frame, prompts: list[list[int]], max_new_tokens: int, kv: KVSettings | None,
-                 make_cache: Callable[[int, int], KVCacheBase] | None):
-        self.batch = Batch(frame, prompts, max_new_tokens, kv, make_cache)  # type: ignore[arg-type]
+                 make_cache: Callable[[int, int], KVCacheBase] | None, greedy: bool):
+        self.batch = Batch(frame, prompts, max_new_tokens, kv, make_cache, greedy)  # type: ignore[arg-type]
         self.states: list[ForwardState] = []
         self.hidden: list[Tensor] = []  # per row group: ids in, hidden states between layers, logits out
         self.tokens: Tensor | None = None
@@ -88,7 +89,7 @@ class _GpuBatch:
 
     @property
     def logits(self) -> Tensor:
-        """(rows, v) after the head."""
+        """(rows, v) after the head; a greedy batch's head gives its tokens (rows,) instead."""
         return self.hidden[0] if len(self.hidden) == 1 else torch.cat(self.hidden)
 
     def end(self, i: int) -> None:
@@ -166,10 +167,11 @@ class Executor:
         try:
             with torch.inference_mode():
                 make_cache = self.placer.cache_factory()
+                greedy = self._screens(params) and observe is None
                 block = [_GpuBatch(_Frame(self.cfg, self.device, self.dtype), g, params.max_new_tokens, self.kv,
-                                   make_cache) for g in groups]
+                                   make_cache, greedy) for g in groups]
                 t0 = time.perf_counter()
-                t1 = self._loop(block, params, tracker, generator, observe)
+                t1 = self._loop(block, params, tracker, generator, observe, greedy)
                 self.engine.sync()  # the last KV write-backs are part of the run
                 t2 = time.perf_counter()
                 stores = [b.batch.kv for b in block]
@@ -189,9 +191,18 @@ class Executor:
                            prompt_tokens=sum(len(p) for p in prompts), generated_tokens=sum(tracker.steps),
                            kv_bytes=kv_total, kv_bytes_per_token=kv_per_token, kv_phase_s=phases)
 
+    def _screens(self, params: SamplingParams) -> bool:
+        """Whether greedy tokens come from the head's bf16 screen, as the plain engine's do
+        (`kernels.bf16_screen`): the argmax of the fp32 logits, not of the bf16 ones, where a near-tie
+        could go the other way. A bf16 head is its own screen; an fp32 one's logits are fp32 already."""
+        return (not params.do_sample and self.dtype == torch.bfloat16
+                and kernels.bf16_screen(self.device, self.dtype))
+
     def _loop(self, block: list[_GpuBatch], params: SamplingParams, tracker: StopTracker,
-              generator: torch.Generator | None, observe: Callable[[int, Tensor], None] | None) -> float:
-        """The zig-zag block schedule; returns when the first token (prefill) was done."""
+              generator: torch.Generator | None, observe: Callable[[int, Tensor], None] | None,
+              greedy: bool) -> float:
+        """The zig-zag block schedule; returns when the first token (prefill) was done. `greedy`: the
+        head gives the tokens itself."""
         n_layers, n_batches, first_done = len(self.layers), len(block), 0.0
         pending = self.load_weight(0)  # weights of (token 0, layer 0)
         for i in range(params.max_new_tokens):  # token i
@@ -212,7 +223,7 @@ class Executor:
             if observe is not None:
                 observe(i, torch.cat([b.logits for b in block]))  # (rows, v): the head's output
             for b in block:
-                b.tokens = next_tokens(b.logits, params, generator)
+                b.tokens = b.logits if greedy else next_tokens(b.logits, params, generator)
                 b.end(i)
             all_done = tracker.add(torch.cat([b.tokens for b in block]).tolist())
             if i == 0:

@@ -23,7 +23,8 @@ from torch import Tensor
 from runner.memory.copy_engine import CopyEngine, Handle
 from runner.kv.quant import FLEXGEN_BITS, FLEXGEN_GROUP, QTensor, QuantLayout, dequantize, quantize
 from runner.kv.store import KVStore
-from runner.model.layers import Attention, ForwardState, Shapes, Unit
+from runner.model import greedy_head
+from runner.model.layers import Attention, ForwardState, Head, Shapes, Unit
 from runner.memory.tiers import DiskTensor, Memory, Tier
 from runner.offload.policy import OffloadPolicy
 
@@ -110,6 +111,7 @@ class ScheduledLayer:
     def __init__(self, unit: Unit, weights: Mapping[str, Tensor], policy: OffloadPolicy, memory: Memory,
                  dtype: torch.dtype):
         self.unit, self.memory = unit, memory
+        self._screen_norms: Tensor | None = None  # the head's, for a greedy screen: made on first use
         shapes = unit.weight_shapes()
         missing = [k for k in shapes if f"{unit.prefix}.{k}" not in weights]
         if missing:
@@ -188,7 +190,19 @@ class ScheduledLayer:
         return cast(KVStore, state.kv)  # the executor's GPU batches attend through KVStores (runner.engines.lm)
 
     def forward(self, w: dict[str, Tensor], x: Tensor, state: ForwardState) -> Tensor:
+        if state.greedy and isinstance(self.unit, Head):
+            w = self._screened(w)
         return self.unit.forward(w, x, state)
+
+    def _screened(self, w: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The head's weights with a greedy screen (`runner.model.greedy_head`): a bf16 head is its own
+        screen, so there is nothing to place; its row-norm maxima are computed once, at the first
+        greedy step (every load of the head brings the same values, compressed ones decoded alike)."""
+        if w["lm_w"].dtype != torch.bfloat16:
+            raise ValueError(f"{self.unit.prefix}: the executor screens a bf16 head only, got {w['lm_w'].dtype}")
+        if self._screen_norms is None:
+            self._screen_norms = greedy_head.build_screen(w["lm_w"], pack=False)[greedy_head.NORMS]
+        return {**w, greedy_head.SCREEN: w["lm_w"], greedy_head.NORMS: self._screen_norms}
 
     def free(self) -> None:
         """Return every home allocation to its pool (idempotent)."""

@@ -22,8 +22,10 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # read only when a job has a quality budget: pandas costs a run ~50 MB of RSS
+    import pandas as pd
 
 from runner.kv.spec import KVSpec
 from runner.spec import _bad
@@ -132,6 +134,7 @@ def choose(kv: KVSpec, model: str, dtype: str | None) -> QualityChoice:
 
 def _read(name: str, path: Path, model: str) -> pd.DataFrame:
     """The grid's perplexity rows of `model`, every column as text (commit hashes, configs stay as written)."""
+    import pandas as pd
     try:
         grid = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
