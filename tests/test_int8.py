@@ -26,15 +26,27 @@ def test_round_trip_error_is_at_most_half_a_step_per_element():
     half_step = qw.scale.float()[:, None] / 2
     assert bool((err <= half_step * (1 + 1e-6)).all())  # fp32 rounding of the subtraction only
     assert float(qw.scale[7]) == 1.0 and not bool(qw.q[7].any())
-    # Each row's largest element maps to +-127 (within the bf16 scale's 2^-9): the range is used.
+    # Each row's largest element maps to +-127 (within the bf16 scale's 2^-8): the range is used.
     assert bool((qw.q[torch.arange(300) != 7].abs().amax(dim=1) >= 126).all())
+
+
+def test_bf16_dequantize_is_the_fp32_product_rounded_once():
+    # dequantize's bf16 shortcut (int8 prefill's weight, each call) against the definition, bit for bit,
+    # scales from tiny to huge included.
+    w = _weight(300, 576)
+    w[3] *= 1e-30
+    w[4] *= 1e30
+    qw = int8.quantize(w)
+    ref = (qw.q.float() * qw.scale.float()[:, None]).to(torch.bfloat16)
+    got = int8.dequantize(qw, torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
 
 
 def _bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     # linear_int8 rounds x to bf16, possibly the dequantized weight to bf16 (many rows), and the output to
-    # bf16: each at most 2^-9 relative, so |out - x @ W.T| <= 3 * 2^-9 * (|x| @ |W|.T) + 2^-9 |x @ W.T|
-    # <= 2^-7 * (|x| @ |W|.T), plus fp32 summation (far smaller).
-    return 2.0 ** -7 * (x.abs().float() @ w.abs().T) + 1e-5
+    # bf16: each at most 2^-8 relative (bf16's unit roundoff), so |out - x @ W.T| <= 2 * 2^-8 * (|x| @ |W|.T)
+    # + 2^-8 |x @ W.T| <= 3 * 2^-8 * (|x| @ |W|.T), plus fp32 summation (far smaller).
+    return 3 * 2.0 ** -8 * (x.abs().float() @ w.abs().T) + 1e-5
 
 
 @pytest.mark.parametrize("shape", [(1, 576), (8, 1, 576), (64, 576), (65, 576), (2, 150, 576)])
