@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # because the interpreter's own library directory may be unreadable to the user. A module the run
 # imports lazily from the standard library and missing here fails the test with ModuleNotFoundError.
 _PRELOAD = ("argparse", "timeit", "torch", "numpy", "pandas", "yaml",
+            "matplotlib.backends.backend_agg", "matplotlib.figure",  # the run imports them to draw report.png
             "runner.run_job", "runner.engines.alisa", "runner.offload.executor",
             "runner.memory.tiers", "runner.model.native", "runner.data.reports", "runner.planner")
 
