@@ -27,7 +27,7 @@ from runner.model.weights import LoadedModel, available_memory, load_model
 from runner.model.int8 import Int8Weight
 from runner.planner import resolve_quality, resolve_run, run_dtype
 from runner.units import format_gib, gib_to_bytes
-from runner.memory.pools import map_big_buffers, return_freed_memory
+from runner.memory.pools import return_freed_memory
 
 
 
@@ -183,7 +183,6 @@ def run_job(job: JobSpec, *, progress: bool = True, sweep_point: str = "", fresh
     job = resolve_run(job, device, dtype)
     if job.hardware.num_threads:
         torch.set_num_threads(job.hardware.num_threads)
-    map_big_buffers()  # freed activations and KV go back to the OS, not into heap holes
     out_dir = _prepare_dir(job)
     with locked(out_dir):  # one run per output dir at a time: a second is refused here, before any work
         return _run_locked(job, out_dir, device, dtype, progress=progress, sweep_point=sweep_point, fresh=fresh,

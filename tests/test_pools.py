@@ -176,36 +176,6 @@ print(before, rss())
 """
 
 
-_MAPPED_CHILD = """
-import sys, torch
-from runner.memory.pools import map_big_buffers
-
-def rss():
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) * 1024
-
-if sys.argv[1] == "mapped":
-    map_big_buffers()
-torch.empty(16 << 20, dtype=torch.uint8).fill_(1)  # freed: glibc would raise its mmap threshold past 4 MiB
-chunks = [torch.empty(4 << 20, dtype=torch.uint8).fill_(1) for _ in range(50)]  # 200 MiB
-pin = torch.empty(1 << 20, dtype=torch.uint8).fill_(1)
-before = rss()
-del chunks
-print(before, rss())
-"""
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's heap")
-@pytest.mark.parametrize("mode", ["mapped", "default"])
-def test_map_big_buffers_returns_freed_buffers_at_once(mode):
-    # Why run_job calls it first: without it, glibc serves MB-sized buffers from the heap after a bigger one
-    # was freed, and freeing them keeps their pages resident (the "default" case shows that it would).
-    out = subprocess.run([sys.executable, "-c", _MAPPED_CHILD, mode], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120, check=True).stdout
-    before, after = map(int, out.split())
-    freed = before - after
-    assert (freed > 150 << 20) if mode == "mapped" else (freed < 50 << 20), (before, after)
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's heap")
 def test_return_freed_memory_gives_the_heap_back():
     # Why run_job calls it before drawing report.png: freed KV pages stay resident in the heap until trimmed.

@@ -38,25 +38,6 @@ _MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # for madvise on torch's map
 
 
-_M_MMAP_THRESHOLD = -3  # <malloc.h>
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-def map_big_buffers(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> None:
-    """Serve every C allocation of `threshold_bytes` or more from its own mapping, unmapped when freed
-    (glibc's M_MMAP_THRESHOLD; nothing elsewhere). glibc otherwise raises that threshold to the size of
-    each big buffer freed (up to 32 MiB), so a run's MB-sized activations, dequantized weights and KV
-    layers come from the heap, whose holes are never returned: measured on the batch-32 bench
-    (jobs/bench/cpu-rss.yaml, scratch runs), peak RSS 1.35 -> 1.01 GB for int8 weights and 1.20 -> 1.11
-    GB for bf16. Call once, before the model loads."""
-    try:
-        mallopt = _LIBC.mallopt if _LIBC is not None else None
-    except AttributeError:  # a libc without it (musl)
-        return
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, threshold_bytes)
-
-
 def return_freed_memory() -> None:
     """Give the C heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere). A batch's
     KV cache, freed when the batch ends, otherwise stays resident in the heap, and whatever the process
