@@ -379,8 +379,10 @@ def _greedy_head(job: JobSpec, device: torch.device, dtype: torch.dtype) -> str:
     """The CSV's greedy_head: how our engine chose greedy tokens (`runner.model.greedy_head`)."""
     if job.engine is not EngineKind.ALISA or job.generation.do_sample:
         return ""
-    # The executor screens a bf16 head only (its own screen): an fp32 one's logits are fp32 already.
-    screened = kernels.bf16_screen(device, dtype) and (job.offload is None or dtype == torch.bfloat16)
+    if job.offload is not None:
+        from runner.offload.executor import screens_greedy
+        return "bf16-screen" if screens_greedy(device, dtype) else "full"
+    screened = kernels.bf16_screen(device, dtype)
     return "bf16-screen" if screened else "full"
 
 

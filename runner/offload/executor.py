@@ -97,6 +97,13 @@ class _GpuBatch:
         b.kv.length = b.prompt_width if i == 0 else b.kv.length + 1
 
 
+def screens_greedy(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the executor's greedy tokens come from the head's bf16 screen, as the plain engine's do
+    (`kernels.bf16_screen`): the argmax of the fp32 logits, not of the bf16 ones, where a near-tie
+    could go the other way. A bf16 head is its own screen; an fp32 one's logits are fp32 already."""
+    return dtype == torch.bfloat16 and kernels.bf16_screen(device, dtype)
+
+
 class Executor:
     """Generation for blocks of prompts with weights across tiers; an `Engine` (see runner.engines)."""
 
@@ -192,11 +199,7 @@ class Executor:
                            kv_bytes=kv_total, kv_bytes_per_token=kv_per_token, kv_phase_s=phases)
 
     def _screens(self, params: SamplingParams) -> bool:
-        """Whether greedy tokens come from the head's bf16 screen, as the plain engine's do
-        (`kernels.bf16_screen`): the argmax of the fp32 logits, not of the bf16 ones, where a near-tie
-        could go the other way. A bf16 head is its own screen; an fp32 one's logits are fp32 already."""
-        return (not params.do_sample and self.dtype == torch.bfloat16
-                and kernels.bf16_screen(self.device, self.dtype))
+        return not params.do_sample and screens_greedy(self.device, self.dtype)
 
     def _loop(self, block: list[_GpuBatch], params: SamplingParams, tracker: StopTracker,
               generator: torch.Generator | None, observe: Callable[[int, Tensor], None] | None,
